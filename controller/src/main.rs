@@ -1,0 +1,7 @@
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = stash_controller::Cli::parse();
+    stash_controller::run(cli, &mut std::io::stdout().lock())?;
+    Ok(())
+}
