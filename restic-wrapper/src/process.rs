@@ -1,0 +1,356 @@
+//! Running one restic process: a clean environment holding only what restic needs, stdout
+//! parsed line by line into messages (or collected), stderr scrubbed of secrets and kept as a
+//! short tail, and an interrupt-then-kill stop on cancellation or drop, so restic removes its
+//! own lock instead of leaving a stale one behind.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Failure, classify};
+use crate::message::{Message, Stream};
+
+/// How many stderr lines are kept for error messages.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// What to do with stdout.
+pub(crate) enum StdoutMode {
+    /// Parse JSON lines into messages, forwarded to the caller and kept for the result.
+    Messages(Stream, Option<mpsc::UnboundedSender<Message>>),
+    /// Collect everything (JSON documents such as `snapshots --json`).
+    Collect,
+    /// Copy the bytes into a writer (`dump`).
+    Pipe(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+/// One prepared restic invocation.
+pub(crate) struct Invocation {
+    pub program: PathBuf,
+    pub launcher: Vec<OsString>,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub current_dir: Option<PathBuf>,
+    pub action: &'static str,
+    pub repository: String,
+    pub secrets: Arc<Vec<Vec<u8>>>,
+    pub grace: Duration,
+}
+
+/// What a successful run produced.
+#[derive(Debug, Default)]
+pub(crate) struct Output {
+    pub stdout: Vec<u8>,
+    pub messages: Vec<Message>,
+}
+
+/// Kills the child gently when dropped: SIGINT first, SIGKILL after the grace period.
+struct ChildGuard {
+    child: Option<Child>,
+    grace: Duration,
+}
+
+impl ChildGuard {
+    fn pid(&self) -> Option<Pid> {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw)
+    }
+
+    fn interrupt(&self) {
+        if let Some(pid) = self.pid() {
+            // The process may have exited in the meantime; nothing to do then.
+            let _ = kill(pid, Signal::SIGINT);
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.child.as_mut() {
+            Some(child) => child.wait().await,
+            None => Err(std::io::Error::other("the process was already reaped")),
+        }
+    }
+
+    /// Interrupts, waits up to the grace period, then kills.
+    async fn stop(&mut self) -> std::io::Result<ExitStatus> {
+        self.interrupt();
+        let grace = self.grace;
+        let Some(child) = self.child.as_mut() else {
+            return Err(std::io::Error::other("the process was already reaped"));
+        };
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    "restic ignored SIGINT; killing it"
+                );
+                child.kill().await?;
+                child.wait().await
+            }
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+        }
+        let grace = self.grace;
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                        let _ = child.kill().await;
+                    }
+                });
+            }
+            Err(_) => {
+                // No runtime to wait on: fall back to an immediate kill so nothing leaks.
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
+type StdoutResult = Result<(Vec<u8>, Vec<Message>), std::io::Error>;
+
+/// A running restic process.
+pub(crate) struct Running {
+    guard: ChildGuard,
+    stdin: Option<ChildStdin>,
+    stdout_task: JoinHandle<StdoutResult>,
+    stderr_task: JoinHandle<StderrCapture>,
+    action: &'static str,
+    repository: String,
+}
+
+#[derive(Debug, Default)]
+struct StderrCapture {
+    tail: VecDeque<String>,
+    exit_message: Option<String>,
+    unreadable: Vec<String>,
+}
+
+pub(crate) fn spawn(
+    inv: Invocation,
+    stdout: StdoutMode,
+    with_stdin: bool,
+) -> Result<Running, Error> {
+    let (program, mut args) = match inv.launcher.split_first() {
+        Some((first, rest)) => {
+            let mut args: Vec<OsString> = rest.to_vec();
+            args.push(inv.program.clone().into_os_string());
+            (PathBuf::from(first), args)
+        }
+        None => (inv.program.clone(), Vec::new()),
+    };
+    args.extend(inv.args.iter().cloned());
+    tracing::debug!(action = inv.action, program = %program.display(), args = ?args, "running restic");
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        // Only what restic needs: nothing from this process's environment leaks in, and a
+        // RESTIC_* variable set by accident cannot redirect the command.
+        .env_clear()
+        .envs(inv.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if with_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // We stop the child ourselves (SIGINT, then SIGKILL) so restic can release its lock.
+        .kill_on_drop(false);
+    if let Some(dir) = &inv.current_dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let stdin = child.stdin.take();
+    let out = child.stdout.take().ok_or_else(|| Error::Io {
+        action: "capture restic's output",
+        source: std::io::Error::other("no stdout pipe"),
+    })?;
+    let err = child.stderr.take().ok_or_else(|| Error::Io {
+        action: "capture restic's errors",
+        source: std::io::Error::other("no stderr pipe"),
+    })?;
+    let stdout_task = tokio::spawn(read_stdout(out, stdout));
+    let stderr_task = tokio::spawn(read_stderr(err, inv.secrets.clone()));
+    Ok(Running {
+        guard: ChildGuard {
+            child: Some(child),
+            grace: inv.grace,
+        },
+        stdin,
+        stdout_task,
+        stderr_task,
+        action: inv.action,
+        repository: inv.repository,
+    })
+}
+
+async fn read_stdout(out: impl AsyncRead + Unpin, mode: StdoutMode) -> StdoutResult {
+    match mode {
+        StdoutMode::Collect => {
+            let mut buf = Vec::new();
+            let mut out = out;
+            tokio::io::AsyncReadExt::read_to_end(&mut out, &mut buf).await?;
+            Ok((buf, Vec::new()))
+        }
+        StdoutMode::Pipe(mut writer) => {
+            let mut out = out;
+            tokio::io::copy(&mut out, &mut writer).await?;
+            writer.flush().await?;
+            writer.shutdown().await?;
+            Ok((Vec::new(), Vec::new()))
+        }
+        StdoutMode::Messages(stream, tx) => {
+            let mut lines = BufReader::new(out).split(b'\n');
+            let mut kept = Vec::new();
+            while let Some(line) = lines.next_segment().await? {
+                if line.is_empty() {
+                    continue;
+                }
+                let msg = Message::parse(stream, &line);
+                // Progress is forwarded but not kept: a long backup prints thousands of them.
+                let keep = !matches!(msg, Message::BackupStatus(_) | Message::RestoreStatus(_));
+                if let Some(tx) = &tx {
+                    let _ = tx.send(msg.clone());
+                }
+                if keep {
+                    kept.push(msg);
+                }
+            }
+            Ok((Vec::new(), kept))
+        }
+    }
+}
+
+async fn read_stderr(err: impl AsyncRead + Unpin, secrets: Arc<Vec<Vec<u8>>>) -> StderrCapture {
+    let mut cap = StderrCapture::default();
+    let mut lines = BufReader::new(err).split(b'\n');
+    while let Ok(Some(line)) = lines.next_segment().await {
+        let line = scrub(&line, &secrets);
+        match Message::parse(Stream::Other, line.as_bytes()) {
+            Message::ExitError(e) => cap.exit_message = Some(e.message),
+            Message::Error(e) => {
+                tracing::warn!(item = %e.item, error = %e.error.message, "restic could not process an item");
+                cap.unreadable.push(e.item);
+            }
+            _ => {
+                tracing::debug!(stderr = %line, "restic");
+                if cap.tail.len() == STDERR_TAIL_LINES {
+                    cap.tail.pop_front();
+                }
+                cap.tail.push_back(line);
+            }
+        }
+    }
+    cap
+}
+
+/// Replaces every secret value in a line of output with `***`.
+pub(crate) fn scrub(line: &[u8], secrets: &[Vec<u8>]) -> String {
+    let mut text = String::from_utf8_lossy(line).trim_end().to_owned();
+    for secret in secrets {
+        // Short values (a one-letter test password) would blank out ordinary words.
+        if secret.len() < 4 {
+            continue;
+        }
+        if let Ok(s) = std::str::from_utf8(secret)
+            && text.contains(s)
+        {
+            text = text.replace(s, "***");
+        }
+    }
+    text
+}
+
+impl Running {
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.stdin.take()
+    }
+
+    /// Asks restic to stop (SIGINT), then kills it after the grace period.
+    pub async fn stop(&mut self) -> std::io::Result<ExitStatus> {
+        self.stdin.take();
+        self.guard.stop().await
+    }
+
+    /// Waits for the process and returns its output, or the classified error.
+    pub async fn finish(mut self, interrupted: bool) -> Result<Output, Error> {
+        self.stdin.take();
+        let status = self.guard.wait().await.map_err(|source| Error::Io {
+            action: "wait for restic",
+            source,
+        })?;
+        let (stdout, messages) = match (&mut self.stdout_task).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(source)) => {
+                return Err(Error::Io {
+                    action: "read restic's output",
+                    source,
+                });
+            }
+            Err(join) => {
+                return Err(Error::Io {
+                    action: "read restic's output",
+                    source: std::io::Error::other(join.to_string()),
+                });
+            }
+        };
+        let cap = (&mut self.stderr_task).await.unwrap_or_default();
+        if status.success() && !interrupted {
+            return Ok(Output { stdout, messages });
+        }
+        let snapshot_id = messages.iter().find_map(|m| match m {
+            Message::BackupSummary(s) => s.snapshot_id.clone(),
+            _ => None,
+        });
+        let failure = Failure {
+            code: status.code(),
+            exit_message: cap.exit_message,
+            unreadable: cap.unreadable,
+            stderr_tail: cap.tail.into_iter().collect::<Vec<_>>().join("\n"),
+            snapshot_id,
+            interrupted,
+        };
+        Err(classify(self.action, &self.repository, failure))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_removes_secrets_but_not_short_values() {
+        let secrets = vec![b"hunter22".to_vec(), b"pw".to_vec()];
+        assert_eq!(
+            scrub(b"Fatal: bad key hunter22 for pw\n", &secrets),
+            "Fatal: bad key *** for pw"
+        );
+    }
+}
