@@ -38,3 +38,8 @@ unit:
 
 ## test: everything CI runs
 test: setup lint check-generated unit
+
+## bench: benchmarks (ours and the baseline alternately), figures to bench/results/latest.json
+.PHONY: bench
+bench: setup
+	$(CARGO) run --release --locked -p stash-bench -- $(SCENARIOS)

@@ -365,7 +365,7 @@ async fn an_unreadable_file_makes_an_incomplete_backup() -> Result {
     }
     std::fs::set_permissions(
         data.join("secret"),
-        std::os::unix::fs::PermissionsExt::from_mode(0),
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
     )?;
     let restic = local(root, PASSWORD).with_program(&bin).with_launcher(vec![
         "setpriv".into(),
@@ -561,7 +561,10 @@ fn capture_logs() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
     struct Writer(LogBuffer);
     impl std::io::Write for Writer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("log buffer").extend_from_slice(buf);
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {

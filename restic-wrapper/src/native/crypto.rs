@@ -184,33 +184,53 @@ impl MasterKey {
     }
 }
 
-/// Unpacks a decrypted "unpacked" file (config, snapshot, index): repository format v2
-/// prefixes compressed files with the byte 2; plain JSON starts with `{` or `[`.
-pub fn unpack(plain: Vec<u8>, what: &'static str) -> Result<Vec<u8>, NativeError> {
-    match plain.first() {
-        Some(b'{') | Some(b'[') => Ok(plain),
-        Some(2) => {
-            let mut decoder =
-                ruzstd::decoding::StreamingDecoder::new(&plain[1..]).map_err(|e| {
-                    NativeError::Format {
-                        what,
-                        reason: format!("zstd: {e}"),
-                    }
-                })?;
-            let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut decoder, &mut out).map_err(|e| {
-                NativeError::Format {
-                    what,
-                    reason: format!("zstd: {e}"),
-                }
-            })?;
-            Ok(out)
-        }
-        other => Err(NativeError::Format {
-            what,
-            reason: format!("unknown format byte {other:?}"),
-        }),
+/// Unpacks decrypted "unpacked" files (config, snapshot, index): repository format v2
+/// prefixes compressed files with the byte 2; plain JSON starts with `{` or `[`. One unpacker
+/// is reused for many files, because a zstd decoder allocates its window on every start.
+#[derive(Default)]
+pub struct Unpacker {
+    zstd: Option<ruzstd::decoding::FrameDecoder>,
+}
+
+impl std::fmt::Debug for Unpacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unpacker").finish_non_exhaustive()
     }
+}
+
+impl Unpacker {
+    pub fn unpack(&mut self, plain: Vec<u8>, what: &'static str) -> Result<Vec<u8>, NativeError> {
+        let zstd_error = |e: &dyn std::fmt::Display| NativeError::Format {
+            what,
+            reason: format!("zstd: {e}"),
+        };
+        match plain.first() {
+            Some(b'{') | Some(b'[') => Ok(plain),
+            Some(2) => {
+                let decoder = self
+                    .zstd
+                    .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
+                let mut input = &plain[1..];
+                decoder.reset(&mut input).map_err(|e| zstd_error(&e))?;
+                decoder
+                    .decode_blocks(&mut input, ruzstd::decoding::BlockDecodingStrategy::All)
+                    .map_err(|e| zstd_error(&e))?;
+                if !decoder.is_finished() || !input.is_empty() {
+                    return Err(zstd_error(&"truncated or trailing data"));
+                }
+                decoder.collect().ok_or_else(|| zstd_error(&"no output"))
+            }
+            other => Err(NativeError::Format {
+                what,
+                reason: format!("unknown format byte {other:?}"),
+            }),
+        }
+    }
+}
+
+/// Unpacks a single file.
+pub fn unpack(plain: Vec<u8>, what: &'static str) -> Result<Vec<u8>, NativeError> {
+    Unpacker::default().unpack(plain, what)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Test support: the real restic and Garage binaries from `make setup`, temporary
 //! repositories, and a Garage S3 server on free loopback ports, stopped on drop.
-#![allow(dead_code)]
+// Test support panics on failure, as tests do.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

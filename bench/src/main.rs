@@ -1,0 +1,35 @@
+//! `make bench`: runs the scenarios and merges their figures into bench/results/latest.json.
+
+use std::path::PathBuf;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tools = root.join("../.tools/bin");
+    let restic = tools.join("restic");
+    anyhow::ensure!(restic.exists(), "restic is missing: run `make setup`");
+    let data = root.join(".data");
+    let results = root.join("results/latest.json");
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(15);
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let wanted = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+
+    if wanted(stash_bench::snapshots::SCENARIO) {
+        let outcome = stash_bench::snapshots::run(&restic, &data, rounds).await?;
+        println!(
+            "{}: native {:.1} ms, restic {:.1} ms, ratio {:.1} (goal {}){}",
+            stash_bench::snapshots::SCENARIO,
+            outcome.ours,
+            outcome.baseline,
+            outcome.ratio,
+            outcome.goal,
+            if outcome.met { "" } else { " NOT MET" }
+        );
+        stash_bench::record(&results, stash_bench::snapshots::SCENARIO, &outcome)?;
+    }
+    println!("results: {}", results.display());
+    Ok(())
+}

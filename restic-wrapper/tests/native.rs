@@ -1,0 +1,245 @@
+//! The native reader against repositories written by the real restic: its listing must equal
+//! `restic snapshots --json` field by field, on a local path and on S3 (Garage).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Garage, PASSWORD, local, restic_bin, sample_tree};
+use restic_wrapper::{
+    BackupOptions, NativeError, NativeRepository, Restic, Secrets, SnapshotFilter,
+};
+use serde_json::Value;
+
+type Result<T = ()> = anyhow::Result<T>;
+
+/// Snapshots from several hosts, tags and paths, a stdin one, and copies made by
+/// `restic rewrite --new-host` (which records `original`).
+async fn populate(restic: &Restic, root: &Path) -> Result {
+    let data = sample_tree(root);
+    let other = root.join("other");
+    std::fs::create_dir_all(&other)?;
+    std::fs::write(other.join("x"), b"x")?;
+    for (host, tags, path) in [
+        ("host-0", vec!["daily"], &data),
+        ("host-1", vec!["daily", "key=ns/app/vol"], &data),
+        ("host-1", vec![], &other),
+        ("node-a", vec!["weekly"], &other),
+    ] {
+        let opts = BackupOptions {
+            host: Some(host.into()),
+            tags: tags.into_iter().map(String::from).collect(),
+            ..BackupOptions::default()
+        };
+        restic
+            .backup(std::slice::from_ref(path), None, &opts)?
+            .finish()
+            .await?;
+    }
+    let stream = BackupOptions {
+        host: Some("db-0".into()),
+        ..BackupOptions::default()
+    };
+    restic
+        .backup_stdin(
+            "dump.sql",
+            std::io::Cursor::new(b"select 1;".to_vec()),
+            &stream,
+        )?
+        .finish()
+        .await?;
+    Ok(())
+}
+
+/// restic orders snapshots by time and leaves ties (a snapshot and its rewritten copy) in
+/// backend listing order, which is arbitrary: compare with ties ordered by id.
+fn by_time_then_id(mut v: Value) -> Value {
+    if let Some(list) = v.as_array_mut() {
+        let key = |s: &Value| {
+            let t = s["time"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            (t, s["id"].as_str().unwrap_or_default().to_owned())
+        };
+        let before: Vec<_> = list.iter().map(|s| key(s).0).collect();
+        assert!(before.windows(2).all(|w| w[0] <= w[1]), "sorted by time");
+        list.sort_by_key(key);
+    }
+    v
+}
+
+/// Runs the restic binary directly, so the comparison does not go through our own types.
+fn restic_snapshots_json(env: &[(&str, String)]) -> Result<Value> {
+    let out = Command::new(restic_bin())
+        .args(["snapshots", "--json", "--no-lock", "--no-cache"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn rewrite_new_host(env: &[(&str, String)], host: &str) -> Result {
+    let out = Command::new(restic_bin())
+        .args(["rewrite", "--new-host", host, "--no-cache"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_listing_equals_restic_field_by_field() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = local(dir.path(), PASSWORD);
+    restic.init().await?;
+    populate(&restic, dir.path()).await?;
+    let env = [
+        (
+            "RESTIC_REPOSITORY",
+            dir.path().join("repo").display().to_string(),
+        ),
+        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
+    ];
+    rewrite_new_host(&env, "renamed")?;
+
+    let repo = NativeRepository::open(restic.repository().backend(), restic.repository().secrets())
+        .await?;
+    assert_eq!(repo.config().version, 2);
+    let ours = serde_json::to_value(repo.snapshots().await?)?;
+    let theirs = restic_snapshots_json(&env)?;
+    assert_eq!(theirs.as_array().map(Vec::len), Some(10));
+    assert_eq!(by_time_then_id(ours), by_time_then_id(theirs.clone()));
+    // The copies carry `original`, so the comparison covered that field too.
+    assert!(
+        theirs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s.get("original").is_some())
+    );
+
+    // A second listing comes from memory and is still equal; a forgotten snapshot leaves it.
+    let first = theirs[0]["id"].as_str().unwrap_or_default().to_owned();
+    restic
+        .forget_snapshots(std::slice::from_ref(&first), false)
+        .await?;
+    let after = repo.snapshots().await?;
+    assert_eq!(after.len(), 9);
+    assert!(after.iter().all(|s| s.id != first));
+    assert_eq!(
+        by_time_then_id(serde_json::to_value(after)?),
+        by_time_then_id(restic_snapshots_json(&env)?)
+    );
+
+    let one = repo
+        .snapshot(&theirs[1]["short_id"].as_str().unwrap_or_default()[..6])
+        .await?;
+    assert_eq!(serde_json::to_value(&one)?, theirs[1]);
+    assert!(matches!(
+        repo.snapshot("ffffffffff").await,
+        Err(NativeError::NoSuchSnapshot(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_password_missing_repository_and_tampering_are_refused() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = local(dir.path(), PASSWORD);
+    restic.init().await?;
+    populate(&restic, dir.path()).await?;
+    let backend = restic.repository().backend().clone();
+
+    let wrong = Secrets::new().with("RESTIC_PASSWORD", "nope");
+    let err = NativeRepository::open(&backend, &wrong).await;
+    assert!(matches!(err, Err(NativeError::WrongPassword)), "{err:?}");
+
+    let empty = tempfile::tempdir()?;
+    let missing = restic_wrapper::Backend::Local {
+        path: empty.path().to_path_buf(),
+    };
+    let err = NativeRepository::open(&missing, restic.repository().secrets()).await;
+    assert!(matches!(err, Err(NativeError::NotFound(_))), "{err:?}");
+
+    // Flip one byte of one snapshot file: the listing must fail, not return garbage.
+    let snaps = dir.path().join("repo/snapshots");
+    let victim = std::fs::read_dir(&snaps)?
+        .next()
+        .expect("a snapshot")?
+        .path();
+    let mut bytes = std::fs::read(&victim)?;
+    bytes[40] ^= 0xff;
+    std::fs::write(&victim, bytes)?;
+    let repo = NativeRepository::open(&backend, restic.repository().secrets()).await?;
+    let err = repo.snapshots().await;
+    assert!(
+        matches!(err, Err(NativeError::HashMismatch { .. })),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn s3_listing_equals_restic_and_the_wrapper_works_on_s3() -> Result {
+    let garage = Garage::start();
+    let dir = tempfile::tempdir()?;
+    let repo =
+        restic_wrapper::Repository::new(garage.backend("demo/app"), garage.secrets(), dir.path())?;
+    let restic = Restic::new(repo).with_program(restic_bin());
+    assert!(!restic.exists().await?);
+    restic.init().await?;
+    populate(&restic, dir.path()).await?;
+    let filter = SnapshotFilter {
+        hosts: vec!["host-1".into()],
+        ..SnapshotFilter::default()
+    };
+    assert_eq!(restic.snapshots(&filter).await?.len(), 2);
+    let target = dir.path().join("restored");
+    restic
+        .restore(&restic_wrapper::RestoreOptions {
+            snapshot: "latest".into(),
+            target: target.clone(),
+            filter: SnapshotFilter {
+                hosts: vec!["host-0".into()],
+                ..SnapshotFilter::default()
+            },
+            ..Default::default()
+        })?
+        .finish()
+        .await?;
+    let restored_file = target.join(dir.path().join("data/a.txt").strip_prefix("/")?);
+    assert_eq!(std::fs::read(restored_file)?, b"alpha\n");
+
+    let native =
+        NativeRepository::open(restic.repository().backend(), restic.repository().secrets())
+            .await?;
+    let env = [
+        (
+            "RESTIC_REPOSITORY",
+            format!("s3:{}/{}/demo/app", garage.endpoint, garage.bucket),
+        ),
+        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
+        ("AWS_ACCESS_KEY_ID", garage.key_id.clone()),
+        ("AWS_SECRET_ACCESS_KEY", garage.secret.clone()),
+        ("AWS_DEFAULT_REGION", "garage".to_owned()),
+    ];
+    let theirs = restic_snapshots_json(&env)?;
+    assert_eq!(theirs.as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        by_time_then_id(serde_json::to_value(native.snapshots().await?)?),
+        by_time_then_id(theirs)
+    );
+    assert_eq!(restic.check(None).await?.num_errors, 0);
+    Ok(())
+}

@@ -1,0 +1,575 @@
+//! Calls out of the server: admission webhooks (`AdmissionReview` v1 over HTTPS, mutations
+//! applied as JSON patches) and the aggregation layer (requests for an APIService's
+//! group/version proxied to its backing Service).
+
+use crate::Core;
+use crate::handlers::Ctx;
+use crate::selectors::LabelSelector;
+use crate::server::{Body, BodyError, error_response};
+use crate::status::{ApiError, ApiResult};
+use crate::store::key;
+use crate::util::*;
+use base64::Engine;
+use bytes::Bytes;
+use http::Response;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where to reach a webhook or an aggregated API server.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub connect: String,
+    pub server_name: String,
+    pub path: String,
+    pub ca_pem: String,
+    pub insecure: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("failed to resolve the service address: {0}")]
+    ResolveService(String),
+    #[error("failed to connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("failed to set up TLS: {0}")]
+    SetUpTls(#[from] crate::tls::TlsError),
+    #[error("failed the TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("failed the HTTP exchange: {0}")]
+    Exchange(#[from] hyper::Error),
+    #[error("failed to build the request: {0}")]
+    BuildRequest(#[from] http::Error),
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Resolves a Service port: the explicit mapping first, then the Service's annotation.
+fn resolve_service(core: &Core, ns: &str, name: &str, port: i64) -> Result<String, CallError> {
+    let st = core.lock();
+    let k = format!("{ns}/{name}:{port}");
+    if let Some(a) = st
+        .service_map
+        .get(&k)
+        .or_else(|| core.opts.service_addresses.get(&k))
+    {
+        return Ok(a.clone());
+    }
+    let svc = st
+        .get(&crate::handlers::gr("", "services"), &key(ns, name))
+        .ok_or_else(|| CallError::ResolveService(format!("service \"{ns}/{name}\" not found")))?;
+    svc.pointer("/metadata/annotations")
+        .and_then(|a| a.get(crate::ADDRESS_ANNOTATION))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            CallError::ResolveService(format!(
+                "no address for service {ns}/{name}:{port}: map it with the {} annotation or a service address option",
+                crate::ADDRESS_ANNOTATION
+            ))
+        })
+}
+
+fn endpoint(core: &Core, cc: &Value, default_port: i64) -> Result<Endpoint, CallError> {
+    let ca_pem = cc
+        .get("caBundle")
+        .and_then(Value::as_str)
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    if let Some(url) = cc.get("url").and_then(Value::as_str) {
+        let rest = url.strip_prefix("https://").unwrap_or(url);
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let host = hostport
+            .rsplit_once(':')
+            .map_or(hostport, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let connect = if hostport.contains(':') {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:443")
+        };
+        return Ok(Endpoint {
+            connect,
+            server_name: host.to_owned(),
+            path: path.to_owned(),
+            ca_pem,
+            insecure: false,
+        });
+    }
+    let svc = cc.get("service").cloned().unwrap_or(json!({}));
+    let ns = svc.get("namespace").and_then(Value::as_str).unwrap_or("");
+    let name = svc.get("name").and_then(Value::as_str).unwrap_or("");
+    let port = svc
+        .get("port")
+        .and_then(Value::as_i64)
+        .unwrap_or(default_port);
+    Ok(Endpoint {
+        connect: resolve_service(core, ns, name, port)?,
+        server_name: format!("{name}.{ns}.svc"),
+        path: svc
+            .get("path")
+            .and_then(Value::as_str)
+            .unwrap_or("/")
+            .to_owned(),
+        ca_pem,
+        insecure: false,
+    })
+}
+
+/// Sends one request over a fresh TLS connection.
+pub async fn send<B>(
+    ep: &Endpoint,
+    req: http::Request<B>,
+) -> Result<Response<hyper::body::Incoming>, CallError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(&ep.connect)
+        .await
+        .map_err(|source| CallError::Connect {
+            addr: ep.connect.clone(),
+            source,
+        })?;
+    let cfg = crate::tls::client_config(&ep.ca_pem, ep.insecure)?;
+    let name = crate::tls::server_name(&ep.server_name)?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(CallError::Handshake)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "outbound connection ended with an error");
+        }
+    });
+    Ok(sender.send_request(req).await?)
+}
+
+async fn post_json(ep: &Endpoint, body: &Value, timeout: Duration) -> Result<Value, String> {
+    let fut = async {
+        let req = http::Request::post(ep.path.clone())
+            .header(http::header::HOST, ep.server_name.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(CallError::from)?;
+        let resp = send(ep, req).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(CallError::from)?
+            .to_bytes();
+        Ok::<_, CallError>((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| CallError::TimedOut(timeout).to_string())?
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("the server responded with status {status}"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| format!("failed to decode the response: {e}"))
+}
+
+fn rule_matches(rule: &Value, cx: &Ctx, op: &str, sub: &str) -> bool {
+    let has = |k: &str, want: &str| {
+        rule.get(k)
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| x == "*" || x == want))
+    };
+    let resource = if sub.is_empty() {
+        cx.def.plural.clone()
+    } else {
+        format!("{}/{sub}", cx.def.plural)
+    };
+    let res_ok = rule
+        .get("resources")
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter().filter_map(Value::as_str).any(|r| {
+                r == resource
+                    || r == "*/*"
+                    || (r == "*" && sub.is_empty())
+                    || (sub.is_empty() && r == cx.def.plural)
+                    || r.strip_prefix("*/").is_some_and(|s| s == sub)
+                    || r.strip_suffix("/*").is_some_and(|p| p == cx.def.plural)
+            })
+        });
+    let scope_ok = match rule.get("scope").and_then(Value::as_str) {
+        Some("Cluster") => !cx.def.namespaced,
+        Some("Namespaced") => cx.def.namespaced,
+        _ => true,
+    };
+    has("apiGroups", &cx.def.group)
+        && has("apiVersions", &cx.def.version)
+        && res_ok
+        && has("operations", op)
+        && scope_ok
+}
+
+fn webhook_matches(
+    core: &Core,
+    wh: &Value,
+    cx: &Ctx,
+    op: &str,
+    sub: &str,
+    obj: Option<&Value>,
+    old: Option<&Value>,
+) -> bool {
+    let rules = wh
+        .get("rules")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !rules.iter().any(|r| rule_matches(r, cx, op, sub)) {
+        return false;
+    }
+    if let Some(ns_sel) = wh.get("namespaceSelector") {
+        let sel = LabelSelector::from_object(ns_sel);
+        if !sel.is_empty() {
+            let labels: Option<Value> = if cx.def.group.is_empty() && cx.def.plural == "namespaces"
+            {
+                obj.or(old)
+                    .and_then(|o| o.pointer("/metadata/labels"))
+                    .cloned()
+            } else if cx.def.namespaced {
+                core.lock()
+                    .get(&crate::handlers::gr("", "namespaces"), &key("", &cx.ns))
+                    .and_then(|n| n.pointer("/metadata/labels").cloned())
+            } else {
+                None
+            };
+            let cluster_scoped_other =
+                !cx.def.namespaced && !(cx.def.group.is_empty() && cx.def.plural == "namespaces");
+            if !cluster_scoped_other && !sel.matches(labels.as_ref().and_then(Value::as_object)) {
+                return false;
+            }
+        }
+    }
+    if let Some(o_sel) = wh.get("objectSelector") {
+        let sel = LabelSelector::from_object(o_sel);
+        if !sel.is_empty() {
+            let m = |o: Option<&Value>| o.is_some_and(|o| sel.matches(labels_of(o)));
+            if !(m(obj) || m(old)) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn denial(name: &str, status: Option<&Value>) -> ApiError {
+    let st = status.cloned().unwrap_or(json!({}));
+    let mut code = st.get("code").and_then(Value::as_u64).unwrap_or(0) as u16;
+    if code < 400 {
+        code = 400;
+    }
+    let reason = match st.get("reason").and_then(Value::as_str).unwrap_or("") {
+        "Forbidden" => "Forbidden",
+        "BadRequest" => "BadRequest",
+        "Invalid" => "Invalid",
+        "Conflict" => "Conflict",
+        "NotFound" => "NotFound",
+        "Unauthorized" => "Unauthorized",
+        "AlreadyExists" => "AlreadyExists",
+        _ => "",
+    };
+    let denied = format!("admission webhook \"{name}\" denied the request");
+    let msg = st.get("message").and_then(Value::as_str).unwrap_or("");
+    let message = if !msg.is_empty() {
+        format!("{denied}: {msg}")
+    } else if !reason.is_empty() {
+        format!("{denied}: {reason}")
+    } else {
+        format!("{denied} without explanation")
+    };
+    let mut e = ApiError::new(code, reason, message);
+    e.details = st.get("details").cloned();
+    e
+}
+
+/// Runs mutating then validating webhooks for a write. Returns the (possibly mutated) object.
+pub async fn admit(
+    cx: &Ctx,
+    op: &str,
+    sub: &str,
+    obj: Option<Value>,
+    old: Option<&Value>,
+) -> ApiResult<Option<Value>> {
+    // Webhook configurations are never subject to webhooks, so they cannot lock themselves out.
+    if cx.def.group == "admissionregistration.k8s.io" {
+        return Ok(obj);
+    }
+    let (mutating, validating) = {
+        let st = cx.core.lock();
+        let collect = |plural: &str| -> Vec<Value> {
+            st.tables
+                .get(&crate::handlers::gr("admissionregistration.k8s.io", plural))
+                .map(|t| {
+                    t.objects
+                        .values()
+                        .flat_map(|c| {
+                            c.get("webhooks")
+                                .and_then(Value::as_array)
+                                .cloned()
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        (
+            collect("mutatingwebhookconfigurations"),
+            collect("validatingwebhookconfigurations"),
+        )
+    };
+    if mutating.is_empty() && validating.is_empty() {
+        return Ok(obj);
+    }
+    let mut obj = obj;
+    for (hooks, mutate) in [(mutating, true), (validating, false)] {
+        for wh in hooks {
+            if !webhook_matches(&cx.core, &wh, cx, op, sub, obj.as_ref(), old) {
+                continue;
+            }
+            let name = wh
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let uid = new_uid();
+            let name_of_req = obj
+                .as_ref()
+                .or(old)
+                .map(|o| name_of(o).to_owned())
+                .unwrap_or_default();
+            let gvk =
+                json!({"group": cx.def.group, "version": cx.def.version, "kind": cx.def.kind});
+            let gvr = json!({"group": cx.def.group, "version": cx.def.version, "resource": cx.def.plural});
+            let mut request = json!({
+                "uid": uid, "kind": gvk, "resource": gvr, "requestKind": gvk, "requestResource": gvr,
+                "name": name_of_req, "operation": op,
+                "userInfo": {"username": "kube-sim-admin", "groups": ["system:masters", "system:authenticated"]},
+                "object": obj.clone().unwrap_or(Value::Null),
+                "oldObject": old.cloned().unwrap_or(Value::Null),
+                "dryRun": cx.query.get("dryRun").is_some_and(|d| d == "All"),
+                "options": {"kind": match op { "CREATE" => "CreateOptions", "UPDATE" => "UpdateOptions", _ => "DeleteOptions" }, "apiVersion": "meta.k8s.io/v1"},
+            });
+            if cx.def.namespaced {
+                request["namespace"] = json!(cx.ns);
+            }
+            if !sub.is_empty() {
+                request["subResource"] = json!(sub);
+            }
+            let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request});
+            let timeout = Duration::from_secs(
+                wh.get("timeoutSeconds")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(10),
+            );
+            let fail_open = wh.get("failurePolicy").and_then(Value::as_str) == Some("Ignore");
+            let cc = wh.get("clientConfig").cloned().unwrap_or(json!({}));
+            let result = match endpoint(&cx.core, &cc, 443) {
+                Ok(ep) => post_json(&ep, &review, timeout).await,
+                Err(e) => Err(e.to_string()),
+            };
+            let resp = match result {
+                Ok(r) => r,
+                Err(error) if fail_open => {
+                    tracing::warn!(webhook = %name, %error, "ignoring a failed webhook call (failurePolicy Ignore)");
+                    continue;
+                }
+                Err(error) => {
+                    return Err(ApiError::internal(format!(
+                        "failed calling webhook \"{name}\": failed to call webhook: {error}"
+                    )));
+                }
+            };
+            let r = resp.get("response").cloned().unwrap_or(json!({}));
+            if r.get("uid").and_then(Value::as_str) != Some(uid.as_str()) && !fail_open {
+                return Err(ApiError::internal(format!(
+                    "failed calling webhook \"{name}\": expected response.uid=\"{uid}\""
+                )));
+            }
+            if r.get("allowed").and_then(Value::as_bool) != Some(true) {
+                return Err(denial(&name, r.get("status")));
+            }
+            if mutate
+                && let (Some(p), Some(o)) = (r.get("patch").and_then(Value::as_str), obj.as_mut())
+            {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(p)
+                    .map_err(|e| {
+                        ApiError::internal(format!(
+                            "failed calling webhook \"{name}\": invalid patch: {e}"
+                        ))
+                    })?;
+                *o = crate::patch::json_patch(o, &raw).map_err(|e| {
+                    ApiError::internal(format!(
+                        "failed calling webhook \"{name}\": failed to apply the patch: {}",
+                        e.message
+                    ))
+                })?;
+            }
+        }
+    }
+    Ok(obj)
+}
+
+/// The aggregated API server behind `/apis/<group>/<version>`, if an APIService names one.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoint: Endpoint,
+}
+
+pub fn aggregated_target(core: &Core, path: &str) -> Option<Target> {
+    let mut segs = path.trim_start_matches('/').split('/');
+    if segs.next()? != "apis" {
+        return None;
+    }
+    let (g, v) = (segs.next()?, segs.next()?);
+    let st = core.lock();
+    let svc = st.get(
+        &crate::handlers::gr("apiregistration.k8s.io", "apiservices"),
+        &key("", &format!("{v}.{g}")),
+    )?;
+    drop(st);
+    target_of(core, &svc)
+}
+
+fn target_of(core: &Core, svc: &Value) -> Option<Target> {
+    let spec = svc.get("spec")?;
+    if spec.get("service").is_none_or(Value::is_null) {
+        return None;
+    }
+    let mut ep = endpoint(core, spec, 443).unwrap_or_else(|e| Endpoint {
+        connect: String::new(),
+        server_name: e.to_string(),
+        path: String::new(),
+        ca_pem: String::new(),
+        insecure: false,
+    });
+    ep.insecure = spec.get("insecureSkipTLSVerify").and_then(Value::as_bool) == Some(true);
+    Some(Target { endpoint: ep })
+}
+
+/// Forwards a request to an aggregated API server and streams its answer back.
+pub async fn proxy(
+    core: &Arc<Core>,
+    target: Target,
+    req: http::Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let _ = core;
+    let ep = target.endpoint;
+    if ep.connect.is_empty() {
+        return error_response(&ApiError::new(
+            503,
+            "ServiceUnavailable",
+            format!("service unavailable: {}", ep.server_name),
+        ));
+    }
+    let (parts, body) = req.into_parts();
+    let mut builder = http::Request::builder()
+        .method(parts.method)
+        .uri(
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into()),
+        )
+        .header(http::header::HOST, ep.server_name.clone())
+        .header("X-Remote-User", "kube-sim-admin")
+        .header("X-Remote-Group", "system:masters");
+    for (k, v) in parts.headers.iter() {
+        if matches!(
+            k.as_str(),
+            "content-type" | "accept" | "user-agent" | "content-length"
+        ) {
+            builder = builder.header(k, v);
+        }
+    }
+    let req = match builder.body(body) {
+        Ok(r) => r,
+        Err(e) => return error_response(&ApiError::internal(e.to_string())),
+    };
+    match send(&ep, req).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, body.map_err(|e| Box::new(e) as BodyError).boxed())
+        }
+        Err(e) => error_response(&ApiError::new(
+            503,
+            "ServiceUnavailable",
+            format!("error trying to reach service: {e}"),
+        )),
+    }
+}
+
+/// Group/versions served by aggregated API servers; with `fetch`, their resource lists too.
+pub async fn aggregated_apis(core: &Arc<Core>, fetch: bool) -> Vec<crate::discovery::Aggregated> {
+    let services: Vec<Value> = {
+        let st = core.lock();
+        st.tables
+            .get(&crate::handlers::gr(
+                "apiregistration.k8s.io",
+                "apiservices",
+            ))
+            .map(|t| t.objects.values().map(|o| (**o).clone()).collect())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for svc in services {
+        let Some(target) = target_of(core, &svc) else {
+            continue;
+        };
+        let group = svc
+            .pointer("/spec/group")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let version = svc
+            .pointer("/spec/version")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let resources = if fetch && !target.endpoint.connect.is_empty() {
+            let ep = target.endpoint.clone();
+            let path = format!("/apis/{group}/{version}");
+            let fut = async move {
+                let req = http::Request::get(path)
+                    .header(http::header::ACCEPT, "application/json")
+                    .body(Full::new(Bytes::new()))
+                    .ok()?;
+                let resp = send(&ep, req).await.ok()?;
+                let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+                serde_json::from_slice::<Value>(&bytes).ok()
+            };
+            tokio::time::timeout(Duration::from_secs(2), fut)
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        out.push(crate::discovery::Aggregated {
+            group,
+            version,
+            resources,
+        });
+    }
+    out
+}
