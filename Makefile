@@ -36,8 +36,13 @@ unit:
 	  $(CARGO) test --workspace --locked --doc; \
 	else $(CARGO) test --workspace --locked --no-fail-fast; fi
 
+## check-examples: example programs agree with the real tools
+.PHONY: check-examples
+check-examples:
+	bash scripts/check-snapshots-example.sh
+
 ## test: everything CI runs
-test: setup lint check-generated unit
+test: setup lint check-generated unit check-examples
 
 ## bench: benchmarks (ours and the baseline alternately), figures to bench/results/latest.json
 .PHONY: bench

@@ -35,6 +35,7 @@ pub struct Restic {
     grace: Duration,
     progress_interval: Duration,
     retry_lock: Option<Duration>,
+    timeout: Option<Duration>,
 }
 
 /// Filters shared by `snapshots`, `forget`, `restore` and `dump`.
@@ -182,6 +183,7 @@ impl Restic {
             grace: Duration::from_secs(30),
             progress_interval: Duration::from_secs(2),
             retry_lock: None,
+            timeout: None,
         }
     }
 
@@ -226,6 +228,13 @@ impl Restic {
         self
     }
 
+    /// Stop any command still running after this long. restic itself retries an unreachable
+    /// backend for many minutes; a deadline turns that into a retryable error.
+    pub fn with_timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
     pub fn repository(&self) -> &Repository {
         &self.repository
     }
@@ -260,6 +269,7 @@ impl Restic {
                     .collect(),
             ),
             grace: self.grace,
+            timeout: self.timeout,
         }
     }
 
@@ -454,9 +464,9 @@ impl Restic {
             keeps.iter().any(|(_, n)| n.is_some_and(|n| n > 0)) || !opts.keep_tags.is_empty();
         if !has_policy {
             // restic would refuse, but say why in our words: an empty policy removes nothing.
-            return Err(Error::InvalidRepository {
-                repository: self.repository.display_name(),
-                reason: "a retention policy needs at least one keep rule".into(),
+            return Err(Error::InvalidOptions {
+                action: "apply the retention policy",
+                reason: "a retention policy needs at least one keep rule",
             });
         }
         if opts.prune {
@@ -547,6 +557,12 @@ impl Restic {
 
     /// `restic restore`. Progress streams until [`RestoreRun::finish`].
     pub fn restore(&self, opts: &RestoreOptions) -> Result<RestoreRun, Error> {
+        if !opts.includes.is_empty() && !opts.excludes.is_empty() {
+            return Err(Error::InvalidOptions {
+                action: "restore",
+                reason: "include and exclude patterns cannot be combined in one restore",
+            });
+        }
         let mut a = args(["restore", "--json"]);
         a.push(opts.snapshot.clone().into());
         a.extend(["--target".into(), opts.target.clone().into_os_string()]);

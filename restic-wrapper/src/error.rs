@@ -36,6 +36,11 @@ pub enum Error {
     UnknownVersion { output: String },
     #[error("the secret has no {key} key")]
     MissingSecret { key: &'static str },
+    #[error("failed to {action}: {reason}")]
+    InvalidOptions {
+        action: &'static str,
+        reason: &'static str,
+    },
     #[error("invalid repository {repository:?}: {reason}")]
     InvalidRepository { repository: String, reason: String },
     #[error("failed to {action}: wrong password or no key found for the repository")]
@@ -69,6 +74,12 @@ pub enum Error {
     },
     #[error("failed to {action}: restic was interrupted")]
     Interrupted { action: &'static str },
+    #[error("failed to {action}: no result after {}s{}", .after.as_secs(), tail_text(.stderr))]
+    TimedOut {
+        action: &'static str,
+        after: std::time::Duration,
+        stderr: String,
+    },
     #[error("failed to {action}: the input stream failed: {source}")]
     Input {
         action: &'static str,
@@ -90,6 +101,13 @@ pub enum Error {
     Native(#[from] crate::native::NativeError),
 }
 
+fn tail_text(stderr: &str) -> String {
+    match stderr.lines().last() {
+        Some(line) if !line.is_empty() => format!(": {line}"),
+        _ => String::new(),
+    }
+}
+
 fn holder_text(holder: &Option<LockHolder>) -> String {
     match holder {
         Some(LockHolder {
@@ -109,7 +127,7 @@ impl Error {
     /// anything: locks go away, backends come back, interruptions are not permanent.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Locked { .. } | Error::Interrupted { .. } => true,
+            Error::Locked { .. } | Error::Interrupted { .. } | Error::TimedOut { .. } => true,
             Error::Backend { retryable, .. } => *retryable,
             Error::Io { .. } => true,
             Error::Native(e) => e.is_retryable(),
@@ -124,13 +142,16 @@ impl Error {
             | Error::UnsupportedVersion { .. }
             | Error::UnknownVersion { .. } => "restic-unavailable",
             Error::Io { .. } | Error::WriteScratchFile { .. } => "io",
-            Error::MissingSecret { .. } | Error::InvalidRepository { .. } => "invalid-config",
+            Error::MissingSecret { .. }
+            | Error::InvalidRepository { .. }
+            | Error::InvalidOptions { .. } => "invalid-config",
             Error::WrongPassword { .. } => "wrong-password",
             Error::RepositoryNotFound { .. } => "repository-not-found",
             Error::Locked { .. } => "locked",
             Error::IncompleteBackup { .. } => "incomplete",
             Error::Backend { .. } => "backend",
             Error::Interrupted { .. } => "interrupted",
+            Error::TimedOut { .. } => "timeout",
             Error::Input { .. } => "input",
             Error::Failed { .. } => "failed",
             Error::Parse { .. } => "parse",
@@ -161,6 +182,8 @@ pub(crate) struct Failure {
     pub snapshot_id: Option<String>,
     /// Whether we interrupted the process ourselves.
     pub interrupted: bool,
+    /// Set when we stopped it because its deadline passed.
+    pub timed_out: Option<std::time::Duration>,
 }
 
 /// Maps a failed run to an error. Exit codes decide first; the text only refines code 1,
@@ -171,6 +194,27 @@ pub(crate) fn classify(action: &'static str, repository: &str, f: Failure) -> Er
         .clone()
         .unwrap_or_else(|| f.stderr_tail.clone());
     let lower = text.to_lowercase();
+    // restic retries an unreachable backend for many minutes and only says so in its retry
+    // lines; when we stop it at a deadline, those lines are the real reason.
+    if let Some(after) = f.timed_out {
+        let reason = f
+            .stderr_tail
+            .lines()
+            .rev()
+            .find(|l| is_transient_backend_error(&l.to_lowercase()));
+        if let Some(reason) = reason {
+            return Error::Backend {
+                action,
+                message: format!("no answer after {}s: {reason}", after.as_secs()),
+                retryable: true,
+            };
+        }
+        return Error::TimedOut {
+            action,
+            after,
+            stderr: f.stderr_tail,
+        };
+    }
     match f.code {
         _ if f.interrupted => Error::Interrupted { action },
         Some(exit::INTERRUPTED) => Error::Interrupted { action },
@@ -189,14 +233,10 @@ pub(crate) fn classify(action: &'static str, repository: &str, f: Failure) -> Er
         },
         Some(exit::WRONG_PASSWORD) => Error::WrongPassword { action },
         _ if lower.contains("wrong password") => Error::WrongPassword { action },
-        _ if lower.contains("repository does not exist")
-            || lower.contains("unable to open config file") =>
-        {
-            Error::RepositoryNotFound {
-                action,
-                repository: repository.to_owned(),
-            }
-        }
+        _ if lower.contains("repository does not exist") => Error::RepositoryNotFound {
+            action,
+            repository: repository.to_owned(),
+        },
         _ if lower.contains("repository is already locked") => Error::Locked {
             action,
             holder: parse_lock_holder(&text),
@@ -324,6 +364,39 @@ mod tests {
         assert!(holder.exclusive);
         assert!(err.is_retryable());
         assert!(err.to_string().contains("by PID 32294 on vm by root"));
+    }
+
+    #[test]
+    fn an_unreachable_backend_stopped_at_its_deadline_is_a_retryable_backend_error() {
+        // restic 0.18's stderr for an S3 endpoint that refuses connections, stopped by SIGINT.
+        let stderr = include_str!("../tests/fixtures/unreachable-s3-0.18.stderr");
+        let mut failure = Failure {
+            code: Some(1),
+            interrupted: true,
+            timed_out: Some(std::time::Duration::from_secs(6)),
+            ..Failure::default()
+        };
+        for line in stderr.lines() {
+            match crate::message::Message::parse(crate::message::Stream::Other, line.as_bytes()) {
+                crate::message::Message::ExitError(e) => failure.exit_message = Some(e.message),
+                _ => {
+                    failure.stderr_tail.push_str(line);
+                    failure.stderr_tail.push('\n');
+                }
+            }
+        }
+        let err = classify("list snapshots", "s3:http://127.0.0.1:1/bucket/p", failure);
+        assert!(
+            matches!(
+                err,
+                Error::Backend {
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("connection refused"), "{err}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub(crate) struct Invocation {
     pub repository: String,
     pub secrets: Arc<Vec<Vec<u8>>>,
     pub grace: Duration,
+    /// Stop the command (SIGINT, then SIGKILL) if it has not finished by then.
+    pub timeout: Option<Duration>,
 }
 
 /// What a successful run produced.
@@ -141,6 +143,7 @@ pub(crate) struct Running {
     stderr_task: JoinHandle<StderrCapture>,
     action: &'static str,
     repository: String,
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -208,6 +211,7 @@ pub(crate) fn spawn(
         stderr_task,
         action: inv.action,
         repository: inv.repository,
+        timeout: inv.timeout,
     })
 }
 
@@ -302,7 +306,18 @@ impl Running {
     /// Waits for the process and returns its output, or the classified error.
     pub async fn finish(mut self, interrupted: bool) -> Result<Output, Error> {
         self.stdin.take();
-        let status = self.guard.wait().await.map_err(|source| Error::Io {
+        let mut timed_out = None;
+        let waited = match self.timeout {
+            Some(limit) => match tokio::time::timeout(limit, self.guard.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    timed_out = Some(limit);
+                    self.guard.stop().await
+                }
+            },
+            None => self.guard.wait().await,
+        };
+        let status = waited.map_err(|source| Error::Io {
             action: "wait for restic",
             source,
         })?;
@@ -322,7 +337,7 @@ impl Running {
             }
         };
         let cap = (&mut self.stderr_task).await.unwrap_or_default();
-        if status.success() && !interrupted {
+        if status.success() && !interrupted && timed_out.is_none() {
             return Ok(Output { stdout, messages });
         }
         let snapshot_id = messages.iter().find_map(|m| match m {
@@ -336,6 +351,7 @@ impl Running {
             stderr_tail: cap.tail.into_iter().collect::<Vec<_>>().join("\n"),
             snapshot_id,
             interrupted,
+            timed_out,
         };
         Err(classify(self.action, &self.repository, failure))
     }

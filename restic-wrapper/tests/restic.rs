@@ -138,6 +138,39 @@ async fn init_exists_backup_snapshots_ls_stats_restore_and_check() -> Result {
         PathBuf::from("a.txt")
     );
 
+    // Include and exclude patterns select what is restored.
+    let partial = dir.path().join("partial");
+    restic
+        .restore(&RestoreOptions {
+            snapshot: first.clone(),
+            target: partial.clone(),
+            includes: vec!["/a.txt".into()],
+            ..RestoreOptions::default()
+        })?
+        .finish()
+        .await?;
+    assert!(partial.join("a.txt").exists());
+    assert!(!partial.join("sub").exists() && !partial.join("link").exists());
+    let excluded = dir.path().join("excluded");
+    restic
+        .restore(&RestoreOptions {
+            snapshot: first.clone(),
+            target: excluded.clone(),
+            excludes: vec!["*.bin".into()],
+            ..RestoreOptions::default()
+        })?
+        .finish()
+        .await?;
+    assert!(excluded.join("a.txt").exists() && !excluded.join("sub/b.bin").exists());
+    let both = restic.restore(&RestoreOptions {
+        snapshot: first.clone(),
+        target: excluded.clone(),
+        includes: vec!["/a.txt".into()],
+        excludes: vec!["*.bin".into()],
+        ..RestoreOptions::default()
+    });
+    assert!(matches!(both, Err(Error::InvalidOptions { .. })));
+
     // Restoring again with --delete removes files that are not in the snapshot.
     std::fs::write(root.join("extra"), b"x")?;
     restic
@@ -578,4 +611,42 @@ fn capture_logs() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
         .with_writer(move || writer.clone())
         .finish();
     (buf, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn an_unreachable_backend_is_a_retryable_error_at_the_deadline() -> Result {
+    let dir = tempfile::tempdir()?;
+    let closed = common::free_port();
+    let backend = restic_wrapper::Backend::S3 {
+        endpoint: format!("http://127.0.0.1:{closed}"),
+        bucket: "bucket".into(),
+        prefix: "p".into(),
+        region: None,
+        insecure_tls: false,
+    };
+    let secrets = restic_wrapper::Secrets::new()
+        .with("RESTIC_PASSWORD", PASSWORD)
+        .with("AWS_ACCESS_KEY_ID", "id")
+        .with("AWS_SECRET_ACCESS_KEY", "secret");
+    let repo = restic_wrapper::Repository::new(backend, secrets, dir.path())?;
+    let restic = restic_wrapper::Restic::new(repo)
+        .with_program(restic_bin())
+        .with_timeout(Duration::from_secs(4))
+        .with_grace(Duration::from_secs(5));
+    let err = restic.snapshots(&SnapshotFilter::default()).await;
+    let Err(err) = err else {
+        panic!("listing an unreachable repository succeeded");
+    };
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                retryable: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("connection refused"), "{err}");
+    Ok(())
 }

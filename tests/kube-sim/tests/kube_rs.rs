@@ -15,7 +15,12 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-const N: usize = 5_000;
+fn n() -> usize {
+    std::env::var("KUBE_SIM_TEST_OBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000)
+}
 
 async fn eventually<F, Fut>(what: &str, mut f: F)
 where
@@ -23,7 +28,7 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     // A deadline so a broken server fails the test instead of hanging it; not a timing check.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(std::env::var("KUBE_SIM_TEST_DEADLINE").ok().and_then(|v| v.parse().ok()).unwrap_or(300));
     while !f().await {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -78,6 +83,10 @@ async fn reconcile(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_reflectors_converge_through_expiry() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let sim = KubeSim::start(Options {
         bookmark_interval: Duration::from_secs(1),
         ..Options::default()
@@ -109,7 +118,7 @@ async fn controller_and_reflectors_converge_through_expiry() {
     let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
-    futures::stream::iter(0..N)
+    futures::stream::iter(0..n())
         .map(|i| {
             let pods = pods.clone();
             let widgets = widgets.clone();
@@ -156,14 +165,14 @@ async fn controller_and_reflectors_converge_through_expiry() {
 
     let all_observed = || async {
         let list = widgets.list(&Default::default()).await.unwrap();
-        list.items.len() == N
+        list.items.len() == n()
             && list
                 .items
                 .iter()
                 .all(|w| w.data["status"]["observed"] == w.data["spec"]["value"])
     };
     eventually("pod reflector sees all pods", || async {
-        pod_store.state().len() == N
+        pod_store.state().len() == n()
     })
     .await;
     eventually("controller reconciled every widget", all_observed).await;
@@ -184,7 +193,7 @@ async fn controller_and_reflectors_converge_through_expiry() {
             .unwrap();
     }
     eventually("pod reflector saw the deletions after expiry", || async {
-        pod_store.state().len() == N - 50
+        pod_store.state().len() == n() - 50
     })
     .await;
     eventually(
@@ -197,7 +206,7 @@ async fn controller_and_reflectors_converge_through_expiry() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     widgets
         .patch(
-            "w-4999",
+            &format!("w-{}", n() - 1),
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"value": -1}})),
         )
