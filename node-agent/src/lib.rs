@@ -1,9 +1,12 @@
-//! The node agent: resolves pod volumes to host paths, reads them under the node's IO budget
-//! and stores them with restic. The data path arrives with the node-agent issue.
+//! The node agent: resolves pod volumes to the kubelet's host paths, reads them under the
+//! node's IO budget, and stores them with restic — as a tar stream through its own reader
+//! (`stream`) or by letting restic read the directory (`direct`). Restores write in place,
+//! confined to the target volume.
 
-use clap::Parser;
-
-/// Command line of `stash-node-agent`.
-#[derive(Debug, Parser)]
-#[command(name = "stash-node-agent", version, about = "Stash node agent")]
-pub struct Cli {}
+pub mod budget;
+pub mod cli;
+pub mod engine;
+pub mod hostpath;
+pub mod pipe;
+pub mod stream;
+pub mod tar;

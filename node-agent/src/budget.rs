@@ -1,0 +1,320 @@
+//! The node's IO budget: token buckets on bytes per second and on operations per second,
+//! shared by every assignment running on the node. An assignment may bring its own, lower
+//! budget; a read then waits for both. Time comes from a clock that tests control.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A source of time, so the arithmetic can be tested without sleeping.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> Instant;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A token bucket. `rate` tokens arrive per second up to `burst`; taking more than is there
+/// leaves the bucket in debt, and the caller waits until the debt is paid. Debt (rather than
+/// refusing large requests) lets a 1 MiB read pass a 100 KiB/s budget at the right pace.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64, now: Instant) -> Bucket {
+        // A tenth of a second of tokens: smooth pacing without long bursts after idling.
+        let burst = (rate as f64 / 10.0).max(1.0);
+        Bucket {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Takes `n` tokens and says how long to wait before using them.
+    fn take(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// Limits of one budget; `None` means unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub bytes_per_second: Option<u64>,
+    pub iops: Option<u64>,
+}
+
+impl Limits {
+    /// The stricter of two limits on each axis: an assignment can only lower the node's.
+    pub fn min(self, other: Limits) -> Limits {
+        fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, None) => a,
+                (None, b) => b,
+            }
+        }
+        Limits {
+            bytes_per_second: lower(self.bytes_per_second, other.bytes_per_second),
+            iops: lower(self.iops, other.iops),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Buckets {
+    bytes: Option<Bucket>,
+    ops: Option<Bucket>,
+}
+
+impl Buckets {
+    fn new(limits: Limits, now: Instant) -> Buckets {
+        Buckets {
+            bytes: limits
+                .bytes_per_second
+                .filter(|r| *r > 0)
+                .map(|r| Bucket::new(r, now)),
+            ops: limits.iops.filter(|r| *r > 0).map(|r| Bucket::new(r, now)),
+        }
+    }
+
+    fn take(&mut self, bytes: u64, ops: u64, now: Instant) -> Duration {
+        let b = self
+            .bytes
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.take(bytes as f64, now));
+        let o = self
+            .ops
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.take(ops as f64, now));
+        b.max(o)
+    }
+}
+
+/// The node-wide budget. Cheap to clone; clones share the buckets.
+#[derive(Clone, Debug)]
+pub struct IoBudget {
+    node: Arc<Mutex<Buckets>>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+}
+
+impl IoBudget {
+    pub fn new(limits: Limits) -> IoBudget {
+        IoBudget::with_clock(limits, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(limits: Limits, clock: Arc<dyn Clock>) -> IoBudget {
+        let now = clock.now();
+        IoBudget {
+            node: Arc::new(Mutex::new(Buckets::new(limits, now))),
+            clock,
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A budget for one assignment: the node's, plus its own stricter limits if any.
+    pub fn for_assignment(&self, own: Limits) -> AssignmentBudget {
+        let effective = self.limits.min(own);
+        let extra = (effective != self.limits)
+            .then(|| Mutex::new(Buckets::new(effective, self.clock.now())));
+        AssignmentBudget {
+            node: self.clone(),
+            own: extra.map(Arc::new),
+            effective,
+        }
+    }
+}
+
+/// What one assignment reads through.
+#[derive(Clone, Debug)]
+pub struct AssignmentBudget {
+    node: IoBudget,
+    own: Option<Arc<Mutex<Buckets>>>,
+    effective: Limits,
+}
+
+impl AssignmentBudget {
+    pub fn unlimited() -> AssignmentBudget {
+        IoBudget::new(Limits::default()).for_assignment(Limits::default())
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.effective
+    }
+
+    /// Charges a read of `bytes` in `ops` operations and returns how long the caller must wait
+    /// before doing it.
+    pub fn charge(&self, bytes: u64, ops: u64) -> Duration {
+        let now = self.node.clock.now();
+        let node_wait = lock(&self.node.node).take(bytes, ops, now);
+        let own_wait = self
+            .own
+            .as_ref()
+            .map_or(Duration::ZERO, |own| lock(own).take(bytes, ops, now));
+        node_wait.max(own_wait)
+    }
+
+    /// Blocks the calling (reader) thread until the read may happen; returns the wait.
+    pub fn acquire_blocking(&self, bytes: u64, ops: u64) -> Duration {
+        let wait = self.charge(bytes, ops);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        wait
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct FakeClock(Mutex<Instant>);
+
+    impl FakeClock {
+        fn advance(&self, d: Duration) {
+            *lock(&self.0) += d;
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Instant {
+            *lock(&self.0)
+        }
+    }
+
+    fn clock() -> Arc<FakeClock> {
+        Arc::new(FakeClock(Mutex::new(Instant::now())))
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn reads_are_paced_to_the_byte_rate() {
+        let c = clock();
+        let budget = IoBudget::with_clock(
+            Limits {
+                bytes_per_second: Some(10 * MIB),
+                iops: None,
+            },
+            c.clone(),
+        );
+        let a = budget.for_assignment(Limits::default());
+        // The burst (a tenth of a second) is free; the rest is paid in time.
+        assert_eq!(a.charge(MIB, 1), Duration::ZERO);
+        let wait = a.charge(5 * MIB, 1);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        // Over a simulated second of steady reads, the total matches the rate.
+        let mut read = 0;
+        let mut t = Duration::ZERO;
+        c.advance(Duration::from_millis(500));
+        while t < Duration::from_secs(10) {
+            let w = a.charge(MIB, 1);
+            c.advance(w);
+            t += w;
+            read += MIB;
+        }
+        let rate = read as f64 / t.as_secs_f64();
+        assert!((rate / (10.0 * MIB as f64) - 1.0).abs() < 0.02, "{rate}");
+    }
+
+    #[test]
+    fn two_assignments_share_the_node_budget() {
+        let c = clock();
+        let budget = IoBudget::with_clock(
+            Limits {
+                bytes_per_second: Some(10 * MIB),
+                iops: None,
+            },
+            c.clone(),
+        );
+        let (a, b) = (
+            budget.for_assignment(Limits::default()),
+            budget.for_assignment(Limits::default()),
+        );
+        let mut done = 0;
+        let mut elapsed = Duration::ZERO;
+        for _ in 0..100 {
+            let w = a.charge(MIB, 1).max(b.charge(MIB, 1));
+            c.advance(w);
+            elapsed += w;
+            done += 2 * MIB;
+        }
+        let rate = done as f64 / elapsed.as_secs_f64();
+        assert!((rate / (10.0 * MIB as f64) - 1.0).abs() < 0.05, "{rate}");
+    }
+
+    #[test]
+    fn an_assignment_can_only_lower_the_limits() {
+        let budget = IoBudget::with_clock(
+            Limits {
+                bytes_per_second: Some(100 * MIB),
+                iops: Some(1000),
+            },
+            clock(),
+        );
+        let lower = budget.for_assignment(Limits {
+            bytes_per_second: Some(20 * MIB),
+            iops: None,
+        });
+        assert_eq!(lower.limits().bytes_per_second, Some(20 * MIB));
+        assert_eq!(lower.limits().iops, Some(1000));
+        let higher = budget.for_assignment(Limits {
+            bytes_per_second: Some(500 * MIB),
+            iops: Some(5000),
+        });
+        assert_eq!(higher.limits(), budget.limits());
+    }
+
+    #[test]
+    fn iops_are_limited_too() {
+        let c = clock();
+        let budget = IoBudget::with_clock(
+            Limits {
+                bytes_per_second: None,
+                iops: Some(100),
+            },
+            c,
+        );
+        let a = budget.for_assignment(Limits::default());
+        let _ = a.charge(0, 10);
+        let wait = a.charge(4096, 50);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        assert_eq!(
+            AssignmentBudget::unlimited().charge(u64::MAX / 2, 1 << 40),
+            Duration::ZERO
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! The command line: standalone `backup` and `restore` of a directory, the same code paths
+//! the agent uses for pod volumes. Each prints one JSON summary line on stdout.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use restic_wrapper::{Backend, Cache, Repository, Restic, Secrets};
+
+use crate::budget::{IoBudget, Limits};
+use crate::engine::{self, BackupRequest, ReadMode, RestoreRequest};
+
+/// Command line of `stash-node-agent`.
+#[derive(Debug, Parser)]
+#[command(name = "stash-node-agent", version, about = "Stash node agent")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "STASH_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, for example `info` or `stash_node_agent=debug`.
+    #[arg(long, global = true, env = "STASH_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Back up a directory into a restic repository.
+    Backup(BackupArgs),
+    /// Restore a snapshot into a directory, in place.
+    Restore(RestoreArgs),
+}
+
+/// Where the repository is and how restic runs; the password and credentials come from
+/// restic's usual environment variables (RESTIC_PASSWORD, AWS_ACCESS_KEY_ID, …).
+#[derive(Debug, Args)]
+pub struct RepoArgs {
+    /// The restic repository (`/path`, `s3:host/bucket/prefix`, …).
+    #[arg(long, short = 'r', env = "RESTIC_REPOSITORY")]
+    pub repo: String,
+    /// The restic binary.
+    #[arg(long, env = "STASH_RESTIC", default_value = "restic")]
+    pub restic: PathBuf,
+    /// A persistent restic cache directory; none when unset.
+    #[arg(long, env = "STASH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Give up on a restic command after this many seconds.
+    #[arg(long, env = "STASH_RESTIC_TIMEOUT_SECONDS")]
+    pub timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The directory to back up.
+    #[arg(long)]
+    pub path: PathBuf,
+    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
+    pub mode: ReadMode,
+    /// Read budget in bytes per second (`50Mi`, `1G`, or a number); unlimited when unset.
+    #[arg(long, env = "STASH_IO_BUDGET_BYTES_PER_SECOND", value_parser = parse_bytes)]
+    pub io_budget: Option<u64>,
+    /// Read operations per second.
+    #[arg(long, env = "STASH_IO_BUDGET_IOPS")]
+    pub iops: Option<u64>,
+    /// The restic host (Stash's `host-0`, `<alias>-<ordinal>`, …).
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// The volume's stable identity; snapshots of the same key are each other's parents.
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long = "exclude")]
+    pub excludes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Snapshot id (or unique prefix).
+    #[arg(long)]
+    pub snapshot: String,
+    /// The directory to restore into.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Delete files in the target that are not in the snapshot.
+    #[arg(long)]
+    pub delete: bool,
+    /// Restore only these paths of the snapshot.
+    #[arg(long = "include")]
+    pub include: Vec<String>,
+    /// Restore file owners (needs CAP_CHOWN).
+    #[arg(long)]
+    pub owners: bool,
+}
+
+/// Parses `123`, `50Mi`, `1G`, `64K` into bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 50Mi"))?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use K, M, G, Ki, Mi or Gi)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn restic_for(args: &RepoArgs) -> anyhow::Result<Restic> {
+    let backend = Backend::parse(&args.repo)?;
+    let scratch = std::env::temp_dir();
+    let repo = Repository::new(backend, Secrets::from_process_env(), &scratch)?;
+    let mut restic =
+        Restic::new(repo)
+            .with_program(&args.restic)
+            .with_cache(match &args.cache_dir {
+                Some(dir) => Cache::Dir(dir.clone()),
+                None => Cache::Disabled,
+            });
+    if let Some(s) = args.timeout_seconds {
+        restic = restic.with_timeout(Duration::from_secs(s));
+    }
+    Ok(restic)
+}
+
+/// Runs a parsed command and returns the JSON summary line.
+pub async fn run(command: Command) -> anyhow::Result<String> {
+    match command {
+        Command::Backup(a) => {
+            let restic = restic_for(&a.repo)?;
+            restic.version().await?;
+            restic.ensure_initialized().await?;
+            let budget = IoBudget::new(Limits {
+                bytes_per_second: a.io_budget,
+                iops: a.iops,
+            })
+            .for_assignment(Limits::default());
+            let req = BackupRequest {
+                path: a.path,
+                mode: a.mode,
+                host: a.host,
+                tags: a.tags,
+                key: a.key,
+                excludes: a.excludes,
+                budget,
+                read_concurrency: None,
+                limit_upload_kib: None,
+            };
+            Ok(serde_json::to_string(&engine::backup(&restic, req).await?)?)
+        }
+        Command::Restore(a) => {
+            let restic = restic_for(&a.repo)?;
+            restic.version().await?;
+            let req = RestoreRequest {
+                snapshot: a.snapshot,
+                target: a.target,
+                delete: a.delete,
+                include: a.include,
+                owners: a.owners,
+            };
+            Ok(serde_json::to_string(
+                &engine::restore(&restic, req).await?,
+            )?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("50Mi"), Ok(50 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("10 parsecs").is_err());
+    }
+}

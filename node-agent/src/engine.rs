@@ -1,0 +1,373 @@
+//! One volume's backup or restore, in either read mode. Shared by the standalone commands and
+//! the assignment worker.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use restic_wrapper::{
+    BackupOptions, NativeRepository, Overwrite, Restic, RestoreOptions, SnapshotFilter,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::budget::AssignmentBudget;
+use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
+use crate::stream::{ExtractOptions, PreadEngine, Progress, ReadReport, StreamError, VolumeReader};
+
+/// The file name of the tar stream inside a stream-mode snapshot.
+pub const STREAM_FILE: &str = "volume.tar";
+/// Tags that describe how a snapshot was made.
+pub const TAG_STREAM: &str = "stash.mode=stream";
+pub const TAG_DIRECT: &str = "stash.mode=direct";
+pub const TAG_KEY_PREFIX: &str = "stash.key=";
+pub const TAG_MANIFEST_PREFIX: &str = "stash.manifest=";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    Stream,
+    Direct,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Restic(#[from] restic_wrapper::Error),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("failed to {action}: {reason}")]
+    Other {
+        action: &'static str,
+        reason: String,
+    },
+    #[error("snapshot {0} not found")]
+    NoSnapshot(String),
+}
+
+impl AgentError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            AgentError::Restic(e) => e.category(),
+            AgentError::Stream(StreamError::Read { .. }) => "read",
+            AgentError::Stream(StreamError::Unsafe { .. }) => "unsafe-path",
+            AgentError::Stream(_) => "stream",
+            AgentError::Other { .. } => "internal",
+            AgentError::NoSnapshot(_) => "not-found",
+        }
+    }
+}
+
+/// What to back up and how.
+#[derive(Clone, Debug)]
+pub struct BackupRequest {
+    pub path: PathBuf,
+    pub mode: ReadMode,
+    pub host: Option<String>,
+    pub tags: Vec<String>,
+    /// Stable identity of the volume (PVC UID or namespace/workload/volume).
+    pub key: Option<String>,
+    pub excludes: Vec<String>,
+    pub budget: AssignmentBudget,
+    /// Direct mode: restic's own read parallelism and upload limit (KiB/s).
+    pub read_concurrency: Option<u32>,
+    pub limit_upload_kib: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct BackupResult {
+    pub snapshot_id: Option<String>,
+    pub bytes: u64,
+    pub files: u64,
+    pub duration_seconds: f64,
+    pub mode: Option<ReadMode>,
+    pub unchanged: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed_during_read: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vanished_during_read: Vec<String>,
+}
+
+fn key_tag(key: &str) -> String {
+    // restic separates tags with commas; keep the key one tag.
+    format!("{TAG_KEY_PREFIX}{}", key.replace(',', "_"))
+}
+
+/// The last snapshot of this host and key, from the native reader (no restic start).
+async fn previous(
+    restic: &Restic,
+    host: Option<&str>,
+    key: Option<&str>,
+    mode_tag: &str,
+) -> Option<restic_wrapper::Snapshot> {
+    let repo = restic.repository();
+    let native = NativeRepository::open(repo.backend(), repo.secrets())
+        .await
+        .ok()?;
+    let key_tag = key.map(key_tag);
+    native.snapshots().await.ok()?.into_iter().rfind(|s| {
+        host.is_none_or(|h| s.hostname == h)
+            && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
+            && s.has_tag(mode_tag)
+    })
+}
+
+/// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
+/// targets): equal digests mean a stream backup would produce the same tar.
+pub fn manifest_digest(root: &Path) -> Result<String, AgentError> {
+    fn walk(dir: &Path, rel: &Path, h: &mut Sha256) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let mut names: Vec<_> = std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names {
+            let path = dir.join(&name);
+            let m = std::fs::symlink_metadata(&path)?;
+            let child = rel.join(&name);
+            h.update(child.as_os_str().as_bytes());
+            h.update([0]);
+            for v in [
+                u64::from(m.mode()),
+                m.size(),
+                m.mtime() as u64,
+                m.mtime_nsec() as u64,
+                u64::from(m.uid()),
+                u64::from(m.gid()),
+                m.nlink(),
+            ] {
+                h.update(v.to_le_bytes());
+            }
+            if m.file_type().is_symlink() {
+                h.update(std::fs::read_link(&path)?.as_os_str().as_bytes());
+            }
+            if m.is_dir() {
+                walk(&path, &child, h)?;
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(root, Path::new(""), &mut h).map_err(|e| AgentError::Other {
+        action: "scan the volume",
+        reason: e.to_string(),
+    })?;
+    Ok(h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult, AgentError> {
+    let started = Instant::now();
+    let mut tags = req.tags.clone();
+    if let Some(k) = &req.key {
+        tags.push(key_tag(k));
+    }
+    let mut result = match req.mode {
+        ReadMode::Stream => {
+            let digest = manifest_digest(&req.path)?;
+            let manifest_tag = format!("{TAG_MANIFEST_PREFIX}{digest}");
+            if let Some(prev) =
+                previous(restic, req.host.as_deref(), req.key.as_deref(), TAG_STREAM).await
+                && prev.has_tag(&manifest_tag)
+            {
+                BackupResult {
+                    snapshot_id: Some(prev.id),
+                    unchanged: true,
+                    ..BackupResult::default()
+                }
+            } else {
+                tags.push(TAG_STREAM.into());
+                tags.push(manifest_tag);
+                backup_stream(restic, &req, tags).await?
+            }
+        }
+        ReadMode::Direct => {
+            tags.push(TAG_DIRECT.into());
+            let parent =
+                previous(restic, req.host.as_deref(), req.key.as_deref(), TAG_DIRECT).await;
+            let opts = BackupOptions {
+                host: req.host.clone(),
+                tags,
+                excludes: req.excludes.clone(),
+                // Explicit, because restic's own choice keys on the path, which holds the
+                // pod UID and changes with every new pod.
+                parent: parent.as_ref().map(|p| p.id.clone()),
+                read_concurrency: req.read_concurrency,
+                limit_upload_kib: req.limit_upload_kib,
+                skip_if_unchanged: parent.is_some(),
+                ..BackupOptions::default()
+            };
+            let summary = restic
+                .backup(&[PathBuf::from(".")], Some(&req.path), &opts)?
+                .finish()
+                .await?;
+            let unchanged = summary.snapshot_id.is_none();
+            BackupResult {
+                snapshot_id: summary.snapshot_id.or(parent.map(|p| p.id)),
+                bytes: summary.total_bytes_processed,
+                files: summary.total_files_processed,
+                unchanged,
+                ..BackupResult::default()
+            }
+        }
+    };
+    result.mode = Some(req.mode);
+    result.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+async fn backup_stream(
+    restic: &Restic,
+    req: &BackupRequest,
+    tags: Vec<String>,
+) -> Result<BackupResult, AgentError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(DEPTH);
+    let progress = Arc::new(Progress::default());
+    let reader = VolumeReader {
+        root: req.path.clone(),
+        budget: req.budget.clone(),
+        engine: Box::new(PreadEngine),
+        progress: progress.clone(),
+    };
+    let error_tx = tx.clone();
+    let thread = std::thread::Builder::new()
+        .name("volume-reader".into())
+        .spawn(move || -> Result<ReadReport, StreamError> {
+            let outcome = reader
+                .run(ChannelWriter::new(tx))
+                .and_then(|(report, mut w)| {
+                    std::io::Write::flush(&mut w).map_err(StreamError::Write)?;
+                    Ok(report)
+                });
+            if let Err(e) = &outcome {
+                // Tell restic's feeder the stream failed, so no snapshot is saved.
+                let _ = error_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+            outcome
+        })
+        .map_err(|e| AgentError::Other {
+            action: "start the volume reader",
+            reason: e.to_string(),
+        })?;
+    let opts = BackupOptions {
+        host: req.host.clone(),
+        tags,
+        ..BackupOptions::default()
+    };
+    let backed_up = match restic.backup_stdin(STREAM_FILE, ChannelReader::new(rx), &opts) {
+        Ok(run) => run.finish().await,
+        Err(e) => Err(e),
+    };
+    let read = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .map_err(|e| AgentError::Other {
+            action: "wait for the volume reader",
+            reason: e.to_string(),
+        })?
+        .map_err(|_| AgentError::Other {
+            action: "read the volume",
+            reason: "the reader thread panicked".into(),
+        })?;
+    // The reader's own error names the file; restic's only says the input failed.
+    let report = read?;
+    let summary = backed_up?;
+    Ok(BackupResult {
+        snapshot_id: summary.snapshot_id,
+        bytes: report.bytes,
+        files: report.files,
+        changed_during_read: report.changed,
+        vanished_during_read: report.vanished,
+        ..BackupResult::default()
+    })
+}
+
+/// What to restore, where.
+#[derive(Clone, Debug)]
+pub struct RestoreRequest {
+    pub snapshot: String,
+    pub target: PathBuf,
+    pub delete: bool,
+    pub include: Vec<String>,
+    pub owners: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct RestoreResult {
+    pub snapshot_id: String,
+    pub bytes: u64,
+    pub files: u64,
+    pub duration_seconds: f64,
+    pub mode: Option<ReadMode>,
+}
+
+pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResult, AgentError> {
+    let started = Instant::now();
+    let repo = restic.repository();
+    let native = NativeRepository::open(repo.backend(), repo.secrets())
+        .await
+        .map_err(restic_wrapper::Error::from)?;
+    let snap = native
+        .snapshot(&req.snapshot)
+        .await
+        .map_err(|_| AgentError::NoSnapshot(req.snapshot.clone()))?;
+    let mut result = if snap.has_tag(TAG_STREAM) {
+        let (reader, writer) = std::io::pipe().map_err(|e| AgentError::Other {
+            action: "create a pipe",
+            reason: e.to_string(),
+        })?;
+        let opts = ExtractOptions {
+            delete_extraneous: req.delete,
+            include: req.include.clone(),
+            owners: req.owners,
+        };
+        let target = req.target.clone();
+        let extractor =
+            tokio::task::spawn_blocking(move || crate::stream::extract(reader, &target, &opts));
+        let sink =
+            tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(writer)));
+        let dumped = restic
+            .dump(
+                &snap.id,
+                &format!("/{STREAM_FILE}"),
+                &SnapshotFilter::default(),
+                sink,
+            )
+            .await;
+        let extracted = extractor.await.map_err(|e| AgentError::Other {
+            action: "wait for the extractor",
+            reason: e.to_string(),
+        })?;
+        // An extraction error (an unsafe path, say) explains a broken pipe in dump.
+        let report = extracted?;
+        dumped?;
+        RestoreResult {
+            bytes: report.bytes,
+            files: report.files,
+            mode: Some(ReadMode::Stream),
+            ..RestoreResult::default()
+        }
+    } else {
+        let opts = RestoreOptions {
+            snapshot: snap.id.clone(),
+            target: req.target.clone(),
+            includes: req.include.clone(),
+            overwrite: Overwrite::IfChanged,
+            delete: req.delete,
+            ..RestoreOptions::default()
+        };
+        let summary = restic.restore(&opts)?.finish().await?;
+        RestoreResult {
+            bytes: summary.total_bytes,
+            files: summary.total_files,
+            mode: Some(ReadMode::Direct),
+            ..RestoreResult::default()
+        }
+    };
+    result.snapshot_id = snap.id;
+    result.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(result)
+}

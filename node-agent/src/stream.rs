@@ -1,0 +1,648 @@
+//! Stream mode: a reader thread walks a volume and writes a tar stream of it, paced by the IO
+//! budget and without filling the page cache; the extractor writes a tar stream back into a
+//! volume, confined to it by the kernel (`openat2` with `RESOLVE_BENEATH` and no symlinks).
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+
+use crate::budget::AssignmentBudget;
+use crate::tar::{Entry, Kind, TarReader, TarWriter};
+
+/// Size of one read: large enough for sequential throughput, small enough to pace smoothly.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("failed to read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("failed to write the stream: {0}")]
+    Write(io::Error),
+    #[error("refused tar entry {path:?}: {reason}")]
+    Unsafe { path: String, reason: &'static str },
+    #[error("failed to restore {path}: {source}")]
+    Restore { path: String, source: io::Error },
+    #[error("failed to read the stream: {0}")]
+    Decode(io::Error),
+}
+
+/// Counters the reader updates as it goes, for progress reports.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes: AtomicU64,
+    pub files: AtomicU64,
+    pub throttled_nanos: AtomicU64,
+}
+
+/// What a finished read saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReadReport {
+    pub bytes: u64,
+    pub files: u64,
+    /// Files that changed size or time while they were read; the stream holds what was read.
+    pub changed: Vec<String>,
+    /// Files that disappeared between the directory listing and their read.
+    pub vanished: Vec<String>,
+}
+
+/// How file contents are read. One implementation uses io_uring; the fallback uses `pread`.
+pub trait ReadEngine: Send {
+    fn name(&self) -> &'static str;
+    /// Reads up to `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+}
+
+/// Ordinary positional reads.
+#[derive(Debug, Default)]
+pub struct PreadEngine;
+
+impl ReadEngine for PreadEngine {
+    fn name(&self) -> &'static str {
+        "pread"
+    }
+
+    fn read_at(&mut self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(file, buf, offset)
+    }
+}
+
+fn rel_name(rel: &Path) -> String {
+    String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned()
+}
+
+fn entry_for(
+    rel: &Path,
+    meta: &std::fs::Metadata,
+    kind: Kind,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Entry {
+    Entry {
+        path: rel.as_os_str().as_bytes().to_vec(),
+        kind,
+        mode: meta.mode() & 0o7777,
+        uid: u64::from(meta.uid()),
+        gid: u64::from(meta.gid()),
+        mtime_secs: meta.mtime(),
+        mtime_nanos: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        xattrs,
+    }
+}
+
+/// Extended attributes of a path, where the filesystem has and allows them.
+fn read_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let Ok(n) = rustix::fs::llistxattr(path, &mut names) else {
+        return vec![];
+    };
+    names[..n]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .filter_map(|name| {
+            let name_os = OsStr::from_bytes(name);
+            let mut value = vec![0u8; 65536];
+            let len = rustix::fs::lgetxattr(path, name_os, &mut value).ok()?;
+            value.truncate(len);
+            Some((name.to_vec(), value))
+        })
+        .collect()
+}
+
+/// Reads a volume into a tar stream written to `out`.
+pub struct VolumeReader<'a> {
+    pub root: PathBuf,
+    pub budget: AssignmentBudget,
+    pub engine: Box<dyn ReadEngine + 'a>,
+    pub progress: Arc<Progress>,
+}
+
+impl std::fmt::Debug for VolumeReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeReader")
+            .field("root", &self.root)
+            .field("engine", &self.engine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VolumeReader<'_> {
+    pub fn run<W: Write>(mut self, out: W) -> Result<(ReadReport, W), StreamError> {
+        let mut tar = TarWriter::new(out);
+        let mut report = ReadReport::default();
+        let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+        let mut buf = vec![0u8; CHUNK];
+        self.walk(Path::new(""), &mut tar, &mut report, &mut links, &mut buf)?;
+        let out = tar.finish().map_err(StreamError::Write)?;
+        Ok((report, out))
+    }
+
+    fn walk<W: Write>(
+        &mut self,
+        rel: &Path,
+        tar: &mut TarWriter<W>,
+        report: &mut ReadReport,
+        links: &mut HashMap<(u64, u64), Vec<u8>>,
+        buf: &mut [u8],
+    ) -> Result<(), StreamError> {
+        let dir = self.root.join(rel);
+        let read_err = |source| StreamError::Read {
+            path: dir.display().to_string(),
+            source,
+        };
+        // Sorted, so the same volume makes the same stream and restic deduplicates well.
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(read_err)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|source| StreamError::Read {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        names.sort();
+        // One IO operation per directory listing.
+        self.budget.acquire_blocking(0, 1);
+        for name in names {
+            let child_rel = rel.join(&name);
+            let path = self.root.join(&child_rel);
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    report.vanished.push(rel_name(&child_rel));
+                    continue;
+                }
+                Err(source) => {
+                    return Err(StreamError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            };
+            let ft = meta.file_type();
+            let xattrs = read_xattrs(&path);
+            if ft.is_dir() {
+                let e = entry_for(&child_rel, &meta, Kind::Dir, xattrs);
+                tar.append_header(&e).map_err(StreamError::Write)?;
+                self.walk(&child_rel, tar, report, links, buf)?;
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(|source| StreamError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let kind = Kind::Symlink {
+                    target: target.as_os_str().as_bytes().to_vec(),
+                };
+                tar.append_header(&entry_for(&child_rel, &meta, kind, xattrs))
+                    .map_err(StreamError::Write)?;
+            } else if ft.is_file() {
+                let key = (meta.dev(), meta.ino());
+                if meta.nlink() > 1 {
+                    if let Some(first) = links.get(&key) {
+                        let kind = Kind::HardLink {
+                            target: first.clone(),
+                        };
+                        tar.append_header(&entry_for(&child_rel, &meta, kind, xattrs))
+                            .map_err(StreamError::Write)?;
+                        continue;
+                    }
+                    links.insert(key, child_rel.as_os_str().as_bytes().to_vec());
+                }
+                self.file(&path, &child_rel, xattrs, tar, report, buf)?;
+            } else {
+                let rdev = meta.rdev();
+                let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+                let kind = if ft.is_fifo() {
+                    Kind::Fifo
+                } else if ft.is_char_device() {
+                    Kind::CharDevice { major, minor }
+                } else if ft.is_block_device() {
+                    Kind::BlockDevice { major, minor }
+                } else {
+                    // Sockets cannot be archived; they are recreated by their owner.
+                    continue;
+                };
+                tar.append_header(&entry_for(&child_rel, &meta, kind, xattrs))
+                    .map_err(StreamError::Write)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn file<W: Write>(
+        &mut self,
+        path: &Path,
+        rel: &Path,
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+        tar: &mut TarWriter<W>,
+        report: &mut ReadReport,
+        buf: &mut [u8],
+    ) -> Result<(), StreamError> {
+        let read_err = |source| StreamError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                report.vanished.push(rel_name(rel));
+                return Ok(());
+            }
+            Err(e) => return Err(read_err(e)),
+        };
+        let before = file.metadata().map_err(read_err)?;
+        let size = before.len();
+        let entry = entry_for(rel, &before, Kind::File { size }, xattrs);
+        tar.append_header(&entry).map_err(StreamError::Write)?;
+        let mut offset = 0u64;
+        let mut short = false;
+        while offset < size {
+            let want = (size - offset).min(buf.len() as u64) as usize;
+            let waited = self.budget.acquire_blocking(want as u64, 1);
+            self.progress
+                .throttled_nanos
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            let n = self
+                .engine
+                .read_at(&file, &mut buf[..want], offset)
+                .map_err(read_err)?;
+            if n == 0 {
+                // The file shrank while we read it: the header promised `size` bytes.
+                short = true;
+                buf[..want].fill(0);
+                tar.data(&buf[..want]).map_err(StreamError::Write)?;
+                offset += want as u64;
+                continue;
+            }
+            // The workloads' page cache matters more than ours: drop what we just read.
+            let _ = rustix::fs::fadvise(
+                &file,
+                offset,
+                std::num::NonZeroU64::new(n as u64),
+                rustix::fs::Advice::DontNeed,
+            );
+            tar.data(&buf[..n]).map_err(StreamError::Write)?;
+            offset += n as u64;
+            self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        tar.finish_entry(size).map_err(StreamError::Write)?;
+        let after = file.metadata().map_err(read_err)?;
+        if short
+            || after.len() != size
+            || after.mtime() != before.mtime()
+            || after.mtime_nsec() != before.mtime_nsec()
+        {
+            report.changed.push(rel_name(rel));
+        }
+        report.bytes += size;
+        report.files += 1;
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Options of an extraction.
+#[derive(Clone, Debug, Default)]
+pub struct ExtractOptions {
+    /// Remove files in the target that are not in the stream.
+    pub delete_extraneous: bool,
+    /// Only entries under these paths (relative, as in the snapshot); all when empty.
+    pub include: Vec<String>,
+    /// Restore owners (needs CAP_CHOWN).
+    pub owners: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExtractReport {
+    pub files: u64,
+    pub bytes: u64,
+    pub deleted: u64,
+}
+
+/// Checks a tar path: relative, no `..`, no empty or `.` components once normalised.
+pub fn safe_relative(path: &[u8]) -> Result<PathBuf, StreamError> {
+    let unsafe_path = |reason| StreamError::Unsafe {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason,
+    };
+    if path.first() == Some(&b'/') {
+        return Err(unsafe_path("absolute path"));
+    }
+    if path.contains(&0) {
+        return Err(unsafe_path("NUL byte in name"));
+    }
+    let mut out = PathBuf::new();
+    for part in path.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => continue,
+            b".." => return Err(unsafe_path("'..' in path")),
+            p => out.push(OsStr::from_bytes(p)),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(unsafe_path("empty path"));
+    }
+    Ok(out)
+}
+
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Opens a directory below `root` without following any symlink on the way.
+fn open_dir_beneath(root: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    Ok(rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        BENEATH,
+    )?)
+}
+
+/// Creates the parent directories of `rel` below `root` (never through a symlink) and
+/// returns the parent's descriptor.
+fn make_parents(root: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let mut current = Path::new("").to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for part in parent.components() {
+            current.push(part);
+            let parent_fd = open_dir_beneath(root, current.parent().unwrap_or(Path::new("")))?;
+            match rustix::fs::mkdirat(&parent_fd, part.as_os_str(), Mode::from_raw_mode(0o755)) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    open_dir_beneath(root, rel.parent().unwrap_or(Path::new("")))
+}
+
+/// Removes whatever is at `name` in `dir` unless it is a directory we may reuse.
+fn clear_slot(dir: &OwnedFd, name: &OsStr, keep_dir: bool) -> io::Result<()> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => {
+            let is_dir =
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+            if is_dir && keep_dir {
+                return Ok(());
+            }
+            if is_dir {
+                remove_tree_at(dir, name)
+            } else {
+                Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?)
+            }
+        }
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let sub = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut entries = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&sub)? {
+        let entry = entry?;
+        let n = entry.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            entries.push(OsStr::from_bytes(n).to_owned());
+        }
+    }
+    for e in entries {
+        clear_slot(&sub, &e, false)?;
+    }
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
+}
+
+fn set_times(fd: impl AsFd, e: &Entry) -> io::Result<()> {
+    let t = rustix::fs::Timespec {
+        tv_sec: e.mtime_secs,
+        tv_nsec: i64::from(e.mtime_nanos),
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    Ok(rustix::fs::futimens(fd, &times)?)
+}
+
+/// Writes a tar stream into `target`, confined to it.
+pub fn extract<R: Read>(
+    input: R,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, StreamError> {
+    let restore_err = |path: &Path, source: io::Error| StreamError::Restore {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(target).map_err(|e| restore_err(target, e))?;
+    let root: OwnedFd = rustix::fs::open(
+        target,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| restore_err(target, e.into()))?;
+    let mut reader = TarReader::new(input);
+    let mut report = ExtractReport::default();
+    let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    while let Some(entry) = reader.next_entry().map_err(StreamError::Decode)? {
+        let rel = safe_relative(&entry.path)?;
+        let included = opts.include.is_empty()
+            || opts.include.iter().any(|i| {
+                rel.starts_with(i.trim_start_matches('/'))
+                    || Path::new(i.trim_start_matches('/')).starts_with(&rel)
+            });
+        if !included {
+            continue;
+        }
+        let name = rel.file_name().unwrap_or_default().to_owned();
+        let parent = make_parents(&root, &rel).map_err(|e| restore_err(&rel, e))?;
+        for ancestor in rel.ancestors().skip(1) {
+            if !ancestor.as_os_str().is_empty() {
+                seen.insert(ancestor.to_path_buf());
+            }
+        }
+        seen.insert(rel.clone());
+        let mode = Mode::from_raw_mode(entry.mode & 0o7777);
+        match &entry.kind {
+            Kind::Dir => {
+                clear_slot(&parent, &name, true).map_err(|e| restore_err(&rel, e))?;
+                match rustix::fs::mkdirat(&parent, &name, mode) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(restore_err(&rel, e.into())),
+                }
+                dirs.push((rel.clone(), entry.clone()));
+            }
+            Kind::File { size } => {
+                clear_slot(&parent, &name, false).map_err(|e| restore_err(&rel, e))?;
+                let fd = rustix::fs::openat(
+                    &parent,
+                    &name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| restore_err(&rel, e.into()))?;
+                let mut file = File::from(fd);
+                loop {
+                    let n = reader.read_data(&mut buf).map_err(StreamError::Decode)?;
+                    if n == 0 {
+                        break;
+                    }
+                    file.write_all(&buf[..n])
+                        .map_err(|e| restore_err(&rel, e))?;
+                }
+                report.files += 1;
+                report.bytes += size;
+                finish_attributes(&file, &entry, opts).map_err(|e| restore_err(&rel, e))?;
+            }
+            Kind::Symlink { target: link } => {
+                clear_slot(&parent, &name, false).map_err(|e| restore_err(&rel, e))?;
+                rustix::fs::symlinkat(OsStr::from_bytes(link), &parent, &name)
+                    .map_err(|e| restore_err(&rel, e.into()))?;
+                finish_special(&parent, &name, &entry, opts).map_err(|e| restore_err(&rel, e))?;
+            }
+            Kind::HardLink { target: link } => {
+                let src = safe_relative(link)?;
+                let src_parent = open_dir_beneath(&root, src.parent().unwrap_or(Path::new("")))
+                    .map_err(|e| restore_err(&rel, e))?;
+                clear_slot(&parent, &name, false).map_err(|e| restore_err(&rel, e))?;
+                rustix::fs::linkat(
+                    &src_parent,
+                    src.file_name().unwrap_or_default(),
+                    &parent,
+                    &name,
+                    AtFlags::empty(),
+                )
+                .map_err(|e| restore_err(&rel, e.into()))?;
+            }
+            Kind::Fifo | Kind::CharDevice { .. } | Kind::BlockDevice { .. } => {
+                clear_slot(&parent, &name, false).map_err(|e| restore_err(&rel, e))?;
+                let (ft, dev) = match entry.kind {
+                    Kind::CharDevice { major, minor } => (
+                        rustix::fs::FileType::CharacterDevice,
+                        rustix::fs::makedev(major, minor),
+                    ),
+                    Kind::BlockDevice { major, minor } => (
+                        rustix::fs::FileType::BlockDevice,
+                        rustix::fs::makedev(major, minor),
+                    ),
+                    _ => (rustix::fs::FileType::Fifo, 0),
+                };
+                rustix::fs::mknodat(&parent, &name, ft, mode, dev)
+                    .map_err(|e| restore_err(&rel, e.into()))?;
+                finish_special(&parent, &name, &entry, opts).map_err(|e| restore_err(&rel, e))?;
+            }
+        }
+    }
+    // Directory times last: writing into a directory changes its mtime.
+    for (rel, entry) in dirs.iter().rev() {
+        let fd = open_dir_beneath(&root, rel).map_err(|e| restore_err(rel, e))?;
+        let file = File::from(fd);
+        finish_attributes(&file, entry, opts).map_err(|e| restore_err(rel, e))?;
+    }
+    if opts.delete_extraneous && opts.include.is_empty() {
+        report.deleted =
+            delete_extraneous(&root, Path::new(""), &seen).map_err(|e| restore_err(target, e))?;
+    }
+    Ok(report)
+}
+
+fn finish_attributes(file: &File, entry: &Entry, opts: &ExtractOptions) -> io::Result<()> {
+    for (k, v) in &entry.xattrs {
+        // Best effort: the target filesystem may not support every namespace.
+        let _ = rustix::fs::fsetxattr(
+            file,
+            OsStr::from_bytes(k),
+            v,
+            rustix::fs::XattrFlags::empty(),
+        );
+    }
+    if opts.owners {
+        rustix::fs::fchown(
+            file,
+            Some(rustix::fs::Uid::from_raw(entry.uid as u32)),
+            Some(rustix::fs::Gid::from_raw(entry.gid as u32)),
+        )?;
+    }
+    rustix::fs::fchmod(file, Mode::from_raw_mode(entry.mode & 0o7777))?;
+    set_times(file, entry)
+}
+
+/// Owner and times of an entry that cannot be opened (a symlink, a FIFO, a device), set
+/// through its directory without following it.
+fn finish_special(
+    parent: &OwnedFd,
+    name: &OsStr,
+    entry: &Entry,
+    opts: &ExtractOptions,
+) -> io::Result<()> {
+    if opts.owners {
+        rustix::fs::chownat(
+            parent,
+            name,
+            Some(rustix::fs::Uid::from_raw(entry.uid as u32)),
+            Some(rustix::fs::Gid::from_raw(entry.gid as u32)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    let t = rustix::fs::Timespec {
+        tv_sec: entry.mtime_secs,
+        tv_nsec: i64::from(entry.mtime_nanos),
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    Ok(rustix::fs::utimensat(
+        parent,
+        name,
+        &times,
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
+}
+
+fn delete_extraneous(root: &OwnedFd, rel: &Path, keep: &BTreeSet<PathBuf>) -> io::Result<u64> {
+    let dir = open_dir_beneath(root, rel)?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let n = entry.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push((OsStr::from_bytes(n).to_owned(), entry.file_type()));
+        }
+    }
+    let mut deleted = 0;
+    for (name, ft) in names {
+        let child = rel.join(&name);
+        if !keep.contains(&child) {
+            clear_slot(&dir, &name, false)?;
+            deleted += 1;
+        } else if ft == rustix::fs::FileType::Directory {
+            deleted += delete_extraneous(root, &child, keep)?;
+        }
+    }
+    Ok(deleted)
+}
