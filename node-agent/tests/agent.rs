@@ -1,0 +1,547 @@
+//! The agent's data path against the real restic and real files: every file type through a
+//! stream backup and an in-place restore, direct mode, unchanged volumes, files changing
+//! during the read, and tar entries that try to leave the target.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use restic_wrapper::{Backend, Repository, Restic, Secrets};
+use stash_node_agent::budget::{AssignmentBudget, IoBudget, Limits};
+use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest};
+use stash_node_agent::stream::{ExtractOptions, StreamError, extract};
+use stash_node_agent::tar::{Entry, Kind, TarWriter};
+
+type Result<T = ()> = anyhow::Result<T>;
+
+fn restic_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic");
+    assert!(p.exists(), "restic is not installed: run `make setup`");
+    p
+}
+
+async fn repo(dir: &Path) -> Result<Restic> {
+    let repo = Repository::new(
+        Backend::Local {
+            path: dir.join("repo"),
+        },
+        Secrets::new().with("RESTIC_PASSWORD", "agent test"),
+        dir,
+    )?;
+    let restic = Restic::new(repo).with_program(restic_bin());
+    restic.init().await?;
+    Ok(restic)
+}
+
+fn request(path: &Path, mode: ReadMode) -> BackupRequest {
+    BackupRequest {
+        path: path.to_path_buf(),
+        mode,
+        host: Some("host-0".into()),
+        tags: vec![],
+        key: Some("demo/app/data".into()),
+        excludes: vec![],
+        budget: AssignmentBudget::unlimited(),
+        read_concurrency: None,
+        limit_upload_kib: None,
+    }
+}
+
+fn set_mtime(path: &Path, secs: i64, nanos: i64) -> Result {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
+
+/// A volume with every kind of entry the stream must carry.
+fn every_file_type(root: &Path) -> Result<PathBuf> {
+    let v = root.join("volume");
+    std::fs::create_dir_all(v.join("dir/nested"))?;
+    std::fs::write(v.join("dir/nested/data.bin"), pattern(2_500_000))?;
+    std::fs::write(v.join("empty"), b"")?;
+    std::fs::write(v.join("dir/owned"), b"owned by someone else")?;
+    std::os::unix::fs::chown(v.join("dir/owned"), Some(1234), Some(5678))?;
+    std::fs::set_permissions(v.join("dir/owned"), PermissionsExt::from_mode(0o640))?;
+    std::fs::write(v.join("setuid"), b"x")?;
+    std::fs::set_permissions(v.join("setuid"), PermissionsExt::from_mode(0o4755))?;
+    std::os::unix::fs::symlink("dir/nested/data.bin", v.join("link"))?;
+    std::os::unix::fs::symlink("/etc/passwd", v.join("absolute-link"))?;
+    std::fs::hard_link(v.join("dir/nested/data.bin"), v.join("hardlink"))?;
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        v.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )?;
+    let binary_name = OsStr::from_bytes(b"caf\xe9-\xff");
+    std::fs::write(v.join(binary_name), b"latin-1 name")?;
+    let long = "l".repeat(90);
+    std::fs::create_dir_all(v.join(&long).join(&long))?;
+    std::fs::write(v.join(&long).join(&long).join("deep.txt"), b"deep")?;
+    // A sparse file: stored with its holes read as zeros, restored with the same content.
+    let sparse = std::fs::File::create(v.join("sparse"))?;
+    sparse.set_len(8 << 20)?;
+    std::os::unix::fs::FileExt::write_at(&sparse, b"tail", (8 << 20) - 4)?;
+    let _ = rustix::fs::setxattr(
+        v.join("dir/owned"),
+        "user.stash.test",
+        b"value",
+        rustix::fs::XattrFlags::empty(),
+    );
+    for (p, s, n) in [
+        ("dir/nested/data.bin", 1_600_000_000, 123_456_789),
+        ("link", 1_600_000_001, 5),
+        ("fifo", 1_600_000_002, 0),
+        ("dir", 1_600_000_003, 999_999_999),
+    ] {
+        set_mtime(&v.join(p), s, n)?;
+    }
+    Ok(v)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// Everything a restore must preserve, per relative path.
+fn describe(root: &Path) -> Result<BTreeMap<Vec<u8>, String>> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut BTreeMap<Vec<u8>, String>,
+        inodes: &mut BTreeMap<u64, Vec<u8>>,
+    ) -> Result {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.as_os_str().as_bytes().to_vec();
+            let m = std::fs::symlink_metadata(&path)?;
+            let ft = m.file_type();
+            let mut xattrs = String::new();
+            if let Ok(n) = rustix::fs::lgetxattr(&path, "user.stash.test", &mut [0u8; 64]) {
+                xattrs = format!(" xattr={n}");
+            }
+            let what = if ft.is_symlink() {
+                format!("symlink -> {:?}", std::fs::read_link(&path)?)
+            } else if ft.is_dir() {
+                "dir".to_owned()
+            } else if ft.is_file() {
+                let data = std::fs::read(&path)?;
+                let link = if m.nlink() > 1 {
+                    let first = inodes.entry(m.ino()).or_insert_with(|| rel.clone());
+                    format!(" linked-with={:?}", String::from_utf8_lossy(first))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "file {} bytes sum={}{link}",
+                    data.len(),
+                    data.iter().map(|b| u64::from(*b)).sum::<u64>()
+                )
+            } else {
+                format!("special {:o}", m.mode() & 0o170000)
+            };
+            // Directory mtimes change as their contents are written; compare the rest.
+            let time = if ft.is_dir() {
+                String::new()
+            } else {
+                format!(" mtime={}.{:09}", m.mtime(), m.mtime_nsec())
+            };
+            out.insert(
+                rel,
+                format!(
+                    "{what} mode={:o} owner={}:{}{time}{xattrs}",
+                    m.mode() & 0o7777,
+                    m.uid(),
+                    m.gid()
+                ),
+            );
+            if ft.is_dir() {
+                walk(root, &path, out, inodes)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out, &mut BTreeMap::new())?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn every_file_type_round_trips_through_a_stream_backup() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let volume = every_file_type(dir.path())?;
+    let result = engine::backup(&restic, request(&volume, ReadMode::Stream)).await?;
+    let id = result.snapshot_id.clone().expect("a snapshot");
+    assert!(!result.unchanged);
+    // Seven regular files; the hard link is stored as a link to the first name.
+    assert_eq!(result.files, 7, "{result:?}");
+
+    let target = dir.path().join("restored");
+    let restored = engine::restore(
+        &restic,
+        RestoreRequest {
+            snapshot: id[..8].to_owned(),
+            target: target.clone(),
+            delete: false,
+            include: vec![],
+            owners: true,
+        },
+    )
+    .await?;
+    assert_eq!(restored.mode, Some(ReadMode::Stream));
+    let (want, got) = (describe(&volume)?, describe(&target)?);
+    for (path, what) in &want {
+        assert_eq!(
+            got.get(path),
+            Some(what),
+            "{}",
+            String::from_utf8_lossy(path)
+        );
+    }
+    assert_eq!(want.len(), got.len());
+    // Stock restic sees a tar it can dump, and a sound repository.
+    assert_eq!(restic.check(None).await?.num_errors, 0);
+    let (_, nodes) = restic.ls(&id).await?;
+    assert!(nodes.iter().any(|n| n.path == "/volume.tar"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn restore_in_place_overwrites_changes_and_deletes_extraneous_files() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let volume = every_file_type(dir.path())?;
+    for mode in [ReadMode::Stream, ReadMode::Direct] {
+        let id = engine::backup(&restic, request(&volume, mode))
+            .await?
+            .snapshot_id
+            .expect("snapshot");
+        let live = dir.path().join(format!("live-{mode:?}"));
+        engine::restore(
+            &restic,
+            RestoreRequest {
+                snapshot: id.clone(),
+                target: live.clone(),
+                delete: false,
+                include: vec![],
+                owners: true,
+            },
+        )
+        .await?;
+        // The "pod" keeps running and changes its volume; then we restore in place.
+        std::fs::write(live.join("dir/nested/data.bin"), b"corrupted")?;
+        std::fs::write(live.join("stray"), b"not in the snapshot")?;
+        std::fs::remove_file(live.join("empty"))?;
+        engine::restore(
+            &restic,
+            RestoreRequest {
+                snapshot: id,
+                target: live.clone(),
+                delete: true,
+                include: vec![],
+                owners: true,
+            },
+        )
+        .await?;
+        assert!(!live.join("stray").exists(), "{mode:?}");
+        assert!(live.join("empty").exists(), "{mode:?}");
+        assert_eq!(
+            std::fs::read(live.join("dir/nested/data.bin"))?,
+            pattern(2_500_000),
+            "{mode:?}"
+        );
+        if mode == ReadMode::Stream {
+            assert_eq!(describe(&live)?, describe(&volume)?);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unchanged_volume_is_recognised_without_reading_it() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let volume = every_file_type(dir.path())?;
+    for mode in [ReadMode::Stream, ReadMode::Direct] {
+        let first = engine::backup(&restic, request(&volume, mode)).await?;
+        let second = engine::backup(&restic, request(&volume, mode)).await?;
+        assert!(second.unchanged, "{mode:?}: {second:?}");
+        assert_eq!(second.snapshot_id, first.snapshot_id, "{mode:?}");
+        // A different key is a different volume: not unchanged.
+        let mut other = request(&volume, mode);
+        other.key = Some("demo/other/data".into());
+        assert!(!engine::backup(&restic, other).await?.unchanged, "{mode:?}");
+    }
+    std::fs::write(volume.join("empty"), b"now with data")?;
+    let third = engine::backup(&restic, request(&volume, ReadMode::Stream)).await?;
+    assert!(!third.unchanged);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_file_growing_during_the_read_is_reported() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let volume = dir.path().join("growing");
+    std::fs::create_dir_all(&volume)?;
+    std::fs::write(volume.join("log"), pattern(3 << 20))?;
+    let mut req = request(&volume, ReadMode::Stream);
+    // 1 MiB/s: the read takes a few seconds, while a writer appends.
+    req.budget = IoBudget::new(Limits {
+        bytes_per_second: Some(1 << 20),
+        iops: None,
+    })
+    .for_assignment(Limits::default());
+    let log = volume.join("log");
+    let writer = std::thread::spawn(move || {
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .expect("open");
+            std::io::Write::write_all(&mut f, b"more\n").expect("append");
+        }
+    });
+    let result = engine::backup(&restic, req).await?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    assert_eq!(
+        result.changed_during_read,
+        vec!["log".to_owned()],
+        "{result:?}"
+    );
+    assert!(result.snapshot_id.is_some());
+    Ok(())
+}
+
+fn tar_with(entries: &[(Entry, &[u8])]) -> Result<Vec<u8>> {
+    let mut w = TarWriter::new(Vec::new());
+    for (e, data) in entries {
+        w.append_header(e)?;
+        if e.size() > 0 {
+            w.data(data)?;
+            w.finish_entry(e.size())?;
+        }
+    }
+    Ok(w.finish()?)
+}
+
+fn file(path: &[u8], data: &[u8]) -> Entry {
+    Entry {
+        path: path.to_vec(),
+        kind: Kind::File {
+            size: data.len() as u64,
+        },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime_secs: 1_700_000_000,
+        mtime_nanos: 0,
+        xattrs: vec![],
+    }
+}
+
+#[test]
+fn path_traversal_entries_are_refused() -> Result {
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("target");
+    for evil in [
+        &b"../escaped"[..],
+        b"/tmp/absolute",
+        b"a/../../escaped",
+        b"",
+    ] {
+        let tar = tar_with(&[(file(b"fine", b"ok"), b"ok"), (file(evil, b"x"), b"x")])?;
+        let err = extract(&tar[..], &target, &ExtractOptions::default());
+        assert!(
+            matches!(err, Err(StreamError::Unsafe { .. })),
+            "{evil:?}: {err:?}"
+        );
+    }
+    assert!(!dir.path().join("escaped").exists());
+    Ok(())
+}
+
+#[test]
+fn symlinks_cannot_carry_writes_out_of_the_target() -> Result {
+    let dir = tempfile::tempdir()?;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside)?;
+    let target = dir.path().join("target");
+
+    // A symlink in the stream, then a file "through" it.
+    let link = Entry {
+        kind: Kind::Symlink {
+            target: outside.as_os_str().as_bytes().to_vec(),
+        },
+        ..file(b"escape", b"")
+    };
+    let tar = tar_with(&[(link, b""), (file(b"escape/pwned", b"x"), b"x")])?;
+    let err = extract(&tar[..], &target, &ExtractOptions::default());
+    assert!(err.is_err(), "writing through a symlink must fail");
+    assert!(!outside.join("pwned").exists());
+
+    // A symlink already in the live volume (the pod made it), then a file through it.
+    let target2 = dir.path().join("target2");
+    std::fs::create_dir_all(&target2)?;
+    std::os::unix::fs::symlink(&outside, target2.join("data"))?;
+    let tar = tar_with(&[(file(b"data/pwned", b"x"), b"x")])?;
+    assert!(extract(&tar[..], &target2, &ExtractOptions::default()).is_err());
+    assert!(!outside.join("pwned").exists());
+
+    // A hard link whose source lies outside is refused too.
+    let hard = Entry {
+        kind: Kind::HardLink {
+            target: b"../outside/secret".to_vec(),
+        },
+        ..file(b"h", b"")
+    };
+    let tar = tar_with(&[(hard, b"")])?;
+    assert!(matches!(
+        extract(&tar[..], &target, &ExtractOptions::default()),
+        Err(StreamError::Unsafe { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_standalone_commands_write_snapshots_stock_restic_reads() -> Result {
+    let dir = tempfile::tempdir()?;
+    let volume = every_file_type(dir.path())?;
+    let repo = dir.path().join("cli-repo");
+    let run = |args: Vec<String>| -> Result<serde_json::Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stash-node-agent"))
+            .args(&args)
+            .env("RESTIC_PASSWORD", "cli test")
+            .env("STASH_RESTIC", restic_bin())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8(out.stdout)?;
+        anyhow::ensure!(line.lines().count() == 1, "one summary line: {line}");
+        Ok(serde_json::from_str(&line)?)
+    };
+    let s = |x: &str| x.to_owned();
+    let mut ids = BTreeMap::new();
+    for mode in ["stream", "direct"] {
+        let summary = run(vec![
+            s("backup"),
+            s("--repo"),
+            repo.display().to_string(),
+            s("--path"),
+            volume.display().to_string(),
+            s("--mode"),
+            s(mode),
+            s("--io-budget"),
+            s("200Mi"),
+            s("--host"),
+            s("host-0"),
+            s("--tag"),
+            s("demo"),
+        ])?;
+        for field in [
+            "snapshot_id",
+            "bytes",
+            "files",
+            "duration_seconds",
+            "mode",
+            "unchanged",
+        ] {
+            assert!(summary.get(field).is_some(), "{field} missing in {summary}");
+        }
+        assert_eq!(summary["mode"], mode);
+        ids.insert(
+            mode,
+            summary["snapshot_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    let restic = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(restic_bin())
+            .args(args)
+            .env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", "cli test")
+            .env("RESTIC_CACHE_DIR", dir.path().join("cache"))
+            .output()?)
+    };
+    assert!(restic(&["check"])?.status.success());
+    assert!(restic(&["ls", &ids["direct"]])?.status.success());
+    // `restic dump` of a stream snapshot yields the tar, which GNU tar lists.
+    let dump = restic(&["dump", &ids["stream"], "/volume.tar"])?;
+    assert!(dump.status.success());
+    let tar_list = std::process::Command::new("tar")
+        .arg("-t")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("stdin").write_all(&dump.stdout)?;
+            child.wait_with_output()
+        })?;
+    assert!(tar_list.status.success());
+    assert!(String::from_utf8_lossy(&tar_list.stdout).contains("dir/nested/data.bin"));
+    // A direct snapshot restores with stock restic, contents at the target's root.
+    let stock = dir.path().join("stock");
+    assert!(
+        restic(&[
+            "restore",
+            &ids["direct"],
+            "--target",
+            stock.to_str().unwrap_or_default()
+        ])?
+        .status
+        .success()
+    );
+    assert_eq!(
+        std::fs::read(stock.join("dir/nested/data.bin"))?,
+        pattern(2_500_000)
+    );
+
+    let restored = run(vec![
+        s("restore"),
+        s("--repo"),
+        repo.display().to_string(),
+        s("--snapshot"),
+        ids["stream"].clone(),
+        s("--target"),
+        dir.path().join("cli-restore").display().to_string(),
+    ])?;
+    assert_eq!(restored["mode"], "stream");
+    assert_eq!(
+        std::fs::read(dir.path().join("cli-restore/dir/nested/data.bin"))?,
+        pattern(2_500_000)
+    );
+    Ok(())
+}
