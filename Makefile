@@ -6,11 +6,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup test generate lint fmt check-generated unit
+.PHONY: setup demo test generate lint fmt check-generated unit
 
 ## setup: install restic, the pushgateway, Garage (S3), kubectl and Helm's engine into .tools/
 setup:
 	bash scripts/setup.sh
+
+## demo: back up and restore a sample volume with the node agent, in both read modes
+demo: setup
+	bash scripts/demo.sh
 
 ## generate: rewrite generated files (CRDs in charts/stash/crds/)
 generate:

@@ -133,6 +133,9 @@ find_foreign() {
     IFS=: read -ra dirs <<<"${PATH:-}"
     for dir in "${dirs[@]}"; do
         [[ -n $dir && -x $dir/$name && ! -d $dir/$name ]] || continue
+        # Skip our own bin directory, however it is reached (`make` puts .tools/bin first
+        # on PATH): linking to it would make the link point at itself.
+        [[ $(readlink -f "$dir") == "$CACHE"/* ]] && continue
         real=$(readlink -f "$dir/$name") || continue
         [[ $real == "$CACHE"/* ]] && continue
         printf '%s\n' "$dir/$name"
