@@ -51,4 +51,5 @@ test: setup lint check-generated unit check-examples
 ## bench: benchmarks (ours and the baseline alternately), figures to bench/results/latest.json
 .PHONY: bench
 bench: setup
+	$(CARGO) build --release --locked -p stash-node-agent
 	$(CARGO) run --release --locked -p stash-bench -- $(SCENARIOS)

@@ -2,6 +2,8 @@
 //! so both see the same machine noise, and reports medians and their ratio. Results are
 //! merged into `bench/results/latest.json`, one entry per scenario.
 
+pub mod agent;
+pub mod kubesim;
 pub mod snapshots;
 
 use std::path::Path;

@@ -30,6 +30,25 @@ async fn main() -> anyhow::Result<()> {
         );
         stash_bench::record(&results, stash_bench::snapshots::SCENARIO, &outcome)?;
     }
+    let mut more = Vec::new();
+    if wanted("agent") {
+        more.extend(stash_bench::agent::run(&data, rounds.min(3)).await?);
+    }
+    if wanted("kube-sim") {
+        more.extend(stash_bench::kubesim::run(rounds).await?);
+    }
+    for (name, outcome) in more {
+        println!(
+            "{name}: ours {:.3}, baseline {:.3} {}, ratio {:.3} (goal {}){}",
+            outcome.ours,
+            outcome.baseline,
+            outcome.unit,
+            outcome.ratio,
+            outcome.goal,
+            if outcome.met { "" } else { " NOT MET" }
+        );
+        stash_bench::record(&results, name, &outcome)?;
+    }
     println!("results: {}", results.display());
     Ok(())
 }

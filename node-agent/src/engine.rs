@@ -82,6 +82,9 @@ pub struct BackupResult {
     pub duration_seconds: f64,
     pub mode: Option<ReadMode>,
     pub unchanged: bool,
+    /// Stream mode: the time the agent's reader took (the rest is restic's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changed_during_read: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -279,6 +282,7 @@ async fn backup_stream(
         snapshot_id: summary.snapshot_id,
         bytes: report.bytes,
         files: report.files,
+        read_seconds: Some(report.seconds),
         changed_during_read: report.changed,
         vanished_during_read: report.vanished,
         ..BackupResult::default()

@@ -44,7 +44,7 @@ pub struct Progress {
 }
 
 /// What a finished read saw.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct ReadReport {
     pub bytes: u64,
     pub files: u64,
@@ -52,6 +52,8 @@ pub struct ReadReport {
     pub changed: Vec<String>,
     /// Files that disappeared between the directory listing and their read.
     pub vanished: Vec<String>,
+    /// How long the walk and the reads took, throttling included.
+    pub seconds: f64,
 }
 
 /// How file contents are read. One implementation uses io_uring; the fallback uses `pread`.
@@ -135,12 +137,14 @@ impl std::fmt::Debug for VolumeReader<'_> {
 
 impl VolumeReader<'_> {
     pub fn run<W: Write>(mut self, out: W) -> Result<(ReadReport, W), StreamError> {
+        let started = std::time::Instant::now();
         let mut tar = TarWriter::new(out);
         let mut report = ReadReport::default();
         let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         let mut buf = vec![0u8; CHUNK];
         self.walk(Path::new(""), &mut tar, &mut report, &mut links, &mut buf)?;
         let out = tar.finish().map_err(StreamError::Write)?;
+        report.seconds = started.elapsed().as_secs_f64();
         Ok((report, out))
     }
 

@@ -253,7 +253,7 @@ fn webhook_matches(
                 None
             };
             let cluster_scoped_other =
-                !cx.def.namespaced && !(cx.def.group.is_empty() && cx.def.plural == "namespaces");
+                !(cx.def.namespaced || (cx.def.group.is_empty() && cx.def.plural == "namespaces"));
             if !cluster_scoped_other && !sel.matches(labels.as_ref().and_then(Value::as_object)) {
                 return false;
             }

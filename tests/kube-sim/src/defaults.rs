@@ -336,7 +336,7 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value, creating: bool) {
                 }
             }
         }
-        ("", "ServiceAccount" | "ConfigMap") | _ => {}
+        _ => {}
     }
 }
 

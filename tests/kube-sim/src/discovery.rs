@@ -71,7 +71,7 @@ fn all_groups(reg: &Registry, agg: &[Aggregated]) -> Vec<(String, Vec<String>)> 
             Some((_, vs)) => {
                 if !vs.contains(&a.version) {
                     vs.push(a.version.clone());
-                    vs.sort_by(|x, y| version_priority(y).cmp(&version_priority(x)));
+                    vs.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
                 }
             }
             None => groups.push((a.group.clone(), vec![a.version.clone()])),
@@ -119,15 +119,15 @@ fn legacy_resources(d: &ResourceDef) -> Vec<Value> {
         "shortNames": d.short_names,
         "categories": d.categories,
     })];
-    if out[0]["shortNames"].as_array().is_some_and(Vec::is_empty) {
-        if let Some(m) = out[0].as_object_mut() {
-            m.remove("shortNames");
-        }
+    if out[0]["shortNames"].as_array().is_some_and(Vec::is_empty)
+        && let Some(m) = out[0].as_object_mut()
+    {
+        m.remove("shortNames");
     }
-    if out[0]["categories"].as_array().is_some_and(Vec::is_empty) {
-        if let Some(m) = out[0].as_object_mut() {
-            m.remove("categories");
-        }
+    if out[0]["categories"].as_array().is_some_and(Vec::is_empty)
+        && let Some(m) = out[0].as_object_mut()
+    {
+        m.remove("categories");
     }
     if d.status {
         out.push(json!({

@@ -245,10 +245,7 @@ pub fn after_write(core: &Core, st: &mut State, def: &ResourceDef, stored: &Arc<
                         .any(|c| c["type"] == "Established" && c["status"] == "True")
                 });
             let accepted = stored.pointer("/status/acceptedNames")
-                == stored
-                    .pointer("/spec/names")
-                    .map(|n| with_list_kind(n))
-                    .as_ref();
+                == stored.pointer("/spec/names").map(with_list_kind).as_ref();
             if !is_deleting(stored) && (!established || !accepted) {
                 // The CRD controllers accept the names and establish the resource at once.
                 let mut obj = (**stored).clone();
@@ -336,18 +333,51 @@ enum Action {
 /// One round of the garbage collector and the namespace and CRD cleanup controllers.
 /// Returns whether it changed anything.
 fn pass(core: &Core) -> bool {
-    let mut st = core.lock();
-    let mut dependents: HashMap<String, Vec<(Gr, String, bool)>> = HashMap::new();
-    let mut by_ns: HashMap<String, Vec<(Gr, String, bool)>> = HashMap::new();
+    let st = core.lock();
+    // A cheap first scan; the indexes below are built only when something needs them, so
+    // the steady state with thousands of objects costs one walk.
+    let mut deleting_owner = false;
+    let mut ns_deleting = false;
+    let mut any_deleting = false;
     let mut actions = Vec::new();
     for (gr, table) in &st.tables {
         for (k, obj) in &table.objects {
             let deleting = is_deleting(obj);
+            if deleting {
+                any_deleting = true;
+                let fins = finalizers_of(obj);
+                deleting_owner |= fins
+                    .iter()
+                    .any(|f| f == "orphan" || f == "foregroundDeletion");
+                ns_deleting |= gr.group.is_empty() && gr.resource == "namespaces";
+            }
             if let Some(refs) = obj
                 .pointer("/metadata/ownerReferences")
                 .and_then(Value::as_array)
+                && !refs.is_empty()
+                && !deleting
+                && !refs
+                    .iter()
+                    .any(|r| st.exists_uid(r.get("uid").and_then(Value::as_str).unwrap_or("")))
             {
-                let mut alive = false;
+                actions.push(Action::Delete(gr.clone(), k.clone()));
+            }
+        }
+    }
+    if !any_deleting {
+        drop(st);
+        return apply_actions(core, actions);
+    }
+    let mut dependents: HashMap<String, Vec<(Gr, String, bool)>> = HashMap::new();
+    let mut by_ns: HashMap<String, Vec<(Gr, String, bool)>> = HashMap::new();
+    for (gr, table) in &st.tables {
+        for (k, obj) in &table.objects {
+            let deleting = is_deleting(obj);
+            if deleting_owner
+                && let Some(refs) = obj
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+            {
                 for r in refs {
                     let uid = r.get("uid").and_then(Value::as_str).unwrap_or("");
                     dependents.entry(uid.to_owned()).or_default().push((
@@ -355,14 +385,10 @@ fn pass(core: &Core) -> bool {
                         k.clone(),
                         deleting,
                     ));
-                    alive |= st.exists_uid(uid);
-                }
-                if !alive && !refs.is_empty() && !deleting {
-                    actions.push(Action::Delete(gr.clone(), k.clone()));
                 }
             }
             let ns = namespace_of(obj);
-            if !ns.is_empty() {
+            if ns_deleting && !ns.is_empty() {
                 by_ns
                     .entry(ns.to_owned())
                     .or_default()
@@ -468,6 +494,16 @@ fn pass(core: &Core) -> bool {
             }
         }
     }
+    drop(st);
+    apply_actions(core, actions)
+}
+
+fn apply_actions(core: &Core, actions: Vec<Action>) -> bool {
+    let ns_gr = Gr {
+        group: String::new(),
+        resource: "namespaces".into(),
+    };
+    let mut st = core.lock();
     let progress = !actions.is_empty();
     for a in actions {
         match a {

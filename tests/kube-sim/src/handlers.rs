@@ -102,7 +102,14 @@ fn parse_body(body: &[u8], content_type: &str) -> ApiResult<Value> {
     let v: Value = if content_type.contains("yaml") {
         serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))?
-    } else if content_type.contains("protobuf") || content_type.contains("cbor") {
+    } else if content_type.contains("protobuf") {
+        crate::proto::decode(body).map_err(|e| match e {
+            crate::proto::ProtoError::UnsupportedKind(_) => {
+                ApiError::unsupported_media_type(content_type)
+            }
+            other => ApiError::bad_request(other.to_string()),
+        })?
+    } else if content_type.contains("cbor") {
         return Err(ApiError::unsupported_media_type(content_type));
     } else {
         serde_json::from_slice(body).map_err(|e| {
@@ -249,17 +256,16 @@ fn encode_continue(rv: u64, after: &str) -> String {
         .encode(json!({"v": "meta.k8s.io/v1", "rv": rv, "start": after}).to_string())
 }
 
-fn decode_continue(tok: &str) -> ApiResult<String> {
+fn decode_continue(tok: &str) -> ApiResult<(u64, String)> {
     use base64::Engine;
     let bad = || ApiError::bad_request("continue key is not valid: illegal base64 data");
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(tok.trim_end_matches('='))
         .map_err(|_| bad())?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
-    v.get("start")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(bad)
+    let rv = v.get("rv").and_then(Value::as_u64).ok_or_else(bad)?;
+    let start = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
+    Ok((rv, start.to_owned()))
 }
 
 pub struct Selection {
@@ -294,14 +300,27 @@ pub fn list(cx: &Ctx) -> ApiResult<Response<Body>> {
     };
     let (items, rv, next, remaining) = {
         let st = cx.core.lock();
-        let rv = st.rv;
+        // Every page of a paged list reports the first page's resourceVersion, so a watch
+        // started from it replays whatever changed while the pages were read.
+        let rv = match &start {
+            Some((rv, _)) => {
+                let floor = st.tables.get(&cx.gr()).map_or(0, |t| t.floor);
+                if *rv < floor {
+                    return Err(ApiError::gone(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    ));
+                }
+                *rv
+            }
+            None => st.rv,
+        };
         let mut items: Vec<Arc<Value>> = Vec::new();
         let mut next = None;
         let mut remaining = 0usize;
         if let Some(t) = st.tables.get(&cx.gr()) {
             use std::ops::Bound;
             let lower = match &start {
-                Some(s) => Bound::Excluded(s.clone()),
+                Some((_, s)) => Bound::Excluded(s.clone()),
                 None => Bound::Included(prefix.clone()),
             };
             for (k, obj) in t.objects.range((lower, Bound::Unbounded)) {
@@ -522,7 +541,10 @@ async fn commit_create(cx: &Ctx, obj: Value) -> ApiResult<Value> {
     let (stored, _) = st.put(&cx.gr(), obj);
     crate::gc::after_write(&cx.core, &mut st, &cx.def, &stored);
     drop(st);
-    cx.core.gc.notify_one();
+    // Only objects with owners can need the collector on create (their owner may be gone).
+    if stored.pointer("/metadata/ownerReferences").is_some() {
+        cx.core.gc.notify_one();
+    }
     Ok((*present(&cx.def, &stored)).clone())
 }
 
@@ -604,10 +626,8 @@ fn prepare_update(
                     }
                 }
             }
-            if applied {
-                if let Some(mf) = new.pointer("/metadata/managedFields") {
-                    meta_mut(&mut r).insert("managedFields".into(), mf.clone());
-                }
+            if applied && let Some(mf) = new.pointer("/metadata/managedFields") {
+                meta_mut(&mut r).insert("managedFields".into(), mf.clone());
             }
             r
         }
@@ -917,9 +937,13 @@ struct DeleteOptions {
 fn delete_options(cx: &Ctx, body: &[u8]) -> ApiResult<DeleteOptions> {
     let mut o = DeleteOptions::default();
     if !body.is_empty() {
-        let v: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
-        })?;
+        let v: Value = if cx.content_type.contains("protobuf") {
+            crate::proto::decode(body).map_err(|e| ApiError::bad_request(e.to_string()))?
+        } else {
+            serde_json::from_slice(body).map_err(|e| {
+                ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+            })?
+        };
         o.propagation = v
             .get("propagationPolicy")
             .and_then(Value::as_str)

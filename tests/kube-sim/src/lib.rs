@@ -17,6 +17,7 @@ mod discovery;
 mod gc;
 mod handlers;
 mod patch;
+mod proto;
 mod registry;
 mod schema;
 mod selectors;

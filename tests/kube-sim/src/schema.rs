@@ -70,7 +70,7 @@ fn prune_and_default(v: &mut Value, s: &Value, root: bool) {
                 }
                 let sub = props.and_then(|p| p.get(k)).or(additional);
                 match sub {
-                    Some(sub) => !(val.is_null() && !nullable(sub)),
+                    Some(sub) => !val.is_null() || nullable(sub),
                     None => keep_unknown,
                 }
             });

@@ -137,6 +137,7 @@ fn header(h: &HeaderMap, name: http::header::HeaderName) -> String {
 async fn handle(core: Arc<Core>, req: http::Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let raw_query = req.uri().query().unwrap_or("").to_owned();
     let query = parse_query(req.uri().query());
     let headers = req.headers().clone();
     let started = std::time::Instant::now();
@@ -152,7 +153,7 @@ async fn handle(core: Arc<Core>, req: http::Request<Incoming>) -> Response<Body>
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
-    tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    tracing::debug!(%method, %path, query = %raw_query, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
     resp
 }
 

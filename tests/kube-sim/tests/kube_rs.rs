@@ -2,6 +2,9 @@
 //! resource converge on 5,000 objects, and keep converging after every watch is expired with
 //! 410 Gone and while watches restart on a short timeout.
 
+// Helpers in an integration test are test code too: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -28,7 +31,13 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     // A deadline so a broken server fails the test instead of hanging it; not a timing check.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(std::env::var("KUBE_SIM_TEST_DEADLINE").ok().and_then(|v| v.parse().ok()).unwrap_or(300));
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(
+            std::env::var("KUBE_SIM_TEST_DEADLINE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300),
+        );
     while !f().await {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -179,6 +188,31 @@ async fn controller_and_reflectors_converge_through_expiry() {
 
     // Every watch ends with 410 Gone and the history is forgotten; the clients must re-list.
     sim.expire_watches();
+    // Recovery first: objects made after the expiry show up once the clients re-listed.
+    let canary: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "after-expiry", "labels": {"app": "load"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &canary).await.unwrap();
+    let mut w = DynamicObject::new("w-after-expiry", &ar);
+    w.data = json!({"spec": {"value": 7}});
+    widgets.create(&PostParams::default(), &w).await.unwrap();
+    eventually("pod reflector re-listed after expiry", || async {
+        pod_store.state().len() == n() + 1
+    })
+    .await;
+    eventually("controller recovered after expiry", || async {
+        widgets.get("w-after-expiry").await.unwrap().data["status"]["observed"] == 7
+    })
+    .await;
+    widgets
+        .delete("w-after-expiry", &Default::default())
+        .await
+        .unwrap();
+    pods.delete("after-expiry", &Default::default())
+        .await
+        .unwrap();
     for i in 0..50 {
         widgets
             .patch(

@@ -17,14 +17,8 @@ expect() { # expect <description> <needle> <haystack>
 }
 
 step "create a namespace"
-kubectl create -f - <<YAML
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: $NS
-  labels:
-    purpose: session
-YAML
+kubectl create namespace "$NS"
+kubectl label namespace "$NS" purpose=session
 kubectl get namespace "$NS" -o jsonpath='{.status.phase}' | grep -qx Active || fail "namespace not Active"
 
 step "apply the CRDs (client-side apply: the largest CRD's last-applied annotation is ~218 KB, under the 256 KiB limit)"

@@ -1,0 +1,504 @@
+//! The node agent against stock `restic backup` on one generated dataset (1 GiB of large
+//! files plus 20,000 files of 8 KiB), alternating the two in one run:
+//! full-backup throughput in stream and direct mode, an unchanged volume, budget accuracy
+//! alone and shared, page cache left behind by a stream backup, and the agent's memory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use restic_wrapper::{Backend, Repository, Restic, Secrets};
+use serde_json::{Map, Value};
+use stash_node_agent::budget::{AssignmentBudget, IoBudget, Limits};
+use stash_node_agent::engine::{self, BackupRequest, ReadMode};
+
+use crate::{Outcome, median};
+
+const PASSWORD: &str = "bench password";
+const MIB: u64 = 1 << 20;
+
+fn xorshift_fill(buf: &mut [u8], seed: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let bytes = seed.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+/// The dataset, generated once: `large/` 4 × 256 MiB, `small/` 20,000 × 8 KiB, and
+/// `budget/` 128 MiB for the pacing scenarios.
+pub fn dataset(dir: &Path) -> anyhow::Result<PathBuf> {
+    let root = dir.join("agent-volume");
+    if root.join(".complete").exists() {
+        return Ok(root);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut write_big = |path: &Path, size: u64, seed: &mut u64| -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            xorshift_fill(&mut buf[..n], seed);
+            f.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    };
+    std::fs::create_dir_all(root.join("large"))?;
+    for i in 0..4 {
+        write_big(&root.join(format!("large/file-{i}")), 256 * MIB, &mut seed)?;
+    }
+    std::fs::create_dir_all(root.join("budget"))?;
+    write_big(&root.join("budget/one"), 128 * MIB, &mut seed)?;
+    let mut small = vec![0u8; 8192];
+    for i in 0..20_000 {
+        let d = root.join(format!("small/{:03}", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&d)?;
+        }
+        xorshift_fill(&mut small, &mut seed);
+        std::fs::write(d.join(format!("f{i}")), &small)?;
+    }
+    std::fs::write(root.join(".complete"), b"")?;
+    Ok(root)
+}
+
+fn fresh_repo(scratch: &Path, name: &str) -> anyhow::Result<Restic> {
+    let path = scratch.join(name);
+    let _ = std::fs::remove_dir_all(&path);
+    let repo = Repository::new(
+        Backend::Local { path },
+        Secrets::new().with("RESTIC_PASSWORD", PASSWORD),
+        scratch,
+    )?;
+    Ok(Restic::new(repo))
+}
+
+fn restic_bin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic")
+}
+
+async fn stock_backup(repo: &Path, dir: &Path, cache: Option<&Path>) -> anyhow::Result<Duration> {
+    let mut cmd = tokio::process::Command::new(restic_bin());
+    cmd.args(["backup", "--json", "-q", "."])
+        .current_dir(dir)
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", PASSWORD);
+    match cache {
+        Some(c) => cmd.env("RESTIC_CACHE_DIR", c),
+        None => cmd.arg("--no-cache"),
+    };
+    let t = Instant::now();
+    let out = cmd.output().await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(t.elapsed())
+}
+
+fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupRequest {
+    BackupRequest {
+        path: path.to_path_buf(),
+        mode,
+        host: Some("host-0".into()),
+        tags: vec![],
+        key: Some("bench/volume".into()),
+        excludes: vec![],
+        budget,
+        read_concurrency: None,
+        limit_upload_kib: None,
+    }
+}
+
+fn outcome(
+    ours: f64,
+    baseline: f64,
+    ratio: f64,
+    unit: &'static str,
+    goal: &str,
+    met: bool,
+    notes: Map<String, Value>,
+) -> Outcome {
+    Outcome {
+        ours,
+        baseline,
+        ratio,
+        unit,
+        goal: goal.to_owned(),
+        met,
+        notes,
+    }
+}
+
+/// Every agent scenario, by name.
+pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
+    let volume = dataset(data)?;
+    let scratch = data.join("agent-scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let size: u64 = walk_size(&volume)?;
+    let mut results = Vec::new();
+
+    // Full backups into fresh repositories: restic, then the agent in each mode, per round.
+    let (mut stock, mut stream, mut direct) = (vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        let base = fresh_repo(&scratch, "stock")?;
+        base.with_program(restic_bin()).init().await?;
+        stock.push(stock_backup(&scratch.join("stock"), &volume, None).await?);
+        for (mode, samples) in [
+            (ReadMode::Stream, &mut stream),
+            (ReadMode::Direct, &mut direct),
+        ] {
+            let restic = fresh_repo(&scratch, "ours")?.with_program(restic_bin());
+            restic.init().await?;
+            let t = Instant::now();
+            let r = engine::backup(
+                &restic,
+                request(&volume, mode, AssignmentBudget::unlimited()),
+            )
+            .await?;
+            ensure!(!r.unchanged && r.snapshot_id.is_some());
+            samples.push(t.elapsed());
+        }
+    }
+    let (s, st, d) = (median(&stock), median(&stream), median(&direct));
+    let mbps = |t: Duration| size as f64 / MIB as f64 / t.as_secs_f64();
+    let mut notes = Map::new();
+    notes.insert("dataset_mib".into(), (size / MIB).into());
+    notes.insert("rounds".into(), rounds.into());
+    notes.insert(
+        "ratio_meaning".into(),
+        "agent throughput / restic throughput".into(),
+    );
+    let ratio = s.as_secs_f64() / st.as_secs_f64();
+    results.push((
+        "agent-stream-full-backup-throughput",
+        outcome(
+            mbps(st),
+            mbps(s),
+            ratio,
+            "MiB/s (median)",
+            ">= 0.9",
+            ratio >= 0.9,
+            notes.clone(),
+        ),
+    ));
+    let ratio = s.as_secs_f64() / d.as_secs_f64();
+    results.push((
+        "agent-direct-full-backup-throughput",
+        outcome(
+            mbps(d),
+            mbps(s),
+            ratio,
+            "MiB/s (median)",
+            ">= 0.98",
+            ratio >= 0.98,
+            notes,
+        ),
+    ));
+
+    // An unchanged volume: the agent's statx walk and snapshot lookup against restic's own
+    // incremental backup (with its cache, its best case).
+    let ours_repo = fresh_repo(&scratch, "unchanged-ours")?.with_program(restic_bin());
+    ours_repo.init().await?;
+    engine::backup(
+        &ours_repo,
+        request(&volume, ReadMode::Stream, AssignmentBudget::unlimited()),
+    )
+    .await?;
+    let stock_repo = scratch.join("unchanged-stock");
+    let _ = std::fs::remove_dir_all(&stock_repo);
+    fresh_repo(&scratch, "unchanged-stock")?
+        .with_program(restic_bin())
+        .init()
+        .await?;
+    let cache = scratch.join("unchanged-cache");
+    stock_backup(&stock_repo, &volume, Some(&cache)).await?;
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let r = engine::backup(
+            &ours_repo,
+            request(&volume, ReadMode::Stream, AssignmentBudget::unlimited()),
+        )
+        .await?;
+        ensure!(r.unchanged, "the unchanged volume was read again");
+        ours.push(t.elapsed());
+        theirs.push(stock_backup(&stock_repo, &volume, Some(&cache)).await?);
+    }
+    let (o, t) = (median(&ours), median(&theirs));
+    let ratio = o.as_secs_f64() / t.as_secs_f64();
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "agent time / restic incremental time".into(),
+    );
+    results.push((
+        "agent-unchanged-volume",
+        outcome(
+            o.as_secs_f64() * 1e3,
+            t.as_secs_f64() * 1e3,
+            ratio,
+            "ms (median)",
+            "<= 0.1",
+            ratio <= 0.1,
+            notes,
+        ),
+    ));
+
+    // Budget accuracy: the reader's measured rate against the configured one.
+    let budget_dir = volume.join("budget");
+    let budget_bytes = walk_size(&budget_dir)?;
+    for rate_mib in [20u64, 100] {
+        let restic = fresh_repo(&scratch, "budget")?.with_program(restic_bin());
+        restic.init().await?;
+        let node = IoBudget::new(Limits {
+            bytes_per_second: Some(rate_mib * MIB),
+            iops: None,
+        });
+        let r = engine::backup(
+            &restic,
+            request(
+                &budget_dir,
+                ReadMode::Stream,
+                node.for_assignment(Limits::default()),
+            ),
+        )
+        .await?;
+        let measured = budget_bytes as f64 / r.read_seconds.context("no read time")? / MIB as f64;
+        let ratio = measured / rate_mib as f64;
+        let name = if rate_mib == 20 {
+            "agent-budget-accuracy-20mib"
+        } else {
+            "agent-budget-accuracy-100mib"
+        };
+        let mut notes = Map::new();
+        notes.insert(
+            "ratio_meaning".into(),
+            "measured read rate / configured budget".into(),
+        );
+        results.push((
+            name,
+            outcome(
+                measured,
+                rate_mib as f64,
+                ratio,
+                "MiB/s",
+                "0.95..1.05",
+                (0.95..=1.05).contains(&ratio),
+                notes,
+            ),
+        ));
+    }
+    // Two backups at once share one node budget of 100 MiB/s.
+    {
+        let node = IoBudget::new(Limits {
+            bytes_per_second: Some(100 * MIB),
+            iops: None,
+        });
+        let (a, b) = (
+            fresh_repo(&scratch, "shared-a")?.with_program(restic_bin()),
+            fresh_repo(&scratch, "shared-b")?.with_program(restic_bin()),
+        );
+        a.init().await?;
+        b.init().await?;
+        let (ra, rb) = tokio::join!(
+            engine::backup(
+                &a,
+                request(
+                    &budget_dir,
+                    ReadMode::Stream,
+                    node.for_assignment(Limits::default())
+                )
+            ),
+            engine::backup(
+                &b,
+                request(
+                    &budget_dir,
+                    ReadMode::Stream,
+                    node.for_assignment(Limits::default())
+                )
+            )
+        );
+        let read = ra?
+            .read_seconds
+            .unwrap_or(0.0)
+            .max(rb?.read_seconds.unwrap_or(0.0));
+        let measured = 2.0 * budget_bytes as f64 / read / MIB as f64;
+        let ratio = measured / 100.0;
+        let mut notes = Map::new();
+        notes.insert(
+            "ratio_meaning".into(),
+            "combined read rate of two concurrent backups / node budget".into(),
+        );
+        results.push((
+            "agent-budget-accuracy-shared",
+            outcome(
+                measured,
+                100.0,
+                ratio,
+                "MiB/s",
+                "0.95..1.05",
+                (0.95..=1.05).contains(&ratio),
+                notes,
+            ),
+        ));
+    }
+
+    // Page cache: evict the volume's pages, back it up, count what is cached again.
+    evict(&volume)?;
+    let before = cached_bytes(&volume)?;
+    let restic = fresh_repo(&scratch, "cache")?.with_program(restic_bin());
+    restic.init().await?;
+    let r = engine::backup(
+        &restic,
+        request(&volume, ReadMode::Stream, AssignmentBudget::unlimited()),
+    )
+    .await?;
+    let after = cached_bytes(&volume)?;
+    let grown = after.saturating_sub(before) as f64;
+    let ratio = grown / r.bytes as f64;
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "volume pages cached after a stream backup / bytes read (fincore)".into(),
+    );
+    notes.insert("cached_before_bytes".into(), before.into());
+    results.push((
+        "agent-page-cache-growth",
+        outcome(
+            grown / MIB as f64,
+            r.bytes as f64 / MIB as f64,
+            ratio,
+            "MiB",
+            "<= 0.05",
+            ratio <= 0.05,
+            notes,
+        ),
+    ));
+
+    // The agent's resident memory while streaming the whole volume, sampled from /proc.
+    let rss = agent_peak_rss(&volume, &scratch)?;
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "agent peak RSS / 64 MiB goal (restic's own memory not included)".into(),
+    );
+    results.push((
+        "agent-streaming-memory",
+        outcome(
+            rss as f64 / MIB as f64,
+            64.0,
+            rss as f64 / (64 * MIB) as f64,
+            "MiB",
+            "<= 1.0",
+            rss <= 64 * MIB,
+            notes,
+        ),
+    ));
+
+    Ok(results)
+}
+
+fn walk_size(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let m = entry.metadata()?;
+        if m.is_dir() {
+            total += walk_size(&entry.path())?;
+        } else if m.is_file() {
+            total += m.len();
+        }
+    }
+    Ok(total)
+}
+
+fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            files(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn evict(dir: &Path) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    files(dir, &mut all)?;
+    for f in all {
+        let file = std::fs::File::open(&f)?;
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)?;
+    }
+    Ok(())
+}
+
+/// Bytes of the directory's files in the page cache, as `fincore` reports them.
+fn cached_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut all = Vec::new();
+    files(dir, &mut all)?;
+    let mut total = 0;
+    for chunk in all.chunks(2000) {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+            .args(chunk)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "fincore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        total += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+fn agent_peak_rss(volume: &Path, scratch: &Path) -> anyhow::Result<u64> {
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/stash-node-agent");
+    ensure!(
+        agent.exists(),
+        "build the agent first: cargo build --release -p stash-node-agent"
+    );
+    let repo = scratch.join("rss");
+    let _ = std::fs::remove_dir_all(&repo);
+    let mut child = std::process::Command::new(agent)
+        .args(["backup", "--mode", "stream", "--path"])
+        .arg(volume)
+        .arg("--repo")
+        .arg(&repo)
+        .env("RESTIC_PASSWORD", PASSWORD)
+        .env("STASH_RESTIC", restic_bin())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path)
+            && let Some(kb) = text
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kb * 1024);
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(child.wait()?.success(), "the agent's backup failed");
+    Ok(peak)
+}

@@ -1,0 +1,280 @@
+//! Just enough of the Kubernetes protobuf encoding to accept the writes typed Go clients send
+//! as protobuf (Helm's release Secrets, `kubectl create namespace|configmap|secret`): the
+//! `k8s\0` envelope and the messages of Namespace, Secret, ConfigMap and ServiceAccount.
+//! Answers are always JSON, which those clients also accept.
+
+use base64::Engine;
+use serde_json::{Map, Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("failed to decode protobuf: {0}")]
+    Decode(&'static str),
+    #[error("protobuf bodies of kind {0:?} are not supported; send JSON")]
+    UnsupportedKind(String),
+}
+
+#[derive(Clone, Copy)]
+enum F {
+    Str,
+    Int,
+    Bool,
+    Time,
+    Msg(&'static [(u64, &'static str, F)]),
+    MapStr,
+    MapBytes,
+    RepStr,
+    RepMsg(&'static [(u64, &'static str, F)]),
+}
+
+const OWNER_REF: &[(u64, &str, F)] = &[
+    (1, "kind", F::Str),
+    (3, "name", F::Str),
+    (4, "uid", F::Str),
+    (5, "apiVersion", F::Str),
+    (6, "controller", F::Bool),
+    (7, "blockOwnerDeletion", F::Bool),
+];
+const OBJECT_META: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "generateName", F::Str),
+    (3, "namespace", F::Str),
+    (5, "uid", F::Str),
+    (6, "resourceVersion", F::Str),
+    (7, "generation", F::Int),
+    (8, "creationTimestamp", F::Time),
+    (11, "labels", F::MapStr),
+    (12, "annotations", F::MapStr),
+    (13, "ownerReferences", F::RepMsg(OWNER_REF)),
+    (14, "finalizers", F::RepStr),
+];
+const LOCAL_REF: &[(u64, &str, F)] = &[(1, "name", F::Str)];
+const SECRET: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "data", F::MapBytes),
+    (3, "type", F::Str),
+    (4, "stringData", F::MapStr),
+    (5, "immutable", F::Bool),
+];
+const CONFIG_MAP: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "data", F::MapStr),
+    (3, "binaryData", F::MapBytes),
+    (4, "immutable", F::Bool),
+];
+const NAMESPACE_SPEC: &[(u64, &str, F)] = &[(1, "finalizers", F::RepStr)];
+const NAMESPACE: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(NAMESPACE_SPEC)),
+];
+const SERVICE_ACCOUNT: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (3, "imagePullSecrets", F::RepMsg(LOCAL_REF)),
+    (4, "automountServiceAccountToken", F::Bool),
+];
+const PRECONDITIONS: &[(u64, &str, F)] = &[(1, "uid", F::Str), (2, "resourceVersion", F::Str)];
+const DELETE_OPTIONS: &[(u64, &str, F)] = &[
+    (1, "gracePeriodSeconds", F::Int),
+    (2, "preconditions", F::Msg(PRECONDITIONS)),
+    (3, "orphanDependents", F::Bool),
+    (4, "propagationPolicy", F::Str),
+    (5, "dryRun", F::RepStr),
+];
+const TYPE_META: &[(u64, &str, F)] = &[(1, "apiVersion", F::Str), (2, "kind", F::Str)];
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, ProtoError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *self
+                .b
+                .get(self.pos)
+                .ok_or(ProtoError::Decode("truncated varint"))?;
+            self.pos += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(ProtoError::Decode("varint too long"))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], ProtoError> {
+        let n = self.varint()? as usize;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.b.len())
+            .ok_or(ProtoError::Decode("truncated field"))?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    /// Next (field, wire type, raw value); fixed-width values come back as their bytes.
+    fn next(&mut self) -> Result<Option<(u64, u64, Field<'a>)>, ProtoError> {
+        if self.pos >= self.b.len() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let (field, wt) = (key >> 3, key & 7);
+        let v = match wt {
+            0 => Field::Varint(self.varint()?),
+            2 => Field::Bytes(self.bytes()?),
+            1 | 5 => {
+                let n = if wt == 1 { 8 } else { 4 };
+                let end = self.pos + n;
+                if end > self.b.len() {
+                    return Err(ProtoError::Decode("truncated fixed field"));
+                }
+                self.pos = end;
+                Field::Varint(0)
+            }
+            _ => return Err(ProtoError::Decode("unsupported wire type")),
+        };
+        Ok(Some((field, wt, v)))
+    }
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+}
+
+fn string(b: &[u8]) -> Value {
+    Value::String(String::from_utf8_lossy(b).into_owned())
+}
+
+fn map_entry(b: &[u8], bytes_value: bool) -> Result<(String, Value), ProtoError> {
+    let mut r = Reader { b, pos: 0 };
+    let (mut k, mut v) = (String::new(), json!(""));
+    while let Some((f, _, val)) = r.next()? {
+        if let Field::Bytes(x) = val {
+            match f {
+                1 => k = String::from_utf8_lossy(x).into_owned(),
+                2 if bytes_value => v = json!(base64::engine::general_purpose::STANDARD.encode(x)),
+                2 => v = string(x),
+                _ => {}
+            }
+        }
+    }
+    Ok((k, v))
+}
+
+fn message(b: &[u8], schema: &[(u64, &str, F)]) -> Result<Value, ProtoError> {
+    let mut r = Reader { b, pos: 0 };
+    let mut out = Map::new();
+    while let Some((field, _, val)) = r.next()? {
+        let Some((_, name, kind)) = schema.iter().find(|(f, _, _)| *f == field) else {
+            continue;
+        };
+        let name = (*name).to_owned();
+        match (kind, val) {
+            (F::Str, Field::Bytes(x)) => {
+                out.insert(name, string(x));
+            }
+            (F::Int, Field::Varint(v)) => {
+                out.insert(name, json!(v as i64));
+            }
+            (F::Bool, Field::Varint(v)) => {
+                out.insert(name, json!(v != 0));
+            }
+            (F::Time, Field::Bytes(x)) => {
+                let t = message(x, &[(1, "s", F::Int)])?;
+                out.insert(
+                    name,
+                    json!(crate::util::format_rfc3339(t["s"].as_i64().unwrap_or(0))),
+                );
+            }
+            (F::Msg(s), Field::Bytes(x)) => {
+                out.insert(name, message(x, s)?);
+            }
+            (F::MapStr | F::MapBytes, Field::Bytes(x)) => {
+                let (k, v) = map_entry(x, matches!(kind, F::MapBytes))?;
+                crate::util::as_object_mut(out.entry(name).or_insert_with(|| json!({})))
+                    .insert(k, v);
+            }
+            (F::RepStr, Field::Bytes(x)) => {
+                if let Value::Array(a) = out.entry(name).or_insert_with(|| json!([])) {
+                    a.push(string(x));
+                }
+            }
+            (F::RepMsg(s), Field::Bytes(x)) => {
+                let m = message(x, s)?;
+                if let Value::Array(a) = out.entry(name).or_insert_with(|| json!([])) {
+                    a.push(m);
+                }
+            }
+            _ => return Err(ProtoError::Decode("unexpected wire type for a known field")),
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// Decodes a `k8s\0`-enveloped object into its JSON form.
+pub fn decode(body: &[u8]) -> Result<Value, ProtoError> {
+    let rest = body
+        .strip_prefix(b"k8s\0")
+        .ok_or(ProtoError::Decode("missing the k8s envelope"))?;
+    let mut r = Reader { b: rest, pos: 0 };
+    let (mut tm, mut raw) = (json!({}), &[][..]);
+    while let Some((f, _, v)) = r.next()? {
+        match (f, v) {
+            (1, Field::Bytes(x)) => tm = message(x, TYPE_META)?,
+            (2, Field::Bytes(x)) => raw = x,
+            _ => {}
+        }
+    }
+    let kind = tm["kind"].as_str().unwrap_or("").to_owned();
+    let schema = match kind.as_str() {
+        "Secret" => SECRET,
+        "ConfigMap" => CONFIG_MAP,
+        "Namespace" => NAMESPACE,
+        "ServiceAccount" => SERVICE_ACCOUNT,
+        "DeleteOptions" => DELETE_OPTIONS,
+        _ => return Err(ProtoError::UnsupportedKind(kind)),
+    };
+    let mut obj = message(raw, schema)?;
+    obj["apiVersion"] = tm["apiVersion"].clone();
+    obj["kind"] = json!(kind);
+    Ok(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(n: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![((n << 3) | 2) as u8, payload.len() as u8];
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn decodes_a_secret() {
+        let entry = [field(1, b"k"), field(2, b"v")].concat();
+        let meta = [
+            field(1, b"s1"),
+            field(3, b"ns"),
+            field(11, &[field(1, b"owner"), field(2, b"helm")].concat()),
+        ]
+        .concat();
+        let secret = [
+            field(1, &meta),
+            field(2, &entry),
+            field(3, b"helm.sh/release.v1"),
+        ]
+        .concat();
+        let tm = [field(1, b"v1"), field(2, b"Secret")].concat();
+        let body = [b"k8s\0".to_vec(), field(1, &tm), field(2, &secret)].concat();
+        let v = decode(&body).unwrap();
+        assert_eq!(v["metadata"]["name"], "s1");
+        assert_eq!(v["metadata"]["labels"]["owner"], "helm");
+        assert_eq!(v["data"]["k"], "dg==");
+        assert_eq!(v["type"], "helm.sh/release.v1");
+        assert_eq!(v["kind"], "Secret");
+    }
+}
