@@ -16,9 +16,10 @@ setup:
 demo: setup
 	bash scripts/demo.sh
 
-## generate: rewrite generated files (CRDs in charts/stash/crds/)
+## generate: rewrite generated files (CRDs, then deploy/stash.yaml and the chart README's values table)
 generate:
 	$(CARGO) run --quiet -p stash-api --bin crdgen -- charts/stash/crds
+	bash scripts/render-chart.sh
 
 ## lint: formatting and clippy, warnings are errors
 lint:
@@ -31,7 +32,8 @@ check-generated:
 	$(CARGO) run --quiet --locked -p stash-api --bin crdgen -- "$$tmp" >/dev/null; \
 	if ! diff -r -q "$$tmp" charts/stash/crds; then \
 	  echo "charts/stash/crds is stale: run 'make generate' and commit the result" >&2; exit 1; \
-	fi; echo "generated files are current"
+	fi; echo "generated CRDs are current"
+	bash scripts/render-chart.sh --check
 
 ## unit: the Rust tests of the whole workspace
 unit:
@@ -45,8 +47,23 @@ unit:
 check-examples:
 	bash scripts/check-snapshots-example.sh
 
+## chart: the Helm chart's tests (Helm's engine; installs into kube-sim)
+.PHONY: chart
+chart: setup
+	$(CARGO) build --quiet --locked -p kube-sim
+	STASH_REQUIRE_KUBE_SIM=1 KUBE_SIM_BIN=$${CARGO_TARGET_DIR:-target}/debug/kube-sim .tools/bin/python-helm -m pytest charts/stash/tests -q
+
 ## test: everything CI runs
-test: setup lint check-generated unit check-examples
+test: setup lint check-generated unit check-examples chart
+
+## image: the operator and node-agent images (needs a Docker engine with BuildKit; none runs on
+## the development machines, so the Dockerfile is kept simple enough to check by eye)
+REGISTRY ?= ghcr.io/stash-rs
+TAG ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/stash/Chart.yaml)
+.PHONY: image
+image:
+	DOCKER_BUILDKIT=1 docker build --target stash-operator -t $(REGISTRY)/stash-operator:$(TAG) .
+	DOCKER_BUILDKIT=1 docker build --target stash-node-agent -t $(REGISTRY)/stash-node-agent:$(TAG) .
 
 ## bench: benchmarks (ours and the baseline alternately), figures to bench/results/latest.json
 .PHONY: bench

@@ -114,6 +114,7 @@ fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupReque
         budget,
         read_concurrency: None,
         limit_upload_kib: None,
+        io_uring: true,
     }
 }
 

@@ -30,6 +30,12 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoUringMode {
+    Auto,
+    Off,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Back up a directory into a restic repository.
@@ -71,6 +77,9 @@ pub struct BackupArgs {
     /// Read operations per second.
     #[arg(long, env = "STASH_IO_BUDGET_IOPS")]
     pub iops: Option<u64>,
+    /// Read through io_uring when the runtime allows it (`auto`), or never (`off`).
+    #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
+    pub io_uring: IoUringMode,
     /// The restic host (Stash's `host-0`, `<alias>-<ordinal>`, …).
     #[arg(long)]
     pub host: Option<String>,
@@ -169,6 +178,7 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 budget,
                 read_concurrency: None,
                 limit_upload_kib: None,
+                io_uring: a.io_uring == IoUringMode::Auto,
             };
             Ok(serde_json::to_string(&engine::backup(&restic, req).await?)?)
         }

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::budget::AssignmentBudget;
 use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
-use crate::stream::{ExtractOptions, PreadEngine, Progress, ReadReport, StreamError, VolumeReader};
+use crate::stream::{ExtractOptions, Progress, ReadReport, StreamError, VolumeReader};
 
 /// The file name of the tar stream inside a stream-mode snapshot.
 pub const STREAM_FILE: &str = "volume.tar";
@@ -72,6 +72,8 @@ pub struct BackupRequest {
     /// Direct mode: restic's own read parallelism and upload limit (KiB/s).
     pub read_concurrency: Option<u32>,
     pub limit_upload_kib: Option<u64>,
+    /// Stream mode: read through io_uring when the runtime allows it.
+    pub io_uring: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -85,6 +87,9 @@ pub struct BackupResult {
     /// Stream mode: the time the agent's reader took (the rest is restic's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_seconds: Option<f64>,
+    /// Stream mode: `io_uring`, or `pread` where io_uring is off or forbidden.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_engine: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changed_during_read: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -230,10 +235,15 @@ async fn backup_stream(
 ) -> Result<BackupResult, AgentError> {
     let (tx, rx) = tokio::sync::mpsc::channel(DEPTH);
     let progress = Arc::new(Progress::default());
+    let (engine, fallback) = crate::uring::choose(req.io_uring);
+    if let Some(reason) = fallback {
+        tracing::info!(%reason, "reading with ordinary reads");
+    }
+    let engine_name = engine.name();
     let reader = VolumeReader {
         root: req.path.clone(),
         budget: req.budget.clone(),
-        engine: Box::new(PreadEngine),
+        engine,
         progress: progress.clone(),
     };
     let error_tx = tx.clone();
@@ -283,6 +293,7 @@ async fn backup_stream(
         bytes: report.bytes,
         files: report.files,
         read_seconds: Some(report.seconds),
+        read_engine: Some(engine_name),
         changed_during_read: report.changed,
         vanished_during_read: report.vanished,
         ..BackupResult::default()

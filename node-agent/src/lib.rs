@@ -10,3 +10,4 @@ pub mod hostpath;
 pub mod pipe;
 pub mod stream;
 pub mod tar;
+pub mod uring;

@@ -47,6 +47,7 @@ fn request(path: &Path, mode: ReadMode) -> BackupRequest {
         budget: AssignmentBudget::unlimited(),
         read_concurrency: None,
         limit_upload_kib: None,
+        io_uring: true,
     }
 }
 
