@@ -20,6 +20,8 @@ use crate::tar::{Entry, Kind, TarReader, TarWriter};
 
 /// Size of one read: large enough for sequential throughput, small enough to pace smoothly.
 const CHUNK: usize = 1 << 20;
+/// How far behind the current read the page-cache drop reaches.
+const DONTNEED_LAG: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -284,11 +286,14 @@ impl VolumeReader<'_> {
                 offset += want as u64;
                 continue;
             }
-            // The workloads' page cache matters more than ours: drop what we just read.
+            // The workloads' page cache matters more than ours: drop what we read. The window
+            // reaches back a few chunks because pages still under readahead I/O when advised
+            // are skipped by the kernel; a drop of the whole file at the end catches the rest.
+            let from = offset.saturating_sub(DONTNEED_LAG);
             let _ = rustix::fs::fadvise(
                 &file,
-                offset,
-                std::num::NonZeroU64::new(n as u64),
+                from,
+                std::num::NonZeroU64::new(offset + n as u64 - from),
                 rustix::fs::Advice::DontNeed,
             );
             tar.data(&buf[..n]).map_err(StreamError::Write)?;
@@ -296,6 +301,7 @@ impl VolumeReader<'_> {
             self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
         tar.finish_entry(size).map_err(StreamError::Write)?;
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
         let after = file.metadata().map_err(read_err)?;
         if short
             || after.len() != size
