@@ -34,10 +34,12 @@ impl Bucket {
     fn new(rate: u64, now: Instant) -> Bucket {
         // A tenth of a second of tokens: smooth pacing without long bursts after idling.
         let burst = (rate as f64 / 10.0).max(1.0);
+        // Start empty: a full bucket lets every new assignment read a tenth of a second's
+        // worth for free, which overshoots the budget measurably on short reads.
         Bucket {
             rate: rate as f64,
             burst,
-            tokens: burst,
+            tokens: 0.0,
             last: now,
         }
     }
@@ -232,10 +234,14 @@ mod tests {
             c.clone(),
         );
         let a = budget.for_assignment(Limits::default());
-        // The burst (a tenth of a second) is free; the rest is paid in time.
-        assert_eq!(a.charge(MIB, 1), Duration::ZERO);
+        // The bucket starts empty: the first read is paid in time too.
         let wait = a.charge(5 * MIB, 1);
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        // After idling, at most a tenth of a second's worth is free.
+        c.advance(Duration::from_secs(10));
+        assert_eq!(a.charge(MIB, 1), Duration::ZERO);
+        let wait = a.charge(MIB, 1);
+        assert!(wait > Duration::ZERO, "the burst is bounded");
         // Over a simulated second of steady reads, the total matches the rate.
         let mut read = 0;
         let mut t = Duration::ZERO;
@@ -309,7 +315,6 @@ mod tests {
             c,
         );
         let a = budget.for_assignment(Limits::default());
-        let _ = a.charge(0, 10);
         let wait = a.charge(4096, 50);
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         assert_eq!(
