@@ -440,16 +440,20 @@ fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
     Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
 }
 
-fn set_times(fd: impl AsFd, e: &Entry) -> io::Result<()> {
+/// The entry's mtime as both access and modification time.
+fn timestamps(e: &Entry) -> rustix::fs::Timestamps {
     let t = rustix::fs::Timespec {
         tv_sec: e.mtime_secs,
         tv_nsec: i64::from(e.mtime_nanos),
     };
-    let times = rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
         last_access: t,
         last_modification: t,
-    };
-    Ok(rustix::fs::futimens(fd, &times)?)
+    }
+}
+
+fn set_times(fd: impl AsFd, e: &Entry) -> io::Result<()> {
+    Ok(rustix::fs::futimens(fd, &timestamps(e))?)
 }
 
 /// Writes a tar stream into `target`, confined to it.
@@ -618,18 +622,10 @@ fn finish_special(
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
     }
-    let t = rustix::fs::Timespec {
-        tv_sec: entry.mtime_secs,
-        tv_nsec: i64::from(entry.mtime_nanos),
-    };
-    let times = rustix::fs::Timestamps {
-        last_access: t,
-        last_modification: t,
-    };
     Ok(rustix::fs::utimensat(
         parent,
         name,
-        &times,
+        &timestamps(entry),
         AtFlags::SYMLINK_NOFOLLOW,
     )?)
 }

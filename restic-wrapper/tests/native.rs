@@ -70,9 +70,10 @@ fn by_time_then_id(mut v: Value) -> Value {
 }
 
 /// Runs the restic binary directly, so the comparison does not go through our own types.
-fn restic_snapshots_json(env: &[(&str, String)]) -> Result<Value> {
+fn run_restic(args: &[&str], env: &[(&str, String)]) -> Result<Vec<u8>> {
     let out = Command::new(restic_bin())
-        .args(["snapshots", "--json", "--no-lock", "--no-cache"])
+        .args(args)
+        .arg("--no-cache")
         .env_clear()
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()?;
@@ -81,21 +82,18 @@ fn restic_snapshots_json(env: &[(&str, String)]) -> Result<Value> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(out.stdout)
+}
+
+fn restic_snapshots_json(env: &[(&str, String)]) -> Result<Value> {
+    Ok(serde_json::from_slice(&run_restic(
+        &["snapshots", "--json", "--no-lock"],
+        env,
+    )?)?)
 }
 
 fn rewrite_new_host(env: &[(&str, String)], host: &str) -> Result {
-    let out = Command::new(restic_bin())
-        .args(["rewrite", "--new-host", host, "--no-cache"])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    run_restic(&["rewrite", "--new-host", host], env).map(drop)
 }
 
 #[tokio::test]
