@@ -253,72 +253,10 @@ pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str
         ),
     ));
 
-    // Budget accuracy: the reader's own rate into a sink, so restic's speed on this machine
-    // does not cap what is measured; one reader alone, then two sharing one node budget.
+    results.extend(budget(data).await?);
+    // Through restic too, for reference: there the consumer may be the limit.
     let budget_dir = volume.join("budget");
     let budget_bytes = walk_size(&budget_dir)?;
-    for rate_mib in [20u64, 100] {
-        let node = IoBudget::new(Limits {
-            bytes_per_second: Some(rate_mib * MIB),
-            iops: None,
-        });
-        let seconds = read_into_sink(&budget_dir, node.for_assignment(Limits::default())).await?;
-        let measured = budget_bytes as f64 / seconds / MIB as f64;
-        let ratio = measured / rate_mib as f64;
-        let name = if rate_mib == 20 {
-            "agent-budget-accuracy-20mib"
-        } else {
-            "agent-budget-accuracy-100mib"
-        };
-        let mut notes = Map::new();
-        notes.insert(
-            "ratio_meaning".into(),
-            "measured read rate / configured budget (reader into a sink)".into(),
-        );
-        results.push((
-            name,
-            outcome(
-                measured,
-                rate_mib as f64,
-                ratio,
-                "MiB/s",
-                "0.95..1.05",
-                (0.95..=1.05).contains(&ratio),
-                notes,
-            ),
-        ));
-    }
-    {
-        let node = IoBudget::new(Limits {
-            bytes_per_second: Some(100 * MIB),
-            iops: None,
-        });
-        let (a, b) = tokio::join!(
-            read_into_sink(&budget_dir, node.for_assignment(Limits::default())),
-            read_into_sink(&budget_dir, node.for_assignment(Limits::default()))
-        );
-        let seconds = a?.max(b?);
-        let measured = 2.0 * budget_bytes as f64 / seconds / MIB as f64;
-        let ratio = measured / 100.0;
-        let mut notes = Map::new();
-        notes.insert(
-            "ratio_meaning".into(),
-            "combined read rate of two concurrent readers / node budget".into(),
-        );
-        results.push((
-            "agent-budget-accuracy-shared",
-            outcome(
-                measured,
-                100.0,
-                ratio,
-                "MiB/s",
-                "0.95..1.05",
-                (0.95..=1.05).contains(&ratio),
-                notes,
-            ),
-        ));
-    }
-    // Through restic too, for reference: there the consumer may be the limit.
     {
         let restic = fresh_repo(&scratch, "budget")?.with_program(restic_bin());
         restic.init().await?;
@@ -425,6 +363,78 @@ async fn read_into_sink(dir: &Path, budget: AssignmentBudget) -> anyhow::Result<
         Ok(report.seconds)
     })
     .await?
+}
+
+/// Budget accuracy alone (`make bench SCENARIOS=agent-budget`): the reader's own rate into
+/// a sink, so restic's speed on this machine does not cap what is measured; one reader
+/// alone, then two sharing one node budget.
+pub async fn budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
+    let volume = dataset(data)?;
+    let mut results = Vec::new();
+    let budget_dir = volume.join("budget");
+    let budget_bytes = walk_size(&budget_dir)?;
+    for rate_mib in [20u64, 100] {
+        let node = IoBudget::new(Limits {
+            bytes_per_second: Some(rate_mib * MIB),
+            iops: None,
+        });
+        let seconds = read_into_sink(&budget_dir, node.for_assignment(Limits::default())).await?;
+        let measured = budget_bytes as f64 / seconds / MIB as f64;
+        let ratio = measured / rate_mib as f64;
+        let name = if rate_mib == 20 {
+            "agent-budget-accuracy-20mib"
+        } else {
+            "agent-budget-accuracy-100mib"
+        };
+        let mut notes = Map::new();
+        notes.insert(
+            "ratio_meaning".into(),
+            "measured read rate / configured budget (reader into a sink)".into(),
+        );
+        results.push((
+            name,
+            outcome(
+                measured,
+                rate_mib as f64,
+                ratio,
+                "MiB/s",
+                "0.95..1.05",
+                (0.95..=1.05).contains(&ratio),
+                notes,
+            ),
+        ));
+    }
+    {
+        let node = IoBudget::new(Limits {
+            bytes_per_second: Some(100 * MIB),
+            iops: None,
+        });
+        let (a, b) = tokio::join!(
+            read_into_sink(&budget_dir, node.for_assignment(Limits::default())),
+            read_into_sink(&budget_dir, node.for_assignment(Limits::default()))
+        );
+        let seconds = a?.max(b?);
+        let measured = 2.0 * budget_bytes as f64 / seconds / MIB as f64;
+        let ratio = measured / 100.0;
+        let mut notes = Map::new();
+        notes.insert(
+            "ratio_meaning".into(),
+            "combined read rate of two concurrent readers / node budget".into(),
+        );
+        results.push((
+            "agent-budget-accuracy-shared",
+            outcome(
+                measured,
+                100.0,
+                ratio,
+                "MiB/s",
+                "0.95..1.05",
+                (0.95..=1.05).contains(&ratio),
+                notes,
+            ),
+        ));
+    }
+    Ok(results)
 }
 
 fn walk_size(dir: &Path) -> anyhow::Result<u64> {
