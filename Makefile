@@ -39,7 +39,6 @@ check-generated:
 unit:
 	@if command -v cargo-nextest >/dev/null; then \
 	  $(CARGO) nextest run --workspace --locked --no-fail-fast; \
-	  $(CARGO) test --workspace --locked --doc; \
 	else $(CARGO) test --workspace --locked --no-fail-fast; fi
 
 ## check-examples: example programs agree with the real tools
