@@ -115,6 +115,7 @@ fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupReque
         read_concurrency: None,
         limit_upload_kib: None,
         io_uring: true,
+        progress: Default::default(),
     }
 }
 

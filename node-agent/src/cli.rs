@@ -42,6 +42,47 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a snapshot into a directory, in place.
     Restore(RestoreArgs),
+    /// Run as the node's agent: work on the backup assignments of this node.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The node this agent serves (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// This agent's pod, recorded in the assignments it takes.
+    #[arg(long, env = "STASH_POD_NAME", default_value = "stash-node-agent")]
+    pub pod_name: String,
+    #[arg(long, env = "STASH_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// restic's persistent cache and scratch files.
+    #[arg(long, env = "STASH_STATE_DIR", default_value = "/var/lib/stash-agent")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "STASH_RESTIC", default_value = "restic")]
+    pub restic: PathBuf,
+    /// The node's read budget in bytes per second; unlimited when unset.
+    #[arg(long, env = "STASH_IO_BUDGET_BYTES_PER_SECOND", value_parser = parse_bytes)]
+    pub io_budget: Option<u64>,
+    #[arg(long, env = "STASH_IO_BUDGET_IOPS")]
+    pub iops: Option<u64>,
+    /// Volumes read at once on this node.
+    #[arg(long, env = "STASH_MAX_CONCURRENT_VOLUMES", default_value_t = 2)]
+    pub max_concurrent_volumes: usize,
+    /// The read mode of assignments that do not name one.
+    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
+    pub read_mode: ReadMode,
+    #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
+    pub io_uring: IoUringMode,
+    /// The mount table used to refuse volumes that are not mounted.
+    #[arg(long, env = "STASH_MOUNTINFO", default_value = "/proc/self/mountinfo")]
+    pub mountinfo: PathBuf,
+    /// Port of /healthz and /readyz.
+    #[arg(long, env = "STASH_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Seconds between progress reports in an assignment's status.
+    #[arg(long, env = "STASH_PROGRESS_SECONDS", default_value_t = 10)]
+    pub progress_seconds: u64,
 }
 
 /// Where the repository is and how restic runs; the password and credentials come from
@@ -156,9 +197,64 @@ fn restic_for(args: &RepoArgs) -> anyhow::Result<Restic> {
     Ok(restic)
 }
 
+/// Answers `/healthz` and `/readyz` for the kubelet's probes.
+async fn serve_health(port: u16) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let reply: &[u8] = if path == "/healthz" || path == "/readyz" {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
+            } else {
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            };
+            let _ = conn.write_all(reply).await;
+        });
+    }
+}
+
 /// Runs a parsed command and returns the JSON summary line.
 pub async fn run(command: Command) -> anyhow::Result<String> {
     match command {
+        Command::Run(a) => {
+            let client = kube::Client::try_default().await?;
+            let cfg = crate::worker::WorkerConfig {
+                node_name: a.node_name,
+                pod_name: a.pod_name,
+                kubelet_root: a.kubelet_root,
+                state_dir: a.state_dir,
+                restic: a.restic,
+                budget: IoBudget::new(Limits {
+                    bytes_per_second: a.io_budget,
+                    iops: a.iops,
+                }),
+                max_volumes: a.max_concurrent_volumes,
+                default_mode: a.read_mode,
+                io_uring: a.io_uring == IoUringMode::Auto,
+                mountinfo: a.mountinfo,
+                progress_every: Duration::from_secs(a.progress_seconds.max(1)),
+            };
+            let health = tokio::spawn(serve_health(a.metrics_port));
+            // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            crate::worker::run(client, cfg, shutdown).await?;
+            health.abort();
+            Ok(serde_json::to_string(
+                &serde_json::json!({"stopped": true}),
+            )?)
+        }
         Command::Backup(a) => {
             let restic = restic_for(&a.repo)?;
             restic.version().await?;
@@ -179,6 +275,7 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 read_concurrency: None,
                 limit_upload_kib: None,
                 io_uring: a.io_uring == IoUringMode::Auto,
+                progress: Default::default(),
             };
             Ok(serde_json::to_string(&engine::backup(&restic, req).await?)?)
         }

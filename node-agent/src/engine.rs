@@ -74,6 +74,8 @@ pub struct BackupRequest {
     pub limit_upload_kib: Option<u64>,
     /// Stream mode: read through io_uring when the runtime allows it.
     pub io_uring: bool,
+    /// Counters the caller watches for progress reports.
+    pub progress: Arc<Progress>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -234,7 +236,7 @@ async fn backup_stream(
     tags: Vec<String>,
 ) -> Result<BackupResult, AgentError> {
     let (tx, rx) = tokio::sync::mpsc::channel(DEPTH);
-    let progress = Arc::new(Progress::default());
+    let progress = req.progress.clone();
     let (engine, fallback) = crate::uring::choose(req.io_uring);
     if let Some(reason) = fallback {
         tracing::info!(%reason, "reading with ordinary reads");

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod engine;
 pub mod hostpath;
 pub mod pipe;
+pub mod repository;
 pub mod stream;
 pub mod tar;
 pub mod uring;
+pub mod worker;

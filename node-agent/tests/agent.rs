@@ -48,6 +48,7 @@ fn request(path: &Path, mode: ReadMode) -> BackupRequest {
         read_concurrency: None,
         limit_upload_kib: None,
         io_uring: true,
+        progress: Default::default(),
     }
 }
 

@@ -345,8 +345,25 @@ impl Restic {
         }
     }
 
-    /// Initializes the repository unless it exists already.
+    /// Initializes the repository unless it exists already. Two `restic init` racing on one
+    /// repository can leave a config and key files from different master keys — a repository
+    /// no password opens — so initializations of one repository in this process take turns.
+    /// (Across processes, one owner must initialize: the operator does, before assigning.)
     pub async fn ensure_initialized(&self) -> Result<(), Error> {
+        static LOCKS: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+        > = std::sync::OnceLock::new();
+        let lock = {
+            let mut locks = LOCKS
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks
+                .entry(self.repository.display_name())
+                .or_default()
+                .clone()
+        };
+        let _turn = lock.lock().await;
         if !self.exists().await? {
             self.init().await?;
         }

@@ -317,13 +317,29 @@ async fn route(
         [plural, tail @ ..] => (None, *plural, tail.first().copied(), tail.get(1).copied()),
         [] => return Err(ApiError::no_route()),
     };
-    if rest.len() > 5 {
+    // At most `<plural>/<name>/<subresource>` after the optional namespace.
+    let tail_len = rest.len() - if ns.is_some() { 3 } else { 1 };
+    if tail_len > 2 {
         return Err(ApiError::no_route());
     }
     let def = registry_lookup(plural).ok_or_else(ApiError::no_route)?;
     if def.namespaced && ns.is_none() && name.is_some() {
         // A namespaced object addressed without a namespace.
         return Err(ApiError::no_route());
+    }
+    // A subresource the resource does not have is no route, whatever the method (so
+    // `POST /api/v1/namespaces/default/frobs` is 404 like on the real server, not a 405 on
+    // namespace "default"), and is refused before the object is looked up.
+    if let Some(s) = sub {
+        let served = match s {
+            "status" => def.status,
+            "scale" => def.scale.is_some(),
+            "finalize" => def.group.is_empty() && def.plural == "namespaces",
+            _ => false,
+        };
+        if !served {
+            return Err(ApiError::no_route());
+        }
     }
     let ctx = Ctx {
         core: core.clone(),

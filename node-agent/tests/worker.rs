@@ -1,0 +1,234 @@
+//! The assignment worker against kube-sim: assignments for this node are taken, the pod's
+//! volume is found in a kubelet-like tree and backed up with the real restic, status reports
+//! the snapshot; other nodes' assignments are left alone; a volume that cannot be resolved
+//! fails its assignment with a reason; an assignment a dead agent left Running is finished.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
+use stash_node_agent::budget::{IoBudget, Limits};
+use stash_node_agent::engine::ReadMode;
+use stash_node_agent::worker::{WorkerConfig, run};
+
+type Result<T = ()> = anyhow::Result<T>;
+
+fn restic_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic");
+    assert!(p.exists(), "restic is not installed: run `make setup`");
+    p
+}
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    Ok(api
+        .create(&PostParams::default(), &serde_json::from_value(value)?)
+        .await?)
+}
+
+async fn install_crds(client: &kube::Client) -> Result {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in stash_api::crds() {
+        crds.create(&PostParams::default(), &crd).await?;
+    }
+    // The resources are served once the API server has established them.
+    for crd in stash_api::crds() {
+        let name = crd.metadata.name.unwrap_or_default();
+        for _ in 0..100 {
+            let c = crds.get(&name).await?;
+            let established = c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+fn assignment(name: &str, node: &str, pod: &str, uid: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "stash.appscode.com/v1beta1",
+        "kind": "BackupAssignment",
+        "metadata": {"name": name, "namespace": "demo", "labels": {"stash.appscode.com/node": node}},
+        "spec": {
+            "backupSession": "app-backup-1",
+            "nodeName": node,
+            "repository": {"name": "local-repo"},
+            "volumes": [{
+                "podNamespace": "demo", "podName": pod, "podUid": uid, "volumeName": "data",
+                "sourceKind": "EmptyDir", "host": "host-0", "snapshotKey": "demo/app/data"
+            }]
+        }
+    })
+}
+
+async fn wait_final(api: &Api<BackupAssignment>, name: &str) -> Result<BackupAssignment> {
+    // A deadline so a broken worker fails the test instead of hanging it; not a performance
+    // threshold.
+    for _ in 0..600 {
+        let a = api.get(name).await?;
+        if a.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(AssignmentPhase::is_final)
+        {
+            return Ok(a);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("assignment {name} did not finish")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
+    let sim = kube_sim::KubeSim::start(kube_sim::Options::default()).await?;
+    let client = sim.client().await?;
+    install_crds(&client).await?;
+    let dir = tempfile::tempdir()?;
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "demo"}}),
+    )
+    .await?;
+    create(
+        &Api::<Secret>::namespaced(client.clone(), "demo"),
+        json!({
+            "metadata": {"name": "repo-secret"}, "stringData": {"RESTIC_PASSWORD": "worker test"}
+        }),
+    )
+    .await?;
+    let repo_path = dir.path().join("repository");
+    create(
+        &Api::<stash_api::Repository>::namespaced(client.clone(), "demo"),
+        json!({
+            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+            "metadata": {"name": "local-repo"},
+            "spec": {"backend": {"storageSecretName": "repo-secret",
+                "local": {"hostPath": {"path": repo_path}, "mountPath": "/repo"}}}
+        }),
+    )
+    .await?;
+    let pod = create(
+        &Api::<Pod>::namespaced(client.clone(), "demo"),
+        json!({
+            "metadata": {"name": "app-0"},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox"}],
+                "volumes": [{"name": "data", "emptyDir": {}}]}
+        }),
+    )
+    .await?;
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let kubelet = dir.path().join("kubelet");
+    let volume = kubelet
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~empty-dir/data");
+    std::fs::create_dir_all(volume.join("db"))?;
+    std::fs::write(volume.join("db/table"), vec![7u8; 300_000])?;
+    std::fs::write(dir.path().join("mountinfo"), "")?;
+
+    let assignments: Api<BackupAssignment> = Api::namespaced(client.clone(), "demo");
+    create(
+        &assignments,
+        assignment("app-backup-1-node-a", "node-a", "app-0", &uid),
+    )
+    .await?;
+    create(
+        &assignments,
+        assignment("app-backup-1-node-b", "node-b", "app-0", &uid),
+    )
+    .await?;
+    create(
+        &assignments,
+        assignment("replaced-pod", "node-a", "app-0", "an-old-uid"),
+    )
+    .await?;
+    // Left Running by an agent pod that died.
+    let orphan = create(&assignments, assignment("orphan", "node-a", "app-0", &uid)).await?;
+    assignments
+        .patch_status(
+            orphan.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Running", "agent": "stash-node-agent-dead"}}),
+            ),
+        )
+        .await?;
+
+    let cfg = WorkerConfig {
+        node_name: "node-a".into(),
+        pod_name: "stash-node-agent-x1".into(),
+        kubelet_root: kubelet.clone(),
+        state_dir: dir.path().join("state"),
+        restic: restic_bin(),
+        budget: IoBudget::new(Limits::default()),
+        max_volumes: 2,
+        default_mode: ReadMode::Stream,
+        io_uring: true,
+        mountinfo: dir.path().join("mountinfo"),
+        progress_every: Duration::from_millis(500),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(run(client.clone(), cfg, async move {
+        let _ = stopped.await;
+    }));
+
+    let done = wait_final(&assignments, "app-backup-1-node-a").await?;
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(status.phase, Some(AssignmentPhase::Succeeded), "{status:?}");
+    assert_eq!(status.agent.as_deref(), Some("stash-node-agent-x1"));
+    let vol = &status.volumes.clone().unwrap_or_default()[0];
+    assert_eq!(vol.phase, Some(VolumePhase::Succeeded), "{vol:?}");
+    assert_eq!(vol.bytes_done, Some(300_000));
+    let snapshot = vol.snapshot_id.clone().expect("a snapshot id");
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+
+    let replaced = wait_final(&assignments, "replaced-pod").await?;
+    let rs = replaced.status.unwrap_or_default();
+    assert_eq!(rs.phase, Some(AssignmentPhase::Failed));
+    assert!(
+        rs.error.unwrap_or_default().contains("was replaced"),
+        "a reason is given"
+    );
+
+    let orphan = wait_final(&assignments, "orphan").await?;
+    let os = orphan.status.unwrap_or_default();
+    assert_eq!(
+        os.phase,
+        Some(AssignmentPhase::Succeeded),
+        "taken up again: {os:?}"
+    );
+    assert_eq!(os.agent.as_deref(), Some("stash-node-agent-x1"));
+    let ov = &os.volumes.unwrap_or_default()[0];
+    let orphan_snapshot = ov.snapshot_id.clone().expect("a snapshot id");
+
+    // Another node's assignment is not touched.
+    let other = assignments.get("app-backup-1-node-b").await?;
+    assert!(other.status.is_none(), "{:?}", other.status);
+
+    // The snapshot is in the repository, as stock restic sees it.
+    let out = std::process::Command::new(restic_bin())
+        .args(["snapshots", "--json", "--no-cache"])
+        .env("RESTIC_REPOSITORY", &repo_path)
+        .env("RESTIC_PASSWORD", "worker test")
+        .output()?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains(&snapshot) && listed.contains(&orphan_snapshot));
+
+    let _ = stop.send(());
+    worker.await??;
+    sim.shutdown();
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! The aggregation layer: an APIService registered in kube-sim points at a Service that is mapped
+//! to a small HTTPS backend started here. Requests under its group/version are proxied to the
+//! backend (reached through the Service, verified with the APIService's caBundle), and discovery
+//! lists the group once the APIService is Available.
+
+// Helpers in an integration test are test code too: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use kube::api::{Api, DynamicObject, PostParams};
+use kube_sim::{KubeSim, Options, TlsIdentity};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const GROUP: &str = "example.test.io";
+const VERSION: &str = "v1alpha1";
+
+/// What the backend saw: method, path and the X-Remote-User header of each request.
+type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+fn widget(name: &str, colour: &str) -> Value {
+    json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"), "kind": "Widget",
+        "metadata": {"name": name, "namespace": "x", "resourceVersion": "7", "creationTimestamp": "2025-01-01T00:00:00Z"},
+        "spec": {"colour": colour},
+    })
+}
+
+async fn backend(
+    seen: Seen,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let user = req
+        .headers()
+        .get("x-remote-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    seen.lock().unwrap().push((method, path.clone(), user));
+    let gv = format!("/apis/{GROUP}/{VERSION}");
+    let (code, body) = if path == gv {
+        (
+            200,
+            json!({
+                "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{GROUP}/{VERSION}"),
+                "resources": [{"name": "widgets", "singularName": "widget", "namespaced": true, "kind": "Widget", "verbs": ["get", "list"]}],
+            }),
+        )
+    } else if path == format!("{gv}/namespaces/x/widgets") {
+        (
+            200,
+            json!({
+                "apiVersion": format!("{GROUP}/{VERSION}"), "kind": "WidgetList",
+                "metadata": {"resourceVersion": "7"},
+                "items": [widget("sprocket", "red"), widget("gear", "blue")],
+            }),
+        )
+    } else {
+        (
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("backend has no {path}")}),
+        )
+    };
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+async fn start_backend(id: &TlsIdentity, seen: Seen) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(id.server_config().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| backend(seen.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain GET through kube-sim: status and parsed JSON body.
+async fn get(sim: &KubeSim, path: &str, accept: &str) -> (u16, Value) {
+    let fut = async {
+        let tcp = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, sim.addr().to_string())
+            .header(hyper::header::ACCEPT, accept)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let code = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!("{path}: not JSON ({e}): {}", String::from_utf8_lossy(&body))
+        });
+        (code, v)
+    };
+    tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} hung"))
+}
+
+fn apiservices() -> kube::api::ApiResource {
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("apiregistration.k8s.io", "v1", "APIService"),
+        "apiservices",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_api_is_proxied_and_discovered() {
+    let id = TlsIdentity::generate(&["127.0.0.1", "widgets-api.widgets.svc"]).unwrap();
+    let seen: Seen = Arc::default();
+    let backend_addr = start_backend(&id, seen.clone()).await;
+    let sim = KubeSim::start(Options::default()).await.unwrap();
+    sim.map_service("widgets", "widgets-api", 8443, &backend_addr.to_string());
+    let client = sim.client().await.unwrap();
+
+    // Before registration the group is unknown.
+    let (code, _) = get(
+        &sim,
+        &format!("/apis/{GROUP}/{VERSION}/namespaces/x/widgets"),
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 404);
+
+    let ar = apiservices();
+    let mut svc = DynamicObject::new(&format!("{VERSION}.{GROUP}"), &ar);
+    svc.data = json!({"spec": {
+        "group": GROUP, "version": VERSION, "groupPriorityMinimum": 1000, "versionPriority": 15,
+        "service": {"namespace": "widgets", "name": "widgets-api", "port": 8443},
+        "caBundle": base64::engine::general_purpose::STANDARD.encode(&id.ca_pem),
+    }});
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    api.create(&PostParams::default(), &svc).await.unwrap();
+
+    // The APIService becomes Available.
+    let mut available = false;
+    for _ in 0..100 {
+        let got = api.get(&format!("{VERSION}.{GROUP}")).await.unwrap();
+        available = got.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Available" && c["status"] == "True")
+            });
+        if available {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(available, "the APIService never became Available");
+
+    // A list through kube-sim is the backend's answer, verbatim.
+    let path = format!("/apis/{GROUP}/{VERSION}/namespaces/x/widgets");
+    let (code, list) = get(&sim, &path, "application/json").await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["kind"], "WidgetList");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sprocket", "gear"]);
+    {
+        let seen = seen.lock().unwrap();
+        let hit = seen
+            .iter()
+            .find(|(m, p, _)| m == "GET" && *p == path)
+            .expect("the backend saw the list request");
+        assert!(
+            !hit.2.is_empty(),
+            "the proxy names the user (X-Remote-User)"
+        );
+    }
+
+    // The backend's errors come back as they are.
+    let (code, status) = get(
+        &sim,
+        &format!("/apis/{GROUP}/{VERSION}/namespaces/x/gadgets"),
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 404);
+    assert_eq!(status["reason"], "NotFound");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("backend has no"),
+        "{status}"
+    );
+
+    // The group/version resource list is the backend's.
+    let (code, rl) = get(
+        &sim,
+        &format!("/apis/{GROUP}/{VERSION}"),
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 200, "{rl}");
+    assert_eq!(rl["resources"][0]["name"], "widgets");
+
+    // Legacy discovery: /apis and /apis/<group> list the group.
+    let (code, groups) = get(&sim, "/apis", "application/json").await;
+    assert_eq!(code, 200);
+    let entry = groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == GROUP)
+        .unwrap_or_else(|| panic!("/apis does not list {GROUP}: {groups}"));
+    assert_eq!(
+        entry["preferredVersion"]["groupVersion"],
+        format!("{GROUP}/{VERSION}")
+    );
+    let (code, group) = get(&sim, &format!("/apis/{GROUP}"), "application/json").await;
+    assert_eq!(code, 200, "{group}");
+    assert_eq!(group["kind"], "APIGroup");
+    assert_eq!(group["versions"][0]["version"], VERSION);
+
+    // Aggregated discovery (what kubectl asks for) carries the backend's resources.
+    let (code, agg) = get(
+        &sim,
+        "/apis",
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json",
+    )
+    .await;
+    assert_eq!(code, 200);
+    let item = agg["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["metadata"]["name"] == GROUP)
+        .unwrap_or_else(|| panic!("aggregated discovery lacks {GROUP}: {agg}"));
+    assert_eq!(item["versions"][0]["freshness"], "Current");
+    assert_eq!(item["versions"][0]["resources"][0]["resource"], "widgets");
+    assert_eq!(item["versions"][0]["resources"][0]["scope"], "Namespaced");
+
+    // kube-rs reaches the aggregated resource like any other.
+    let widgets = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk(GROUP, VERSION, "Widget"),
+        "widgets",
+    );
+    let listed = Api::<DynamicObject>::namespaced_with(client.clone(), "x", &widgets)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 2);
+
+    let have_kubectl = Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if have_kubectl {
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        sim.write_kubeconfig(&kc).unwrap();
+        let kubectl = |args: &[&str]| {
+            let mut c = tokio::process::Command::new("kubectl");
+            c.args(args)
+                .env("KUBECONFIG", &kc)
+                .env("KUBECACHEDIR", dir.path().join("cache"));
+            c
+        };
+        let out = kubectl(&["get", "--raw", &path]).output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let raw: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(raw["items"][0]["metadata"]["name"], "sprocket");
+
+        let out = kubectl(&["get", "widgets.example.test.io", "-n", "x"])
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("kubectl get widgets:\n{stdout}");
+        assert!(
+            out.status.success(),
+            "kubectl get widgets: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("sprocket") && stdout.contains("gear"),
+            "kubectl printed: {stdout}"
+        );
+    }
+
+    // When the backend cannot be reached, the answer is a 503 Status, not a hang.
+    sim.map_service("widgets", "widgets-api", 8443, "127.0.0.1:1");
+    let (code, status) = get(&sim, &path, "application/json").await;
+    assert_eq!(code, 503, "{status}");
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "ServiceUnavailable");
+}
