@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use restic_wrapper::{
@@ -123,9 +124,15 @@ async fn previous(
 }
 
 /// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
-/// targets): equal digests mean a stream backup would produce the same tar.
-pub fn manifest_digest(root: &Path) -> Result<String, AgentError> {
-    fn walk(dir: &Path, rel: &Path, h: &mut Sha256) -> std::io::Result<()> {
+/// targets): equal digests mean a stream backup would produce the same tar. The same walk
+/// counts the regular files and their bytes, the totals progress is reported against.
+pub fn manifest_digest(root: &Path) -> Result<(String, u64, u64), AgentError> {
+    fn walk(
+        dir: &Path,
+        rel: &Path,
+        h: &mut Sha256,
+        totals: &mut (u64, u64),
+    ) -> std::io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::MetadataExt;
         let mut names: Vec<_> = std::fs::read_dir(dir)?
@@ -152,22 +159,29 @@ pub fn manifest_digest(root: &Path) -> Result<String, AgentError> {
             if m.file_type().is_symlink() {
                 h.update(std::fs::read_link(&path)?.as_os_str().as_bytes());
             }
+            if m.is_file() {
+                totals.0 += m.size();
+                totals.1 += 1;
+            }
             if m.is_dir() {
-                walk(&path, &child, h)?;
+                walk(&path, &child, h, totals)?;
             }
         }
         Ok(())
     }
     let mut h = Sha256::new();
-    walk(root, Path::new(""), &mut h).map_err(|e| AgentError::Other {
+    let mut totals = (0, 0);
+    walk(root, Path::new(""), &mut h, &mut totals).map_err(|e| AgentError::Other {
         action: "scan the volume",
         reason: e.to_string(),
     })?;
-    Ok(h.finalize()
+    let digest = h
+        .finalize()
         .iter()
         .take(16)
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect();
+    Ok((digest, totals.0, totals.1))
 }
 
 pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult, AgentError> {
@@ -178,7 +192,13 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     }
     let mut result = match req.mode {
         ReadMode::Stream => {
-            let digest = manifest_digest(&req.path)?;
+            let (digest, bytes_total, files_total) = manifest_digest(&req.path)?;
+            req.progress
+                .bytes_total
+                .store(bytes_total, Ordering::Relaxed);
+            req.progress
+                .files_total
+                .store(files_total, Ordering::Relaxed);
             let manifest_tag = format!("{TAG_MANIFEST_PREFIX}{digest}");
             if let Some(prev) =
                 previous(restic, req.host.as_deref(), req.key.as_deref(), TAG_STREAM).await
@@ -211,10 +231,22 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 skip_if_unchanged: parent.is_some(),
                 ..BackupOptions::default()
             };
-            let summary = restic
-                .backup(&[PathBuf::from(".")], Some(&req.path), &opts)?
-                .finish()
-                .await?;
+            let mut run = restic.backup(&[PathBuf::from(".")], Some(&req.path), &opts)?;
+            // restic reports its own progress in direct mode; mirror it for status reports.
+            if let Some(mut messages) = run.messages() {
+                let progress = req.progress.clone();
+                tokio::spawn(async move {
+                    while let Some(m) = messages.recv().await {
+                        if let restic_wrapper::Message::BackupStatus(s) = m {
+                            progress.bytes.store(s.bytes_done, Ordering::Relaxed);
+                            progress.files.store(s.files_done, Ordering::Relaxed);
+                            progress.bytes_total.store(s.total_bytes, Ordering::Relaxed);
+                            progress.files_total.store(s.total_files, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            let summary = run.finish().await?;
             let unchanged = summary.snapshot_id.is_none();
             BackupResult {
                 snapshot_id: summary.snapshot_id.or(parent.map(|p| p.id)),

@@ -43,6 +43,9 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub files: AtomicU64,
     pub throttled_nanos: AtomicU64,
+    /// What the whole volume holds, once known (zero until then).
+    pub bytes_total: AtomicU64,
+    pub files_total: AtomicU64,
 }
 
 /// What a finished read saw.

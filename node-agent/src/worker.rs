@@ -127,18 +127,42 @@ struct VolumeOutcome {
     files: u64,
     warnings: Vec<String>,
     error: Option<String>,
+    started: Option<std::time::Instant>,
+}
+
+/// Seconds left at the rate so far, once there is a rate to go by.
+fn eta_seconds(done: u64, total: u64, elapsed: Duration) -> Option<u64> {
+    let rate = done as f64 / elapsed.as_secs_f64();
+    (done > 0 && total >= done && rate > 0.0).then(|| ((total - done) as f64 / rate).ceil() as u64)
 }
 
 fn volume_status(v: &AssignedVolume, o: &VolumeOutcome, p: &Progress) -> serde_json::Value {
     let done = o
         .phase
         .is_some_and(|ph| ph != VolumePhase::Running && ph != VolumePhase::Pending);
+    let (bytes, files) = if done {
+        (o.bytes, o.files)
+    } else {
+        (
+            p.bytes.load(Ordering::Relaxed),
+            p.files.load(Ordering::Relaxed),
+        )
+    };
+    let bytes_total = p.bytes_total.load(Ordering::Relaxed);
+    let files_total = p.files_total.load(Ordering::Relaxed);
+    let eta = match (done, o.started) {
+        (false, Some(start)) => eta_seconds(bytes, bytes_total, start.elapsed()),
+        _ => None,
+    };
     json!({
         "podName": v.pod_name,
         "volumeName": v.volume_name,
         "phase": o.phase.unwrap_or(VolumePhase::Pending),
-        "bytesDone": if done { o.bytes } else { p.bytes.load(Ordering::Relaxed) },
-        "filesDone": if done { o.files } else { p.files.load(Ordering::Relaxed) },
+        "bytesDone": bytes,
+        "filesDone": files,
+        "bytesTotal": (bytes_total > 0).then_some(bytes_total),
+        "filesTotal": (files_total > 0).then_some(files_total),
+        "etaSeconds": eta,
         "snapshotId": o.snapshot_id,
         "warnings": if o.warnings.is_empty() { None } else { Some(&o.warnings) },
         "error": o.error,
@@ -241,7 +265,11 @@ async fn process(
         let (excludes, cfg) = (a.spec.exclude.clone().unwrap_or_default(), cfg);
         async move {
             let _permit = volumes.acquire().await;
-            lock(&outcomes)[i].phase = Some(VolumePhase::Running);
+            {
+                let mut o = lock(&outcomes);
+                o[i].phase = Some(VolumePhase::Running);
+                o[i].started = Some(std::time::Instant::now());
+            }
             let result = async {
                 let path = resolve(client, cfg, v).await?;
                 let req = BackupRequest {
@@ -282,6 +310,7 @@ async fn process(
                         )
                         .collect(),
                     error: None,
+                    started: None,
                 },
                 Err(e) => VolumeOutcome {
                     phase: Some(VolumePhase::Failed),
@@ -436,4 +465,16 @@ async fn resolve(
     hostpath::check_mounted(&path, &plan, &hostpath::mount_points(&mountinfo))
         .map_err(resolve_err)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_follows_the_rate_so_far() {
+        assert_eq!(eta_seconds(50, 100, Duration::from_secs(10)), Some(10));
+        assert_eq!(eta_seconds(0, 100, Duration::from_secs(10)), None);
+        assert_eq!(eta_seconds(100, 100, Duration::from_secs(10)), Some(0));
+    }
 }

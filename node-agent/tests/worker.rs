@@ -192,6 +192,7 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
     let vol = &status.volumes.clone().unwrap_or_default()[0];
     assert_eq!(vol.phase, Some(VolumePhase::Succeeded), "{vol:?}");
     assert_eq!(vol.bytes_done, Some(300_000));
+    assert_eq!((vol.bytes_total, vol.files_total), (Some(300_000), Some(1)));
     let snapshot = vol.snapshot_id.clone().expect("a snapshot id");
     assert!(status.start_time.is_some() && status.completion_time.is_some());
 
