@@ -123,6 +123,22 @@ async fn previous(
     })
 }
 
+/// The newest snapshot of a host and volume key, in either mode: what "restore the latest"
+/// means for a volume.
+pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wrapper::Snapshot> {
+    let repo = restic.repository();
+    let native = NativeRepository::open(repo.backend(), repo.secrets())
+        .await
+        .ok()?;
+    let key_tag = key_tag(key);
+    native
+        .snapshots()
+        .await
+        .ok()?
+        .into_iter()
+        .rfind(|s| s.hostname == host && s.has_tag(&key_tag))
+}
+
 /// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
 /// targets): equal digests mean a stream backup would produce the same tar. The same walk
 /// counts the regular files and their bytes, the totals progress is reported against.

@@ -1,7 +1,8 @@
-//! The assignment worker: watches the BackupAssignments of this node, resolves each volume to
-//! its host path, backs it up through the engine under the node's IO budget, and writes the
-//! assignment's status — accepted, progress at most every few seconds, then the snapshot IDs
-//! or a clear error. An assignment left Running by an agent that died is taken up again.
+//! The assignment worker: watches this node's BackupAssignments and RestoreAssignments,
+//! resolves each volume to its host path, backs it up (or restores it in place) through the
+//! engine under the node's IO budget, and writes the assignment's status — running, progress
+//! at most every few seconds, then the snapshot IDs or a clear error. An assignment left
+//! Running by an agent that died is taken up again.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -16,12 +17,16 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 use restic_wrapper::{Cache, Repository, Restic};
 use serde_json::json;
-use stash_api::assignment::{AssignedVolume, AssignmentPhase, BackupAssignment, VolumePhase};
+use stash_api::assignment::{
+    AssignedVolume, AssignmentPhase, AssignmentStatus, BackupAssignment, RestoreAssignment,
+    VolumePhase,
+};
+use stash_api::common::ObjectRef;
 use stash_api::labels;
 use tokio::sync::Semaphore;
 
 use crate::budget::{IoBudget, Limits};
-use crate::engine::{self, AgentError, BackupRequest, ReadMode};
+use crate::engine::{self, AgentError, BackupRequest, ReadMode, RestoreRequest};
 use crate::hostpath;
 use crate::stream::Progress;
 
@@ -54,47 +59,136 @@ fn kube_err(action: &'static str) -> impl Fn(kube::Error) -> AgentError {
     }
 }
 
+/// What the worker needs of either assignment kind.
+pub trait Assignment:
+    kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const WHAT: &'static str;
+    fn node(&self) -> &str;
+    fn status(&self) -> Option<&AssignmentStatus>;
+    fn repository(&self) -> &ObjectRef;
+    fn volumes(&self) -> &[AssignedVolume];
+    fn io_budget(&self) -> Option<&stash_api::common::IoBudget>;
+    /// Backup or restore, with what this assignment asks for.
+    fn operation(&self, cfg: &WorkerConfig) -> Operation;
+}
+
+/// What to do with each volume.
+#[derive(Clone, Debug)]
+pub enum Operation {
+    Backup {
+        mode: ReadMode,
+        excludes: Vec<String>,
+    },
+    Restore,
+}
+
+impl Assignment for BackupAssignment {
+    const WHAT: &'static str = "backup";
+    fn node(&self) -> &str {
+        &self.spec.node_name
+    }
+    fn status(&self) -> Option<&AssignmentStatus> {
+        self.status.as_ref()
+    }
+    fn repository(&self) -> &ObjectRef {
+        &self.spec.repository
+    }
+    fn volumes(&self) -> &[AssignedVolume] {
+        &self.spec.volumes
+    }
+    fn io_budget(&self) -> Option<&stash_api::common::IoBudget> {
+        self.spec.io_budget.as_ref()
+    }
+    fn operation(&self, cfg: &WorkerConfig) -> Operation {
+        let mode = match self.spec.read_mode {
+            Some(stash_api::common::ReadMode::Direct) => ReadMode::Direct,
+            Some(stash_api::common::ReadMode::Stream) => ReadMode::Stream,
+            None => cfg.default_mode,
+        };
+        Operation::Backup {
+            mode,
+            excludes: self.spec.exclude.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl Assignment for RestoreAssignment {
+    const WHAT: &'static str = "restore";
+    fn node(&self) -> &str {
+        &self.spec.node_name
+    }
+    fn status(&self) -> Option<&AssignmentStatus> {
+        self.status.as_ref()
+    }
+    fn repository(&self) -> &ObjectRef {
+        &self.spec.repository
+    }
+    fn volumes(&self) -> &[AssignedVolume] {
+        &self.spec.volumes
+    }
+    fn io_budget(&self) -> Option<&stash_api::common::IoBudget> {
+        self.spec.io_budget.as_ref()
+    }
+    fn operation(&self, _: &WorkerConfig) -> Operation {
+        Operation::Restore
+    }
+}
+
 /// Whether this agent should work on an assignment: it is for this node and not finished.
 /// Only one agent runs per node, so a Running assignment of another agent pod on this node
 /// was left by a predecessor that died; it is taken up again.
-pub fn should_take(a: &BackupAssignment, node: &str) -> bool {
-    let phase = a.status.as_ref().and_then(|s| s.phase);
-    a.spec.node_name == node && !phase.is_some_and(AssignmentPhase::is_final)
+pub fn should_take<K: Assignment>(a: &K, node: &str) -> bool {
+    let phase = a.status().and_then(|s| s.phase);
+    a.node() == node && !phase.is_some_and(AssignmentPhase::is_final)
 }
 
-/// Runs until the watch ends or `shutdown` resolves.
+/// Runs until the watches end or `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
     cfg: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let api: Api<BackupAssignment> = Api::all(client.clone());
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let volumes = Arc::new(Semaphore::new(cfg.max_volumes.max(1)));
+    tracing::info!(node = %cfg.node_name, "watching assignments");
+    tokio::select! {
+        () = shutdown => Ok(()),
+        () = watch::<BackupAssignment>(&client, &cfg, &in_flight, &volumes) => Ok(()),
+        () = watch::<RestoreAssignment>(&client, &cfg, &in_flight, &volumes) => Ok(()),
+    }
+}
+
+async fn watch<K: Assignment>(
+    client: &kube::Client,
+    cfg: &WorkerConfig,
+    in_flight: &Arc<Mutex<HashSet<String>>>,
+    volumes: &Arc<Semaphore>,
+) {
+    let api: Api<K> = Api::all(client.clone());
     let selector = format!("{}={}", labels::NODE, cfg.node_name);
     let stream = watcher(api, watcher::Config::default().labels(&selector));
     let mut stream = std::pin::pin!(stream);
-    let mut shutdown = std::pin::pin!(shutdown);
-    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let volumes = Arc::new(Semaphore::new(cfg.max_volumes.max(1)));
-    tracing::info!(node = %cfg.node_name, "watching backup assignments");
-    loop {
-        let event = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            e = stream.next() => e,
-        };
-        let Some(event) = event else { return Ok(()) };
+    while let Some(event) = stream.next().await {
         let objects = match event {
             Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a)) => vec![a],
             Ok(_) => vec![],
             // The watcher retries on its own; a malformed object must not stop the agent.
             Err(e) => {
-                tracing::warn!(error = %e, "assignment watch error");
+                tracing::warn!(error = %e, kind = K::WHAT, "assignment watch error");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 vec![]
             }
         };
         for a in objects {
-            let uid = a.metadata.uid.clone().unwrap_or_default();
-            if !should_take(&a, &cfg.node_name) || !lock(&in_flight).insert(uid.clone()) {
+            let uid = a.meta().uid.clone().unwrap_or_default();
+            if !should_take(&a, &cfg.node_name) || !lock(in_flight).insert(uid.clone()) {
                 continue;
             }
             let (client, cfg, in_flight, volumes) = (
@@ -104,9 +198,9 @@ pub async fn run(
                 volumes.clone(),
             );
             tokio::spawn(async move {
-                let name = a.metadata.name.clone().unwrap_or_default();
+                let name = a.meta().name.clone().unwrap_or_default();
                 if let Err(e) = process(&client, &cfg, a, volumes).await {
-                    tracing::error!(assignment = %name, error = %e, "backup assignment failed");
+                    tracing::error!(assignment = %name, kind = K::WHAT, error = %e, "assignment failed");
                 }
                 lock(&in_flight).remove(&uid);
             });
@@ -169,8 +263,8 @@ fn volume_status(v: &AssignedVolume, o: &VolumeOutcome, p: &Progress) -> serde_j
     })
 }
 
-async fn patch_status(
-    api: &Api<BackupAssignment>,
+async fn patch_status<K: Assignment>(
+    api: &Api<K>,
     name: &str,
     status: serde_json::Value,
 ) -> Result<(), AgentError> {
@@ -184,18 +278,17 @@ async fn patch_status(
     .map_err(kube_err("write the assignment status"))
 }
 
-async fn process(
+async fn process<K: Assignment>(
     client: &kube::Client,
     cfg: &WorkerConfig,
-    a: BackupAssignment,
+    a: K,
     volumes: Arc<Semaphore>,
 ) -> Result<(), AgentError> {
-    let ns = a.metadata.namespace.clone().unwrap_or_default();
-    let name = a.metadata.name.clone().unwrap_or_default();
-    let api: Api<BackupAssignment> = Api::namespaced(client.clone(), &ns);
+    let ns = a.meta().namespace.clone().unwrap_or_default();
+    let name = a.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
     let started = a
-        .status
-        .as_ref()
+        .status()
         .and_then(|s| s.start_time.clone())
         .unwrap_or_else(now);
     patch_status(
@@ -206,12 +299,13 @@ async fn process(
             "agent": cfg.pod_name,
             "startTime": started,
             "lastHeartbeatTime": now(),
-            "observedGeneration": a.metadata.generation,
+            "observedGeneration": a.meta().generation,
         }),
     )
     .await?;
 
-    let restic = match open_repository(client, cfg, &a, &ns).await {
+    let uid = a.meta().uid.clone().unwrap_or_default();
+    let restic = match open_repository(client, cfg, a.repository(), &ns, &uid).await {
         Ok(r) => r,
         Err(e) => {
             patch_status(
@@ -227,42 +321,32 @@ async fn process(
             return Err(e);
         }
     };
-    let mode = match a.spec.read_mode {
-        Some(stash_api::common::ReadMode::Direct) => ReadMode::Direct,
-        Some(stash_api::common::ReadMode::Stream) => ReadMode::Stream,
-        None => cfg.default_mode,
-    };
+    let operation = a.operation(cfg);
     let own = Limits {
         bytes_per_second: a
-            .spec
-            .io_budget
-            .as_ref()
+            .io_budget()
             .and_then(|b| b.bytes_per_second.as_ref())
             .and_then(|q| crate::cli::parse_bytes(&q.0).ok()),
         iops: a
-            .spec
-            .io_budget
-            .as_ref()
+            .io_budget()
             .and_then(|b| b.iops)
             .and_then(|n| u64::try_from(n).ok()),
     };
     let budget = cfg.budget.for_assignment(own);
-    let progress: Vec<Arc<Progress>> = a.spec.volumes.iter().map(|_| Arc::default()).collect();
-    let outcomes: Arc<Mutex<Vec<VolumeOutcome>>> = Arc::new(Mutex::new(vec![
-        VolumeOutcome::default(
-        );
-        a.spec.volumes.len()
-    ]));
+    let specs = a.volumes();
+    let progress: Vec<Arc<Progress>> = specs.iter().map(|_| Arc::default()).collect();
+    let outcomes: Arc<Mutex<Vec<VolumeOutcome>>> =
+        Arc::new(Mutex::new(vec![VolumeOutcome::default(); specs.len()]));
 
-    let work = futures::future::join_all(a.spec.volumes.iter().enumerate().map(|(i, v)| {
-        let (restic, budget, progress, outcomes, volumes) = (
+    let work = futures::future::join_all(specs.iter().enumerate().map(|(i, v)| {
+        let (restic, budget, progress, outcomes, volumes, operation) = (
             &restic,
             budget.clone(),
             progress[i].clone(),
             outcomes.clone(),
             volumes.clone(),
+            operation.clone(),
         );
-        let (excludes, cfg) = (a.spec.exclude.clone().unwrap_or_default(), cfg);
         async move {
             let _permit = volumes.acquire().await;
             {
@@ -270,48 +354,9 @@ async fn process(
                 o[i].phase = Some(VolumePhase::Running);
                 o[i].started = Some(std::time::Instant::now());
             }
-            let result = async {
-                let path = resolve(client, cfg, v).await?;
-                let req = BackupRequest {
-                    path,
-                    mode,
-                    host: Some(v.host.clone()),
-                    tags: vec![],
-                    key: Some(v.snapshot_key.clone()),
-                    excludes,
-                    budget,
-                    read_concurrency: None,
-                    limit_upload_kib: None,
-                    io_uring: cfg.io_uring,
-                    progress,
-                };
-                engine::backup(restic, req).await
-            }
-            .await;
-            let mut o = lock(&outcomes);
-            o[i] = match result {
-                Ok(r) => VolumeOutcome {
-                    phase: Some(if r.unchanged {
-                        VolumePhase::Unchanged
-                    } else {
-                        VolumePhase::Succeeded
-                    }),
-                    snapshot_id: r.snapshot_id,
-                    bytes: r.bytes,
-                    files: r.files,
-                    warnings: r
-                        .changed_during_read
-                        .iter()
-                        .map(|f| format!("changed during the read: {f}"))
-                        .chain(
-                            r.vanished_during_read
-                                .iter()
-                                .map(|f| format!("vanished during the read: {f}")),
-                        )
-                        .collect(),
-                    error: None,
-                    started: None,
-                },
+            let result = run_volume(client, cfg, restic, v, operation, budget, progress).await;
+            lock(&outcomes)[i] = match result {
+                Ok(outcome) => outcome,
                 Err(e) => VolumeOutcome {
                     phase: Some(VolumePhase::Failed),
                     error: Some(e.to_string()),
@@ -321,23 +366,26 @@ async fn process(
         }
     }));
     let mut work = std::pin::pin!(work);
+    let statuses = |outcomes: &[VolumeOutcome]| -> Vec<serde_json::Value> {
+        specs
+            .iter()
+            .zip(outcomes)
+            .zip(&progress)
+            .map(|((v, o), p)| volume_status(v, o, p))
+            .collect()
+    };
     // Progress while the volumes run; a heartbeat too, so a dead agent is noticed.
     loop {
         tokio::select! {
             _ = &mut work => break,
             () = tokio::time::sleep(cfg.progress_every) => {
-                let vols: Vec<_> = {
-                    let o = lock(&outcomes);
-                    a.spec.volumes.iter().zip(o.iter()).zip(&progress).map(|((v, o), p)| volume_status(v, o, p)).collect()
-                };
+                let vols = statuses(&lock(&outcomes));
                 let _ = patch_status(&api, &name, json!({"lastHeartbeatTime": now(), "volumes": vols})).await;
             }
         }
     }
     let outcomes = lock(&outcomes).clone();
-    let failed: Vec<String> = a
-        .spec
-        .volumes
+    let failed: Vec<String> = specs
         .iter()
         .zip(&outcomes)
         .filter_map(|(v, o)| {
@@ -346,39 +394,122 @@ async fn process(
                 .map(|e| format!("{}/{}: {e}", v.pod_name, v.volume_name))
         })
         .collect();
-    let vols: Vec<_> = a
-        .spec
-        .volumes
-        .iter()
-        .zip(&outcomes)
-        .zip(&progress)
-        .map(|((v, o), p)| volume_status(v, o, p))
-        .collect();
     patch_status(&api, &name, json!({
         "phase": if failed.is_empty() { AssignmentPhase::Succeeded } else { AssignmentPhase::Failed },
         "completionTime": now(),
         "lastHeartbeatTime": now(),
-        "volumes": vols,
+        "volumes": statuses(&outcomes),
         "error": if failed.is_empty() { None } else { Some(failed.join("; ")) },
     }))
     .await
 }
 
+/// One volume: resolved to its host path, then backed up or restored in place.
+async fn run_volume(
+    client: &kube::Client,
+    cfg: &WorkerConfig,
+    restic: &Restic,
+    v: &AssignedVolume,
+    operation: Operation,
+    budget: crate::budget::AssignmentBudget,
+    progress: Arc<Progress>,
+) -> Result<VolumeOutcome, AgentError> {
+    let path = resolve(client, cfg, v).await?;
+    match operation {
+        Operation::Backup { mode, excludes } => {
+            let req = BackupRequest {
+                path,
+                mode,
+                host: Some(v.host.clone()),
+                tags: vec![],
+                key: Some(v.snapshot_key.clone()),
+                excludes,
+                budget,
+                read_concurrency: None,
+                limit_upload_kib: None,
+                io_uring: cfg.io_uring,
+                progress,
+            };
+            let r = engine::backup(restic, req).await?;
+            let warnings = r
+                .changed_during_read
+                .iter()
+                .map(|f| format!("changed during the read: {f}"))
+                .chain(
+                    r.vanished_during_read
+                        .iter()
+                        .map(|f| format!("vanished during the read: {f}")),
+                )
+                .collect();
+            Ok(VolumeOutcome {
+                phase: Some(if r.unchanged {
+                    VolumePhase::Unchanged
+                } else {
+                    VolumePhase::Succeeded
+                }),
+                snapshot_id: r.snapshot_id,
+                bytes: r.bytes,
+                files: r.files,
+                warnings,
+                ..VolumeOutcome::default()
+            })
+        }
+        Operation::Restore => {
+            if v.exclude.as_ref().is_some_and(|e| !e.is_empty()) {
+                return Err(AgentError::Other {
+                    action: "restore the volume",
+                    reason:
+                        "exclude patterns are not supported for in-place restores yet; use include"
+                            .into(),
+                });
+            }
+            let snapshot = match v.snapshot.as_deref() {
+                Some(id) if id != "latest" => id.to_owned(),
+                _ => {
+                    engine::latest(restic, &v.host, &v.snapshot_key)
+                        .await
+                        .ok_or_else(|| {
+                            AgentError::NoSnapshot(format!(
+                                "latest of {} on {}",
+                                v.snapshot_key, v.host
+                            ))
+                        })?
+                        .id
+                }
+            };
+            let req = RestoreRequest {
+                snapshot,
+                target: path,
+                delete: v.delete_extraneous.unwrap_or(false),
+                include: v.include.clone().unwrap_or_default(),
+                owners: true,
+            };
+            let r = engine::restore(restic, req).await?;
+            Ok(VolumeOutcome {
+                phase: Some(VolumePhase::Succeeded),
+                snapshot_id: Some(r.snapshot_id),
+                bytes: r.bytes,
+                files: r.files,
+                ..VolumeOutcome::default()
+            })
+        }
+    }
+}
+
 async fn open_repository(
     client: &kube::Client,
     cfg: &WorkerConfig,
-    a: &BackupAssignment,
+    repository: &ObjectRef,
     ns: &str,
+    uid: &str,
 ) -> Result<Restic, AgentError> {
-    let repo_ns = a
-        .spec
-        .repository
+    let repo_ns = repository
         .namespace
         .clone()
         .unwrap_or_else(|| ns.to_owned());
     let repos: Api<stash_api::Repository> = Api::namespaced(client.clone(), &repo_ns);
     let repo = repos
-        .get(&a.spec.repository.name)
+        .get(&repository.name)
         .await
         .map_err(kube_err("read the Repository"))?;
     let secret_name = repo
@@ -395,10 +526,7 @@ async fn open_repository(
         .await
         .map_err(kube_err("read the storage Secret"))?;
     let backend = crate::repository::backend(&repo.spec.backend)?;
-    let scratch = cfg
-        .state_dir
-        .join("scratch")
-        .join(a.metadata.uid.as_deref().unwrap_or("unknown"));
+    let scratch = cfg.state_dir.join("scratch").join(uid);
     std::fs::create_dir_all(&scratch).map_err(|e| AgentError::Other {
         action: "create the scratch directory",
         reason: e.to_string(),

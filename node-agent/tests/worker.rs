@@ -10,10 +10,11 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
+use stash_api::assignment::RestoreAssignment;
 use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
 use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::ReadMode;
-use stash_node_agent::worker::{WorkerConfig, run};
+use stash_node_agent::worker::{Assignment, WorkerConfig, run};
 
 type Result<T = ()> = anyhow::Result<T>;
 
@@ -74,13 +75,12 @@ fn assignment(name: &str, node: &str, pod: &str, uid: &str) -> serde_json::Value
     })
 }
 
-async fn wait_final(api: &Api<BackupAssignment>, name: &str) -> Result<BackupAssignment> {
+async fn wait_final<K: Assignment>(api: &Api<K>, name: &str) -> Result<K> {
     // A deadline so a broken worker fails the test instead of hanging it; not a performance
     // threshold.
     for _ in 0..600 {
         let a = api.get(name).await?;
-        if a.status
-            .as_ref()
+        if a.status()
             .and_then(|s| s.phase)
             .is_some_and(AssignmentPhase::is_final)
         {
@@ -227,6 +227,37 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         .output()?;
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains(&snapshot) && listed.contains(&orphan_snapshot));
+
+    // The pod keeps running and breaks its data; a RestoreAssignment puts the latest snapshot
+    // back in place, removing what the snapshot does not have.
+    std::fs::write(volume.join("db/table"), b"corrupted")?;
+    std::fs::write(volume.join("stray"), b"not in the snapshot")?;
+    let restores: Api<RestoreAssignment> = Api::namespaced(client.clone(), "demo");
+    create(
+        &restores,
+        json!({
+            "apiVersion": "stash.appscode.com/v1beta1",
+            "kind": "RestoreAssignment",
+            "metadata": {"name": "app-restore-1-node-a", "namespace": "demo",
+                "labels": {"stash.appscode.com/node": "node-a"}},
+            "spec": {
+                "restoreSession": "app-restore-1",
+                "nodeName": "node-a",
+                "repository": {"name": "local-repo"},
+                "volumes": [{
+                    "podNamespace": "demo", "podName": "app-0", "podUid": uid, "volumeName": "data",
+                    "sourceKind": "EmptyDir", "host": "host-0", "snapshotKey": "demo/app/data",
+                    "snapshot": "latest", "deleteExtraneous": true
+                }]
+            }
+        }),
+    )
+    .await?;
+    let restored = wait_final(&restores, "app-restore-1-node-a").await?;
+    let rs = restored.status.unwrap_or_default();
+    assert_eq!(rs.phase, Some(AssignmentPhase::Succeeded), "{rs:?}");
+    assert_eq!(std::fs::read(volume.join("db/table"))?, vec![7u8; 300_000]);
+    assert!(!volume.join("stray").exists());
 
     let _ = stop.send(());
     worker.await??;
