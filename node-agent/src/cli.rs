@@ -197,23 +197,35 @@ fn restic_for(args: &RepoArgs) -> anyhow::Result<Restic> {
     Ok(restic)
 }
 
-/// Answers `/healthz` and `/readyz` for the kubelet's probes.
-async fn serve_health(port: u16) -> anyhow::Result<()> {
+/// Answers `/healthz` and `/readyz` for the kubelet's probes and `/metrics` for Prometheus.
+async fn serve_health(
+    port: u16,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     loop {
         let (mut conn, _) = listener.accept().await?;
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = conn.read(&mut buf).await.unwrap_or(0);
             let line = String::from_utf8_lossy(&buf[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("");
-            let reply: &[u8] = if path == "/healthz" || path == "/readyz" {
-                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
-            } else {
-                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            let (status, content_type, body) = match path {
+                "/healthz" | "/readyz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.encode(),
+                ),
+                _ => ("404 Not Found", "text/plain", String::new()),
             };
-            let _ = conn.write_all(reply).await;
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
         });
     }
 }
@@ -223,6 +235,19 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
     match command {
         Command::Run(a) => {
             let client = kube::Client::try_default().await?;
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+            // Probe once at start, so the log and metrics say which engine reads.
+            let (engine, fallback) = crate::uring::choose(a.io_uring == IoUringMode::Auto);
+            if let Some(reason) = &fallback {
+                tracing::warn!(%reason, "not reading through io_uring");
+            }
+            metrics
+                .read_engine
+                .get_or_create(&crate::metrics::EngineLabels {
+                    engine: engine.name(),
+                })
+                .set(1);
+            drop(engine);
             let cfg = crate::worker::WorkerConfig {
                 node_name: a.node_name,
                 pod_name: a.pod_name,
@@ -238,8 +263,9 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 io_uring: a.io_uring == IoUringMode::Auto,
                 mountinfo: a.mountinfo,
                 progress_every: Duration::from_secs(a.progress_seconds.max(1)),
+                metrics: metrics.clone(),
             };
-            let health = tokio::spawn(serve_health(a.metrics_port));
+            let health = tokio::spawn(serve_health(a.metrics_port, metrics));
             // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -46,6 +46,7 @@ pub struct WorkerConfig {
     /// The mount table consulted to refuse unmounted volumes.
     pub mountinfo: PathBuf,
     pub progress_every: Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn now() -> Time {
@@ -348,13 +349,49 @@ async fn process<K: Assignment>(
             operation.clone(),
         );
         async move {
+            let metrics = &cfg.metrics;
+            metrics.queue_depth.inc();
             let _permit = volumes.acquire().await;
+            metrics.queue_depth.dec();
+            metrics.volumes_in_progress.inc();
             {
                 let mut o = lock(&outcomes);
                 o[i].phase = Some(VolumePhase::Running);
                 o[i].started = Some(std::time::Instant::now());
             }
-            let result = run_volume(client, cfg, restic, v, operation, budget, progress).await;
+            let what = match operation {
+                Operation::Backup { .. } => "backup",
+                Operation::Restore => "restore",
+            };
+            let result =
+                run_volume(client, cfg, restic, v, operation, budget, progress.clone()).await;
+            metrics.volumes_in_progress.dec();
+            metrics
+                .read_bytes
+                .inc_by(progress.bytes.load(Ordering::Relaxed));
+            metrics
+                .throttle_seconds
+                .inc_by(progress.throttled_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+            let result_label = if result.is_ok() {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            metrics
+                .volumes
+                .get_or_create(&crate::metrics::VolumeLabels {
+                    operation: what,
+                    result: result_label,
+                })
+                .inc();
+            if let Err(e) = &result {
+                metrics
+                    .failures
+                    .get_or_create(&crate::metrics::FailureLabels {
+                        category: e.category(),
+                    })
+                    .inc();
+            }
             lock(&outcomes)[i] = match result {
                 Ok(outcome) => outcome,
                 Err(e) => VolumeOutcome {

@@ -167,6 +167,7 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         )
         .await?;
 
+    let metrics = std::sync::Arc::new(stash_node_agent::metrics::Metrics::default());
     let cfg = WorkerConfig {
         node_name: "node-a".into(),
         pod_name: "stash-node-agent-x1".into(),
@@ -179,6 +180,7 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         io_uring: true,
         mountinfo: dir.path().join("mountinfo"),
         progress_every: Duration::from_millis(500),
+        metrics: metrics.clone(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(run(client.clone(), cfg, async move {
@@ -258,6 +260,22 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
     assert_eq!(rs.phase, Some(AssignmentPhase::Succeeded), "{rs:?}");
     assert_eq!(std::fs::read(volume.join("db/table"))?, vec![7u8; 300_000]);
     assert!(!volume.join("stray").exists());
+
+    // Every volume was counted, by operation and result, and the failure by its category.
+    let text = metrics.encode();
+    assert!(
+        text.contains(r#"stash_agent_volumes_total{operation="backup",result="succeeded"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"stash_agent_volumes_total{operation="restore",result="succeeded"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"stash_agent_failures_total{category="internal"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("stash_agent_volumes_in_progress 0"), "{text}");
 
     let _ = stop.send(());
     worker.await??;
