@@ -176,7 +176,16 @@ async fn watch<K: Assignment>(
     let selector = format!("{}={}", labels::NODE, cfg.node_name);
     let stream = watcher(api, watcher::Config::default().labels(&selector));
     let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
+    // The work belongs to this loop: when the agent stops (SIGTERM, or the loop is dropped),
+    // the tasks are dropped with it, which interrupts their restic processes so they release
+    // their locks, and the next agent takes the Running assignments up.
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let Some(event) = event else { return };
         let objects = match event {
             Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a)) => vec![a],
             Ok(_) => vec![],
@@ -198,7 +207,7 @@ async fn watch<K: Assignment>(
                 in_flight.clone(),
                 volumes.clone(),
             );
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let name = a.meta().name.clone().unwrap_or_default();
                 if let Err(e) = process(&client, &cfg, a, volumes).await {
                     tracing::error!(assignment = %name, kind = K::WHAT, error = %e, "assignment failed");

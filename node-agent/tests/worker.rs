@@ -282,3 +282,131 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
     sim.shutdown();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Result {
+    let sim = kube_sim::KubeSim::start(kube_sim::Options::default()).await?;
+    let client = sim.client().await?;
+    install_crds(&client).await?;
+    let dir = tempfile::tempdir()?;
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "demo"}}),
+    )
+    .await?;
+    create(
+        &Api::<Secret>::namespaced(client.clone(), "demo"),
+        json!({
+            "metadata": {"name": "repo-secret"}, "stringData": {"RESTIC_PASSWORD": "restart test"}
+        }),
+    )
+    .await?;
+    let repo_path = dir.path().join("repository");
+    create(
+        &Api::<stash_api::Repository>::namespaced(client.clone(), "demo"),
+        json!({
+            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+            "metadata": {"name": "local-repo"},
+            "spec": {"backend": {"storageSecretName": "repo-secret",
+                "local": {"hostPath": {"path": repo_path}, "mountPath": "/repo"}}}
+        }),
+    )
+    .await?;
+    let pod = create(
+        &Api::<Pod>::namespaced(client.clone(), "demo"),
+        json!({
+            "metadata": {"name": "app-0"},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox"}],
+                "volumes": [{"name": "data", "emptyDir": {}}]}
+        }),
+    )
+    .await?;
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let kubelet = dir.path().join("kubelet");
+    let volume = kubelet
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~empty-dir/data");
+    std::fs::create_dir_all(&volume)?;
+    std::fs::write(volume.join("big"), vec![3u8; 16 << 20])?;
+    std::fs::write(dir.path().join("mountinfo"), "")?;
+    let assignments: Api<BackupAssignment> = Api::namespaced(client.clone(), "demo");
+    create(&assignments, assignment("slow", "node-a", "app-0", &uid)).await?;
+
+    let config = |pod: &str, budget: Option<u64>| WorkerConfig {
+        node_name: "node-a".into(),
+        pod_name: pod.into(),
+        kubelet_root: kubelet.clone(),
+        state_dir: dir.path().join("state"),
+        restic: restic_bin(),
+        budget: IoBudget::new(Limits {
+            bytes_per_second: budget,
+            iops: None,
+        }),
+        max_volumes: 1,
+        default_mode: ReadMode::Stream,
+        io_uring: true,
+        mountinfo: dir.path().join("mountinfo"),
+        progress_every: Duration::from_millis(200),
+        metrics: Default::default(),
+    };
+    // The first agent reads at 2 MiB/s, so it is surely mid-volume when it dies.
+    let first = tokio::spawn(run(
+        client.clone(),
+        config("agent-1", Some(2 << 20)),
+        std::future::pending(),
+    ));
+    let mut running = false;
+    for _ in 0..300 {
+        let a = assignments.get("slow").await?;
+        let st = a.status.unwrap_or_default();
+        if st.phase == Some(AssignmentPhase::Running)
+            && st
+                .volumes
+                .unwrap_or_default()
+                .first()
+                .and_then(|v| v.bytes_done)
+                .unwrap_or(0)
+                > 0
+        {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the first agent started reading");
+    // Killed: its tasks are dropped, and restic is interrupted with them.
+    first.abort();
+    let _ = first.await;
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(run(client.clone(), config("agent-2", None), async move {
+        let _ = stopped.await;
+    }));
+    let done = wait_final(&assignments, "slow").await?;
+    let st = done.status.unwrap_or_default();
+    assert_eq!(st.phase, Some(AssignmentPhase::Succeeded), "{st:?}");
+    assert_eq!(st.agent.as_deref(), Some("agent-2"));
+    // One snapshot: the killed read left none behind, and the work was not done twice.
+    let out = std::process::Command::new(restic_bin())
+        .args(["snapshots", "--json", "--no-cache"])
+        .env("RESTIC_REPOSITORY", &repo_path)
+        .env("RESTIC_PASSWORD", "restart test")
+        .output()?;
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    let check = std::process::Command::new(restic_bin())
+        .args(["check", "--no-cache"])
+        .env("RESTIC_REPOSITORY", &repo_path)
+        .env("RESTIC_PASSWORD", "restart test")
+        .output()?;
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let _ = stop.send(());
+    second.await??;
+    sim.shutdown();
+    Ok(())
+}
