@@ -123,6 +123,11 @@ async fn previous(
     })
 }
 
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 /// The newest snapshot of a host and volume key, in either mode: what "restore the latest"
 /// means for a volume.
 pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wrapper::Snapshot> {
@@ -207,6 +212,17 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
         tags.push(key_tag(k));
     }
     let mut result = match req.mode {
+        ReadMode::Stream if is_block_device(&req.path) => {
+            // A raw device has no metadata to compare: it is read every time.
+            tags.push(TAG_STREAM.into());
+            backup_stream(restic, &req, tags).await?
+        }
+        ReadMode::Direct if is_block_device(&req.path) => {
+            return Err(AgentError::Other {
+                action: "back up the volume",
+                reason: "a block volume can only be read in stream mode".into(),
+            });
+        }
         ReadMode::Stream => {
             let (digest, bytes_total, files_total) = manifest_digest(&req.path)?;
             req.progress
@@ -390,8 +406,14 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
             owners: req.owners,
         };
         let target = req.target.clone();
-        let extractor =
-            tokio::task::spawn_blocking(move || crate::stream::extract(reader, &target, &opts));
+        let block = is_block_device(&target);
+        let extractor = tokio::task::spawn_blocking(move || {
+            if block {
+                crate::stream::extract_block(reader, &target)
+            } else {
+                crate::stream::extract(reader, &target, &opts)
+            }
+        });
         let sink =
             tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(writer)));
         let dumped = restic

@@ -20,6 +20,8 @@ use crate::tar::{Entry, Kind, TarReader, TarWriter};
 
 /// Size of one read: large enough for sequential throughput, small enough to pace smoothly.
 const CHUNK: usize = 1 << 20;
+/// The name of a raw block volume's content inside the stream.
+pub const BLOCK_FILE: &str = "block.img";
 /// How far behind the current read the page-cache drop reaches.
 const DONTNEED_LAG: u64 = 4 << 20;
 
@@ -147,7 +149,24 @@ impl VolumeReader<'_> {
         let mut report = ReadReport::default();
         let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         let mut buf = vec![0u8; CHUNK];
-        self.walk(Path::new(""), &mut tar, &mut report, &mut links, &mut buf)?;
+        let root_meta = std::fs::metadata(&self.root).map_err(|source| StreamError::Read {
+            path: self.root.display().to_string(),
+            source,
+        })?;
+        if root_meta.file_type().is_block_device() {
+            // A raw block volume is one file in the stream, as large as the device.
+            let root = self.root.clone();
+            self.file(
+                &root,
+                Path::new(BLOCK_FILE),
+                vec![],
+                &mut tar,
+                &mut report,
+                &mut buf,
+            )?;
+        } else {
+            self.walk(Path::new(""), &mut tar, &mut report, &mut links, &mut buf)?;
+        }
         let out = tar.finish().map_err(StreamError::Write)?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok((report, out))
@@ -266,7 +285,12 @@ impl VolumeReader<'_> {
             Err(e) => return Err(read_err(e)),
         };
         let before = file.metadata().map_err(read_err)?;
-        let size = before.len();
+        let size = if before.file_type().is_block_device() {
+            // A device's size is where its end is, not what stat says.
+            io::Seek::seek(&mut &file, io::SeekFrom::End(0)).map_err(read_err)?
+        } else {
+            before.len()
+        };
         let entry = entry_for(rel, &before, Kind::File { size }, xattrs);
         tar.append_header(&entry).map_err(StreamError::Write)?;
         let mut offset = 0u64;
@@ -306,8 +330,9 @@ impl VolumeReader<'_> {
         tar.finish_entry(size).map_err(StreamError::Write)?;
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
         let after = file.metadata().map_err(read_err)?;
+        let block = after.file_type().is_block_device();
         if short
-            || after.len() != size
+            || (!block && after.len() != size)
             || after.mtime() != before.mtime()
             || after.mtime_nsec() != before.mtime_nsec()
         {
@@ -457,6 +482,41 @@ fn timestamps(e: &Entry) -> rustix::fs::Timestamps {
 
 fn set_times(fd: impl AsFd, e: &Entry) -> io::Result<()> {
     Ok(rustix::fs::futimens(fd, &timestamps(e))?)
+}
+
+/// Writes the raw block image of a stream into a block device, from its first byte.
+pub fn extract_block<R: Read>(input: R, device: &Path) -> Result<ExtractReport, StreamError> {
+    let restore_err = |source| StreamError::Restore {
+        path: device.display().to_string(),
+        source,
+    };
+    let mut reader = TarReader::new(input);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .map_err(restore_err)?;
+    let mut report = ExtractReport::default();
+    let mut buf = vec![0u8; CHUNK];
+    while let Some(entry) = reader.next_entry().map_err(StreamError::Decode)? {
+        if entry.path != BLOCK_FILE.as_bytes() {
+            continue;
+        }
+        loop {
+            let n = reader.read_data(&mut buf).map_err(StreamError::Decode)?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(restore_err)?;
+            report.bytes += n as u64;
+        }
+        out.sync_all().map_err(restore_err)?;
+        report.files = 1;
+        return Ok(report);
+    }
+    Err(StreamError::Unsafe {
+        path: device.display().to_string(),
+        reason: "the snapshot holds no block image",
+    })
 }
 
 /// Writes a tar stream into `target`, confined to it.

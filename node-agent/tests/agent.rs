@@ -547,3 +547,64 @@ async fn the_standalone_commands_write_snapshots_stock_restic_reads() -> Result 
     );
     Ok(())
 }
+
+/// A loop device over an image file, detached on drop.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(image: &Path) -> Result<Loop> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Loop(PathBuf::from(String::from_utf8(out.stdout)?.trim())))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_block_volume_is_streamed_as_one_image_and_restored_onto_a_device() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let (src_img, dst_img) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    let data = pattern(8 << 20);
+    std::fs::write(&src_img, &data)?;
+    std::fs::write(&dst_img, vec![0u8; 8 << 20])?;
+    let (src, dst) = (Loop::attach(&src_img)?, Loop::attach(&dst_img)?);
+
+    let result = engine::backup(&restic, request(&src.0, ReadMode::Stream)).await?;
+    assert_eq!((result.bytes, result.files), (8 << 20, 1), "{result:?}");
+    let direct = engine::backup(&restic, request(&src.0, ReadMode::Direct)).await;
+    assert!(direct.is_err(), "direct mode refuses a block device");
+
+    engine::restore(
+        &restic,
+        RestoreRequest {
+            snapshot: result.snapshot_id.clone().expect("snapshot"),
+            target: dst.0.clone(),
+            delete: false,
+            include: vec![],
+            owners: false,
+        },
+    )
+    .await?;
+    drop((src, dst));
+    assert!(
+        std::fs::read(&dst_img)? == data,
+        "the device holds the image"
+    );
+    Ok(())
+}
