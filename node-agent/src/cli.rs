@@ -83,6 +83,12 @@ pub struct RunArgs {
     /// Seconds between progress reports in an assignment's status.
     #[arg(long, env = "STASH_PROGRESS_SECONDS", default_value_t = 10)]
     pub progress_seconds: u64,
+    /// Direct mode: restic's upload limit in KiB/s (`--limit-upload`).
+    #[arg(long, env = "STASH_LIMIT_UPLOAD_KIB")]
+    pub limit_upload_kib: Option<u64>,
+    /// Direct mode: files restic reads at once (`--read-concurrency`).
+    #[arg(long, env = "STASH_READ_CONCURRENCY")]
+    pub read_concurrency: Option<u32>,
 }
 
 /// Where the repository is and how restic runs; the password and credentials come from
@@ -264,6 +270,8 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 mountinfo: a.mountinfo,
                 progress_every: Duration::from_secs(a.progress_seconds.max(1)),
                 metrics: metrics.clone(),
+                limit_upload_kib: a.limit_upload_kib,
+                read_concurrency: a.read_concurrency,
             };
             let health = tokio::spawn(serve_health(a.metrics_port, metrics));
             // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

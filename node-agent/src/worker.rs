@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub mountinfo: PathBuf,
     pub progress_every: Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Direct mode: restic's own upload limit (KiB/s) and read parallelism.
+    pub limit_upload_kib: Option<u64>,
+    pub read_concurrency: Option<u32>,
 }
 
 fn now() -> Time {
@@ -471,8 +474,8 @@ async fn run_volume(
                 key: Some(v.snapshot_key.clone()),
                 excludes,
                 budget,
-                read_concurrency: None,
-                limit_upload_kib: None,
+                read_concurrency: cfg.read_concurrency,
+                limit_upload_kib: cfg.limit_upload_kib,
                 io_uring: cfg.io_uring,
                 progress,
             };

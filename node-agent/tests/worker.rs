@@ -181,6 +181,8 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         mountinfo: dir.path().join("mountinfo"),
         progress_every: Duration::from_millis(500),
         metrics: metrics.clone(),
+        limit_upload_kib: None,
+        read_concurrency: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(run(client.clone(), cfg, async move {
@@ -349,6 +351,8 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
         mountinfo: dir.path().join("mountinfo"),
         progress_every: Duration::from_millis(200),
         metrics: Default::default(),
+        limit_upload_kib: None,
+        read_concurrency: None,
     };
     // The first agent reads at 2 MiB/s, so it is surely mid-volume when it dies.
     let first = tokio::spawn(run(
