@@ -91,53 +91,87 @@ async fn wait_final<K: Assignment>(api: &Api<K>, name: &str) -> Result<K> {
     anyhow::bail!("assignment {name} did not finish")
 }
 
+/// A kube-sim with the CRDs, namespace `demo`, a local Repository on a host path with its
+/// Secret, and pod `app-0` on node-a whose emptyDir `data` exists in a kubelet-like tree.
+struct Cluster {
+    sim: kube_sim::KubeSim,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+    repo_path: PathBuf,
+    kubelet: PathBuf,
+    uid: String,
+    volume: PathBuf,
+}
+
+impl Cluster {
+    async fn start(password: &str) -> Result<Cluster> {
+        let sim = kube_sim::KubeSim::start(kube_sim::Options::default()).await?;
+        let client = sim.client().await?;
+        install_crds(&client).await?;
+        let dir = tempfile::tempdir()?;
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({"metadata": {"name": "demo"}}),
+        )
+        .await?;
+        create(
+            &Api::<Secret>::namespaced(client.clone(), "demo"),
+            json!({"metadata": {"name": "repo-secret"}, "stringData": {"RESTIC_PASSWORD": password}}),
+        )
+        .await?;
+        let repo_path = dir.path().join("repository");
+        create(
+            &Api::<stash_api::Repository>::namespaced(client.clone(), "demo"),
+            json!({
+                "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+                "metadata": {"name": "local-repo"},
+                "spec": {"backend": {"storageSecretName": "repo-secret",
+                    "local": {"hostPath": {"path": repo_path}, "mountPath": "/repo"}}}
+            }),
+        )
+        .await?;
+        let pod = create(
+            &Api::<Pod>::namespaced(client.clone(), "demo"),
+            json!({
+                "metadata": {"name": "app-0"},
+                "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox"}],
+                    "volumes": [{"name": "data", "emptyDir": {}}]}
+            }),
+        )
+        .await?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let kubelet = dir.path().join("kubelet");
+        let volume = kubelet
+            .join("pods")
+            .join(&uid)
+            .join("volumes/kubernetes.io~empty-dir/data");
+        std::fs::create_dir_all(&volume)?;
+        std::fs::write(dir.path().join("mountinfo"), "")?;
+        Ok(Cluster {
+            sim,
+            client,
+            dir,
+            repo_path,
+            kubelet,
+            uid,
+            volume,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
-    let sim = kube_sim::KubeSim::start(kube_sim::Options::default()).await?;
-    let client = sim.client().await?;
-    install_crds(&client).await?;
-    let dir = tempfile::tempdir()?;
-    create(
-        &Api::<Namespace>::all(client.clone()),
-        json!({"metadata": {"name": "demo"}}),
-    )
-    .await?;
-    create(
-        &Api::<Secret>::namespaced(client.clone(), "demo"),
-        json!({
-            "metadata": {"name": "repo-secret"}, "stringData": {"RESTIC_PASSWORD": "worker test"}
-        }),
-    )
-    .await?;
-    let repo_path = dir.path().join("repository");
-    create(
-        &Api::<stash_api::Repository>::namespaced(client.clone(), "demo"),
-        json!({
-            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
-            "metadata": {"name": "local-repo"},
-            "spec": {"backend": {"storageSecretName": "repo-secret",
-                "local": {"hostPath": {"path": repo_path}, "mountPath": "/repo"}}}
-        }),
-    )
-    .await?;
-    let pod = create(
-        &Api::<Pod>::namespaced(client.clone(), "demo"),
-        json!({
-            "metadata": {"name": "app-0"},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox"}],
-                "volumes": [{"name": "data", "emptyDir": {}}]}
-        }),
-    )
-    .await?;
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let kubelet = dir.path().join("kubelet");
-    let volume = kubelet
-        .join("pods")
-        .join(&uid)
-        .join("volumes/kubernetes.io~empty-dir/data");
+    let Cluster {
+        sim,
+        client,
+        dir,
+        repo_path,
+        kubelet,
+        uid,
+        volume,
+    } = Cluster::start("worker test").await?;
     std::fs::create_dir_all(volume.join("db"))?;
     std::fs::write(volume.join("db/table"), vec![7u8; 300_000])?;
-    std::fs::write(dir.path().join("mountinfo"), "")?;
 
     let assignments: Api<BackupAssignment> = Api::namespaced(client.clone(), "demo");
     create(
@@ -287,51 +321,16 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Result {
-    let sim = kube_sim::KubeSim::start(kube_sim::Options::default()).await?;
-    let client = sim.client().await?;
-    install_crds(&client).await?;
-    let dir = tempfile::tempdir()?;
-    create(
-        &Api::<Namespace>::all(client.clone()),
-        json!({"metadata": {"name": "demo"}}),
-    )
-    .await?;
-    create(
-        &Api::<Secret>::namespaced(client.clone(), "demo"),
-        json!({
-            "metadata": {"name": "repo-secret"}, "stringData": {"RESTIC_PASSWORD": "restart test"}
-        }),
-    )
-    .await?;
-    let repo_path = dir.path().join("repository");
-    create(
-        &Api::<stash_api::Repository>::namespaced(client.clone(), "demo"),
-        json!({
-            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
-            "metadata": {"name": "local-repo"},
-            "spec": {"backend": {"storageSecretName": "repo-secret",
-                "local": {"hostPath": {"path": repo_path}, "mountPath": "/repo"}}}
-        }),
-    )
-    .await?;
-    let pod = create(
-        &Api::<Pod>::namespaced(client.clone(), "demo"),
-        json!({
-            "metadata": {"name": "app-0"},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox"}],
-                "volumes": [{"name": "data", "emptyDir": {}}]}
-        }),
-    )
-    .await?;
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let kubelet = dir.path().join("kubelet");
-    let volume = kubelet
-        .join("pods")
-        .join(&uid)
-        .join("volumes/kubernetes.io~empty-dir/data");
-    std::fs::create_dir_all(&volume)?;
+    let Cluster {
+        sim,
+        client,
+        dir,
+        repo_path,
+        kubelet,
+        uid,
+        volume,
+    } = Cluster::start("restart test").await?;
     std::fs::write(volume.join("big"), vec![3u8; 16 << 20])?;
-    std::fs::write(dir.path().join("mountinfo"), "")?;
     let assignments: Api<BackupAssignment> = Api::namespaced(client.clone(), "demo");
     create(&assignments, assignment("slow", "node-a", "app-0", &uid)).await?;
 
