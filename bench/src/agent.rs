@@ -148,8 +148,19 @@ pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str
     let mut results = Vec::new();
 
     // Full backups into fresh repositories: restic, then the agent in each mode, per round.
-    let (mut stock, mut stream, mut direct) = (vec![], vec![], vec![]);
+    let (mut stock, mut stream, mut direct, mut kdf) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
+        // What opening a repository the agent has never seen costs (scrypt), timed on a
+        // repository of its own so the measured backups below stay cold.
+        let probe = fresh_repo(&scratch, "probe")?.with_program(restic_bin());
+        probe.init().await?;
+        let t = Instant::now();
+        restic_wrapper::NativeRepository::open(
+            probe.repository().backend(),
+            probe.repository().secrets(),
+        )
+        .await?;
+        kdf.push(t.elapsed());
         let base = fresh_repo(&scratch, "stock")?;
         base.with_program(restic_bin()).init().await?;
         stock.push(stock_backup(&scratch.join("stock"), &volume, None).await?);
@@ -170,6 +181,7 @@ pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str
         }
     }
     let (s, st, d) = (median(&stock), median(&stream), median(&direct));
+    let key = median(&kdf);
     let mbps = |t: Duration| size as f64 / MIB as f64 / t.as_secs_f64();
     let mut notes = Map::new();
     notes.insert("dataset_mib".into(), (size / MIB).into());
@@ -178,6 +190,14 @@ pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str
         "ratio_meaning".into(),
         "agent throughput / restic throughput".into(),
     );
+    notes.insert(
+        "first_open_key_derivation_ms".into(),
+        (key.as_secs_f64() * 1e3).into(),
+    );
+    let steady = |ours: Duration| s.as_secs_f64() / ours.saturating_sub(key).as_secs_f64();
+    let mut stream_notes = notes.clone();
+    stream_notes.insert("ratio_once_the_key_is_derived".into(), steady(st).into());
+    notes.insert("ratio_once_the_key_is_derived".into(), steady(d).into());
     let ratio = s.as_secs_f64() / st.as_secs_f64();
     results.push((
         "agent-stream-full-backup-throughput",
@@ -188,7 +208,7 @@ pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str
             "MiB/s (median)",
             ">= 0.9",
             ratio >= 0.9,
-            notes.clone(),
+            stream_notes,
         ),
     ));
     let ratio = s.as_secs_f64() / d.as_secs_f64();
