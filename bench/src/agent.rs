@@ -105,17 +105,10 @@ async fn stock_backup(repo: &Path, dir: &Path, cache: Option<&Path>) -> anyhow::
 
 fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupRequest {
     BackupRequest {
-        path: path.to_path_buf(),
-        mode,
         host: Some("host-0".into()),
-        tags: vec![],
         key: Some("bench/volume".into()),
-        excludes: vec![],
         budget,
-        read_concurrency: None,
-        limit_upload_kib: None,
-        io_uring: true,
-        progress: Default::default(),
+        ..BackupRequest::new(path, mode)
     }
 }
 

@@ -79,6 +79,25 @@ pub struct BackupRequest {
     pub progress: Arc<Progress>,
 }
 
+impl BackupRequest {
+    /// A request with no host, tags or key, an unlimited budget and io_uring allowed.
+    pub fn new(path: impl Into<PathBuf>, mode: ReadMode) -> BackupRequest {
+        BackupRequest {
+            path: path.into(),
+            mode,
+            host: None,
+            tags: vec![],
+            key: None,
+            excludes: vec![],
+            budget: AssignmentBudget::unlimited(),
+            read_concurrency: None,
+            limit_upload_kib: None,
+            io_uring: true,
+            progress: Arc::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct BackupResult {
     pub snapshot_id: Option<String>,
@@ -104,22 +123,58 @@ fn key_tag(key: &str) -> String {
     format!("{TAG_KEY_PREFIX}{}", key.replace(',', "_"))
 }
 
-/// The last snapshot of this host and key, from the native reader (no restic start).
-async fn previous(
+/// The repository's native reader, opened once per repository and password in this
+/// process: its snapshot cache then makes every later lookup read only new snapshot files.
+/// A reader that fails is replaced once, in case the repository was recreated in place.
+async fn with_native<T, F>(
+    restic: &Restic,
+    use_it: impl Fn(Arc<NativeRepository>) -> F,
+) -> Result<T, restic_wrapper::NativeError>
+where
+    F: Future<Output = Result<T, restic_wrapper::NativeError>>,
+{
+    type Readers = std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<NativeRepository>>>;
+    static READERS: std::sync::OnceLock<Readers> = std::sync::OnceLock::new();
+    let readers = || {
+        READERS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let repo = restic.repository();
+    let mut id = Sha256::new();
+    id.update(repo.display_name().as_bytes());
+    id.update([0]);
+    id.update(repo.password().map(|p| p.expose()).unwrap_or_default());
+    let id: [u8; 32] = id.finalize().into();
+    let cached = readers().get(&id).cloned();
+    if let Some(reader) = cached {
+        match use_it(reader).await {
+            Ok(v) => return Ok(v),
+            Err(_) => {
+                readers().remove(&id);
+            }
+        }
+    }
+    let reader = Arc::new(NativeRepository::open(repo.backend(), repo.secrets()).await?);
+    readers().insert(id, reader.clone());
+    use_it(reader).await
+}
+
+/// The newest snapshot of a host and volume key (and read mode, when given), found by the
+/// native reader without starting restic.
+async fn last_snapshot(
     restic: &Restic,
     host: Option<&str>,
     key: Option<&str>,
-    mode_tag: &str,
+    mode_tag: Option<&str>,
 ) -> Option<restic_wrapper::Snapshot> {
-    let repo = restic.repository();
-    let native = NativeRepository::open(repo.backend(), repo.secrets())
-        .await
-        .ok()?;
     let key_tag = key.map(key_tag);
-    native.snapshots().await.ok()?.into_iter().rfind(|s| {
+    let snapshots = with_native(restic, |r| async move { r.snapshots().await }).await;
+    snapshots.ok()?.into_iter().rfind(|s| {
         host.is_none_or(|h| s.hostname == h)
             && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
-            && s.has_tag(mode_tag)
+            && mode_tag.is_none_or(|t| s.has_tag(t))
     })
 }
 
@@ -131,17 +186,7 @@ fn is_block_device(path: &Path) -> bool {
 /// The newest snapshot of a host and volume key, in either mode: what "restore the latest"
 /// means for a volume.
 pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wrapper::Snapshot> {
-    let repo = restic.repository();
-    let native = NativeRepository::open(repo.backend(), repo.secrets())
-        .await
-        .ok()?;
-    let key_tag = key_tag(key);
-    native
-        .snapshots()
-        .await
-        .ok()?
-        .into_iter()
-        .rfind(|s| s.hostname == host && s.has_tag(&key_tag))
+    last_snapshot(restic, Some(host), Some(key), None).await
 }
 
 /// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
@@ -232,8 +277,13 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 .files_total
                 .store(files_total, Ordering::Relaxed);
             let manifest_tag = format!("{TAG_MANIFEST_PREFIX}{digest}");
-            if let Some(prev) =
-                previous(restic, req.host.as_deref(), req.key.as_deref(), TAG_STREAM).await
+            if let Some(prev) = last_snapshot(
+                restic,
+                req.host.as_deref(),
+                req.key.as_deref(),
+                Some(TAG_STREAM),
+            )
+            .await
                 && prev.has_tag(&manifest_tag)
             {
                 BackupResult {
@@ -249,8 +299,13 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
         }
         ReadMode::Direct => {
             tags.push(TAG_DIRECT.into());
-            let parent =
-                previous(restic, req.host.as_deref(), req.key.as_deref(), TAG_DIRECT).await;
+            let parent = last_snapshot(
+                restic,
+                req.host.as_deref(),
+                req.key.as_deref(),
+                Some(TAG_DIRECT),
+            )
+            .await;
             let opts = BackupOptions {
                 host: req.host.clone(),
                 tags,
@@ -387,14 +442,13 @@ pub struct RestoreResult {
 
 pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResult, AgentError> {
     let started = Instant::now();
-    let repo = restic.repository();
-    let native = NativeRepository::open(repo.backend(), repo.secrets())
-        .await
-        .map_err(restic_wrapper::Error::from)?;
-    let snap = native
-        .snapshot(&req.snapshot)
-        .await
-        .map_err(|_| AgentError::NoSnapshot(req.snapshot.clone()))?;
+    let wanted = req.snapshot.clone();
+    let snap = with_native(restic, |r| {
+        let wanted = wanted.clone();
+        async move { r.snapshot(&wanted).await }
+    })
+    .await
+    .map_err(|_| AgentError::NoSnapshot(req.snapshot.clone()))?;
     let mut result = if snap.has_tag(TAG_STREAM) {
         let (reader, writer) = std::io::pipe().map_err(|e| AgentError::Other {
             action: "create a pipe",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use restic_wrapper::{Backend, Repository, Restic, Secrets};
-use stash_node_agent::budget::{AssignmentBudget, IoBudget, Limits};
+use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest};
 use stash_node_agent::stream::{ExtractOptions, StreamError, extract};
 use stash_node_agent::tar::{Entry, Kind, TarWriter};
@@ -38,17 +38,9 @@ async fn repo(dir: &Path) -> Result<Restic> {
 
 fn request(path: &Path, mode: ReadMode) -> BackupRequest {
     BackupRequest {
-        path: path.to_path_buf(),
-        mode,
         host: Some("host-0".into()),
-        tags: vec![],
         key: Some("demo/app/data".into()),
-        excludes: vec![],
-        budget: AssignmentBudget::unlimited(),
-        read_concurrency: None,
-        limit_upload_kib: None,
-        io_uring: true,
-        progress: Default::default(),
+        ..BackupRequest::new(path, mode)
     }
 }
 

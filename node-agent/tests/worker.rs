@@ -24,6 +24,16 @@ fn restic_bin() -> PathBuf {
     p
 }
 
+/// Stock restic on the test repository, to check what the agent wrote.
+fn stock_restic(repo: &Path, password: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(restic_bin())
+        .args(args)
+        .arg("--no-cache")
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", password)
+        .output()?)
+}
+
 async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
@@ -258,11 +268,7 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
     assert!(other.status.is_none(), "{:?}", other.status);
 
     // The snapshot is in the repository, as stock restic sees it.
-    let out = std::process::Command::new(restic_bin())
-        .args(["snapshots", "--json", "--no-cache"])
-        .env("RESTIC_REPOSITORY", &repo_path)
-        .env("RESTIC_PASSWORD", "worker test")
-        .output()?;
+    let out = stock_restic(&repo_path, "worker test", &["snapshots", "--json"])?;
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains(&snapshot) && listed.contains(&orphan_snapshot));
 
@@ -391,18 +397,10 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
     assert_eq!(st.phase, Some(AssignmentPhase::Succeeded), "{st:?}");
     assert_eq!(st.agent.as_deref(), Some("agent-2"));
     // One snapshot: the killed read left none behind, and the work was not done twice.
-    let out = std::process::Command::new(restic_bin())
-        .args(["snapshots", "--json", "--no-cache"])
-        .env("RESTIC_REPOSITORY", &repo_path)
-        .env("RESTIC_PASSWORD", "restart test")
-        .output()?;
+    let out = stock_restic(&repo_path, "restart test", &["snapshots", "--json"])?;
     let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
     assert_eq!(snaps.len(), 1, "{snaps:?}");
-    let check = std::process::Command::new(restic_bin())
-        .args(["check", "--no-cache"])
-        .env("RESTIC_REPOSITORY", &repo_path)
-        .env("RESTIC_PASSWORD", "restart test")
-        .output()?;
+    let check = stock_restic(&repo_path, "restart test", &["check"])?;
     assert!(
         check.status.success(),
         "{}",

@@ -158,14 +158,7 @@ fn crd_defs(crd: &Value) -> Vec<ResourceDef> {
             .unwrap_or_default();
         // Without printer columns a CRD prints Name and Age, like the real server.
         let columns = if columns.is_empty() {
-            vec![Column {
-                name: "Age".into(),
-                type_: "date".into(),
-                format: String::new(),
-                description: String::new(),
-                priority: 0,
-                json_path: ".metadata.creationTimestamp".into(),
-            }]
+            vec![Column::age()]
         } else {
             columns
         };

@@ -499,19 +499,23 @@ fn prepare_create(cx: &Ctx, mut obj: Value) -> ApiResult<Value> {
     Ok(obj)
 }
 
-pub async fn create(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body>> {
-    let obj = parse_body(body, &cx.content_type)?;
-    let obj = prepare_create(cx, obj)?;
-    let mut obj = obj;
+/// Records the request's field manager in `managedFields`, as every write does.
+fn record_manager(cx: &Ctx, old: Option<&Value>, obj: &mut Value, subresource: &str) {
     apply::record_update(
-        None,
-        &mut obj,
+        old,
+        obj,
         &cx.manager(),
         &cx.def.api_version(),
-        "",
+        subresource,
         cx.shape(),
         cx.def.status,
     );
+}
+
+pub async fn create(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body>> {
+    let obj = parse_body(body, &cx.content_type)?;
+    let mut obj = prepare_create(cx, obj)?;
+    record_manager(cx, None, &mut obj, "");
     let stored = commit_create(cx, obj).await?;
     Ok(respond(cx, 201, &stored))
 }
@@ -712,14 +716,11 @@ fn prepare_update(
         meta_mut(&mut result).insert("generation".into(), json!(g + 1));
     }
     if !applied {
-        apply::record_update(
+        record_manager(
+            cx,
             Some(old),
             &mut result,
-            &cx.manager(),
-            &cx.def.api_version(),
             if sub == "status" { "status" } else { "" },
-            cx.shape(),
-            cx.def.status,
         );
     }
     if strip_volatile(old) == strip_volatile(&result) {
@@ -745,15 +746,7 @@ async fn modify(
                 Some(new) => {
                     let mut obj = prepare_create(cx, new)?;
                     if !applied {
-                        apply::record_update(
-                            None,
-                            &mut obj,
-                            &cx.manager(),
-                            &cx.def.api_version(),
-                            "",
-                            cx.shape(),
-                            cx.def.status,
-                        );
+                        record_manager(cx, None, &mut obj, "");
                     }
                     let stored = commit_create(cx, obj).await?;
                     Ok(respond(cx, 201, &stored))

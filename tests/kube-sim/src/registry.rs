@@ -17,6 +17,20 @@ pub struct Column {
     pub json_path: String,
 }
 
+impl Column {
+    /// The column the real server prints when a resource declares none of its own.
+    pub fn age() -> Column {
+        Column {
+            name: "Age".into(),
+            type_: "date".into(),
+            format: String::new(),
+            description: String::new(),
+            priority: 0,
+            json_path: ".metadata.creationTimestamp".into(),
+        }
+    }
+}
+
 /// Where a scale subresource reads and writes replicas.
 #[derive(Debug, Clone)]
 pub struct ScaleDef {

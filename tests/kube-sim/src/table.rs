@@ -35,14 +35,7 @@ fn column_defs(def: &ResourceDef) -> Vec<Value> {
         "description": "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names"
     })];
     let columns: Vec<Column> = if def.columns.is_empty() {
-        vec![Column {
-            name: "Age".into(),
-            type_: "date".into(),
-            format: String::new(),
-            description: String::new(),
-            priority: 0,
-            json_path: ".metadata.creationTimestamp".into(),
-        }]
+        vec![Column::age()]
     } else {
         def.columns.clone()
     };

@@ -6,6 +6,8 @@
 // Helpers in an integration test are test code too: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,7 +16,6 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube_sim::{KubeSim, Options, TlsIdentity};
 use serde_json::{Value, json};
 use std::convert::Infallible;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -279,14 +280,8 @@ async fn aggregated_api_is_proxied_and_discovered() {
         .unwrap();
     assert_eq!(listed.items.len(), 2);
 
-    let have_kubectl = Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if have_kubectl {
+    common::require_kubectl();
+    {
         let dir = tempfile::tempdir().unwrap();
         let kc = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kc).unwrap();

@@ -3,6 +3,8 @@
 // Helpers in an integration test are test code too: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,23 +19,10 @@ impl Drop for Server {
     }
 }
 
-fn have_kubectl() -> bool {
-    Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn kubectl_session_passes() {
     // `make setup` installs kubectl; a missing one is a broken setup, not a pass.
-    assert!(
-        have_kubectl(),
-        "kubectl not found on PATH: run `make setup`"
-    );
+    common::require_kubectl();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     let server = Server(

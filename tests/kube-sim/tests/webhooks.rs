@@ -5,6 +5,8 @@
 // Helpers in an integration test are test code too: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,7 +16,6 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube_sim::{KubeSim, Options, TlsIdentity};
 use serde_json::{Value, json};
 use std::convert::Infallible;
-use std::process::{Command, Stdio};
 
 async fn review(
     req: hyper::Request<hyper::body::Incoming>,
@@ -145,14 +146,8 @@ async fn webhooks_mutate_and_deny() {
     }
 
     // kubectl shows the webhook's message to the user.
-    let have_kubectl = Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if have_kubectl {
+    common::require_kubectl();
+    {
         let dir = tempfile::tempdir().unwrap();
         let kc = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kc).unwrap();
