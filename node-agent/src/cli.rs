@@ -291,8 +291,10 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
         }
         Command::Backup(a) => {
             let restic = restic_for(&a.repo)?;
-            restic.version().await?;
-            restic.ensure_initialized().await?;
+            let (version, initialized) =
+                tokio::join!(restic.version(), restic.ensure_initialized());
+            version?;
+            initialized?;
             let budget = IoBudget::new(Limits {
                 bytes_per_second: a.io_budget,
                 iops: a.iops,

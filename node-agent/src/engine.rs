@@ -170,6 +170,13 @@ async fn last_snapshot(
     mode_tag: Option<&str>,
 ) -> Option<restic_wrapper::Snapshot> {
     let key_tag = key.map(key_tag);
+    // Listing the snapshot files needs no key: a repository without any (a first backup)
+    // then costs no scrypt derivation in this process.
+    let repo = restic.repository();
+    let files = restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()).ok()?;
+    if files.snapshot_ids().await.is_ok_and(|ids| ids.is_empty()) {
+        return None;
+    }
     let snapshots = with_native(restic, |r| async move { r.snapshots().await }).await;
     snapshots.ok()?.into_iter().rfind(|s| {
         host.is_none_or(|h| s.hostname == h)
@@ -269,7 +276,21 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             });
         }
         ReadMode::Stream => {
-            let (digest, bytes_total, files_total) = manifest_digest(&req.path)?;
+            // The statx walk and the snapshot lookup (which may derive the key) overlap.
+            let path = req.path.clone();
+            let walk = tokio::task::spawn_blocking(move || manifest_digest(&path));
+            let prev = last_snapshot(
+                restic,
+                req.host.as_deref(),
+                req.key.as_deref(),
+                Some(TAG_STREAM),
+            )
+            .await;
+            let (digest, bytes_total, files_total) =
+                walk.await.map_err(|e| AgentError::Other {
+                    action: "scan the volume",
+                    reason: e.to_string(),
+                })??;
             req.progress
                 .bytes_total
                 .store(bytes_total, Ordering::Relaxed);
@@ -277,13 +298,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 .files_total
                 .store(files_total, Ordering::Relaxed);
             let manifest_tag = format!("{TAG_MANIFEST_PREFIX}{digest}");
-            if let Some(prev) = last_snapshot(
-                restic,
-                req.host.as_deref(),
-                req.key.as_deref(),
-                Some(TAG_STREAM),
-            )
-            .await
+            if let Some(prev) = prev
                 && prev.has_tag(&manifest_tag)
             {
                 BackupResult {

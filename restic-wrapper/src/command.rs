@@ -364,6 +364,16 @@ impl Restic {
                 .clone()
         };
         let _turn = lock.lock().await;
+        // A config file is enough to know without the password: starting restic to open the
+        // repository costs its scrypt derivation, half a second before every backup. A wrong
+        // password is still reported, by the command that follows.
+        if let Ok(files) = crate::native::RepositoryFiles::new(
+            self.repository.backend(),
+            self.repository.secrets(),
+        ) && let Ok(true) = files.has_config().await
+        {
+            return Ok(());
+        }
         if !self.exists().await? {
             self.init().await?;
         }

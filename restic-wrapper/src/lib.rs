@@ -22,5 +22,5 @@ pub use command::{
 };
 pub use error::{Error, LockHolder};
 pub use message::{BackupStatus, BackupSummary, Message, RestoreStatus, RestoreSummary};
-pub use native::{NativeError, NativeRepository};
+pub use native::{NativeError, NativeRepository, RepositoryFiles};
 pub use types::{ForgetResult, Key, Node, Snapshot, Stats, Version};

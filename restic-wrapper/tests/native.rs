@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::{Garage, PASSWORD, local, restic_bin, sample_tree};
 use restic_wrapper::{
-    BackupOptions, NativeError, NativeRepository, Restic, Secrets, SnapshotFilter,
+    BackupOptions, NativeError, NativeRepository, RepositoryFiles, Restic, Secrets, SnapshotFilter,
 };
 use serde_json::Value;
 
@@ -239,5 +239,39 @@ async fn s3_listing_equals_restic_and_the_wrapper_works_on_s3() -> Result {
         by_time_then_id(theirs)
     );
     assert_eq!(restic.check(None).await?.num_errors, 0);
+    Ok(())
+}
+
+/// Without the password: whether a repository is initialized and which snapshots it holds,
+/// as restic leaves them, and `ensure_initialized` trusting a present config.
+#[tokio::test]
+async fn repository_files_are_listed_without_the_password() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = local(dir.path(), PASSWORD);
+    let nobody = Secrets::new();
+    let files = RepositoryFiles::new(restic.repository().backend(), &nobody)?;
+    assert!(!files.has_config().await?);
+    assert!(files.snapshot_ids().await?.is_empty());
+
+    restic.ensure_initialized().await?;
+    assert!(files.has_config().await?);
+    assert!(files.snapshot_ids().await?.is_empty());
+    // A second call finds the config and leaves the repository as it is.
+    let config = std::fs::read(dir.path().join("repo/config"))?;
+    restic.ensure_initialized().await?;
+    assert_eq!(std::fs::read(dir.path().join("repo/config"))?, config);
+
+    populate(&restic, dir.path()).await?;
+    let mut ids = files.snapshot_ids().await?;
+    ids.sort();
+    let mut listed: Vec<String> = restic
+        .snapshots(&SnapshotFilter::default())
+        .await?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    listed.sort();
+    assert_eq!(ids, listed);
+    assert_eq!(ids.len(), 5);
     Ok(())
 }

@@ -247,6 +247,50 @@ fn local_error(action: &'static str, path: &std::path::Path, e: std::io::Error) 
     }
 }
 
+/// What a repository shows without its password: which files it holds. Enough to tell
+/// whether it is initialized and whether it has any snapshot, without paying for scrypt.
+pub struct RepositoryFiles {
+    source: Source,
+}
+
+impl std::fmt::Debug for RepositoryFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepositoryFiles")
+            .field("source", &self.source.describe(""))
+            .finish()
+    }
+}
+
+impl RepositoryFiles {
+    pub fn new(backend: &Backend, secrets: &Secrets) -> Result<Self, NativeError> {
+        let source = match backend {
+            Backend::Local { path } => Source::Local(path.clone()),
+            _ => {
+                let (store, prefix) = store_for(backend, secrets)?;
+                Source::Store { store, prefix }
+            }
+        };
+        Ok(RepositoryFiles { source })
+    }
+
+    /// Whether the repository's `config` file exists (it is written last by `restic init`
+    /// after the key file, so an initialization cut short leaves none).
+    pub async fn has_config(&self) -> Result<bool, NativeError> {
+        Ok(self.source.get("config".into()).await?.is_some())
+    }
+
+    /// The ids of the repository's snapshots (their file names).
+    pub async fn snapshot_ids(&self) -> Result<Vec<String>, NativeError> {
+        snapshot_ids(&self.source).await
+    }
+}
+
+async fn snapshot_ids(source: &Source) -> Result<Vec<String>, NativeError> {
+    let mut ids = source.list("snapshots").await?;
+    ids.retain(|name| name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+    Ok(ids)
+}
+
 /// An open repository.
 pub struct NativeRepository {
     source: Source,
@@ -270,13 +314,7 @@ impl NativeRepository {
         let password = secrets
             .get("RESTIC_PASSWORD")
             .ok_or(NativeError::MissingPassword)?;
-        let source = match backend {
-            Backend::Local { path } => Source::Local(path.clone()),
-            _ => {
-                let (store, prefix) = store_for(backend, secrets)?;
-                Source::Store { store, prefix }
-            }
-        };
+        let source = RepositoryFiles::new(backend, secrets)?.source;
         Self::open_source(source, password.expose()).await
     }
 
@@ -314,9 +352,7 @@ impl NativeRepository {
     }
 
     async fn snapshot_ids(&self) -> Result<Vec<String>, NativeError> {
-        let mut ids = self.source.list("snapshots").await?;
-        ids.retain(|name| name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()));
-        Ok(ids)
+        snapshot_ids(&self.source).await
     }
 
     async fn load_snapshots(&self, ids: Vec<String>) -> Result<Vec<Snapshot>, NativeError> {
