@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::backup_session::BackupInvokerRef;
-use crate::common::{IoBudget, ObjectRef, ReadMode, TargetRef};
+use crate::common::{IoBudget, ObjectRef, ReadMode, TargetRef, UnreadablePolicy};
 use crate::conditions::Condition;
 
 #[serde_with::skip_serializing_none]
@@ -50,6 +50,7 @@ pub struct BackupAssignmentSpec {
     pub repository: ObjectRef,
     pub read_mode: Option<ReadMode>,
     pub io_budget: Option<IoBudget>,
+    pub on_unreadable: Option<UnreadablePolicy>,
     /// restic `--exclude` patterns.
     pub exclude: Option<Vec<String>>,
     /// Extra arguments appended to `restic backup` (direct mode).

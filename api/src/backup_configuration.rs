@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::common::{
     BackupHooks, BackupTarget, Driver, EmptyDirSettings, Executor, InvokerPhase, IoBudget,
     ObjectRef, PersistentVolumeClaimTemplate, ReadMode, RetentionPolicy, RetryConfig,
-    RuntimeSettings, TaskRef,
+    RuntimeSettings, TaskRef, UnreadablePolicy,
 };
 use crate::conditions::Condition;
 
@@ -61,6 +61,7 @@ pub struct BackupConfigurationSpec {
     pub executor: Option<Executor>,
     pub read_mode: Option<ReadMode>,
     pub io_budget: Option<IoBudget>,
+    pub on_unreadable: Option<UnreadablePolicy>,
 }
 
 #[serde_with::skip_serializing_none]

@@ -525,6 +525,18 @@ pub enum ReadMode {
     Direct,
 }
 
+/// What a backup does with files it is not allowed to read (a root-owned file under a
+/// non-root reader, an NFS export with root squashing). `Fail` (the default) fails the
+/// backup and keeps no snapshot of it; `Warn` keeps a snapshot without those files, tags it
+/// `stash.unreadable=<count>` so it never passes for complete, and lists them in the
+/// status. Files that cannot be read for another reason (an I/O error) always fail it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UnreadablePolicy {
+    #[default]
+    Fail,
+    Warn,
+}
+
 /// A read budget that can only lower the node's own limits.
 #[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

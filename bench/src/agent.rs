@@ -372,6 +372,7 @@ async fn read_into_sink(dir: &Path, budget: AssignmentBudget) -> anyhow::Result<
             budget,
             engine,
             progress: Default::default(),
+            skip_unreadable: false,
         };
         let (report, _) = reader.run(std::io::sink())?;
         Ok(report.seconds)

@@ -36,6 +36,15 @@ pub enum IoUringMode {
     Off,
 }
 
+/// What a backup does with files it may not read (see `UnreadablePolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnUnreadable {
+    /// Fail the backup and keep no snapshot of it.
+    Fail,
+    /// Leave them out, tag the snapshot `stash.unreadable=<count>`, and list them.
+    Warn,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Back up a directory into a restic repository.
@@ -127,6 +136,9 @@ pub struct BackupArgs {
     /// Read through io_uring when the runtime allows it (`auto`), or never (`off`).
     #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
     pub io_uring: IoUringMode,
+    /// Files the backup may not read: fail it (`fail`), or leave them out and say so (`warn`).
+    #[arg(long, value_enum, env = "STASH_ON_UNREADABLE", default_value = "fail")]
+    pub on_unreadable: OnUnreadable,
     /// The restic host (Stash's `host-0`, `<alias>-<ordinal>`, …).
     #[arg(long)]
     pub host: Option<String>,
@@ -311,6 +323,10 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 read_concurrency: None,
                 limit_upload_kib: None,
                 io_uring: a.io_uring == IoUringMode::Auto,
+                on_unreadable: match a.on_unreadable {
+                    OnUnreadable::Fail => engine::UnreadablePolicy::Fail,
+                    OnUnreadable::Warn => engine::UnreadablePolicy::Warn,
+                },
                 progress: Default::default(),
             };
             Ok(serde_json::to_string(&engine::backup(&restic, req).await?)?)

@@ -23,6 +23,10 @@ pub const TAG_STREAM: &str = "stash.mode=stream";
 pub const TAG_DIRECT: &str = "stash.mode=direct";
 pub const TAG_KEY_PREFIX: &str = "stash.key=";
 pub const TAG_MANIFEST_PREFIX: &str = "stash.manifest=";
+/// On a snapshot that left out files it was not permitted to read: how many.
+pub const TAG_UNREADABLE_PREFIX: &str = "stash.unreadable=";
+
+pub use stash_api::common::UnreadablePolicy;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -75,6 +79,8 @@ pub struct BackupRequest {
     pub limit_upload_kib: Option<u64>,
     /// Stream mode: read through io_uring when the runtime allows it.
     pub io_uring: bool,
+    /// Files the reader may not read: fail the backup, or leave them out and say so.
+    pub on_unreadable: UnreadablePolicy,
     /// Counters the caller watches for progress reports.
     pub progress: Arc<Progress>,
 }
@@ -93,6 +99,7 @@ impl BackupRequest {
             read_concurrency: None,
             limit_upload_kib: None,
             io_uring: true,
+            on_unreadable: UnreadablePolicy::Fail,
             progress: Arc::default(),
         }
     }
@@ -116,6 +123,10 @@ pub struct BackupResult {
     pub changed_during_read: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub vanished_during_read: Vec<String>,
+    /// Left out because reading them was not permitted (policy `Warn`); the snapshot is
+    /// tagged with their count.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
 }
 
 fn key_tag(key: &str) -> String {
@@ -199,23 +210,52 @@ pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wra
 /// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
 /// targets): equal digests mean a stream backup would produce the same tar. The same walk
 /// counts the regular files and their bytes, the totals progress is reported against.
-pub fn manifest_digest(root: &Path) -> Result<(String, u64, u64), AgentError> {
-    fn walk(
-        dir: &Path,
-        rel: &Path,
-        h: &mut Sha256,
-        totals: &mut (u64, u64),
-    ) -> std::io::Result<()> {
+/// With `skip_denied`, what may not be read counts as one more name in the digest, as the
+/// reader will leave it out; otherwise it fails the scan.
+pub fn manifest_digest(root: &Path, skip_denied: bool) -> Result<(String, u64, u64), AgentError> {
+    struct Walk {
+        h: Sha256,
+        totals: (u64, u64),
+        skip_denied: bool,
+    }
+    impl Walk {
+        fn denied(&mut self, rel: &Path, path: &Path, e: std::io::Error) -> Result<(), AgentError> {
+            use std::os::unix::ffi::OsStrExt;
+            if self.skip_denied && e.kind() == std::io::ErrorKind::PermissionDenied {
+                self.h.update(b"\0unreadable\0");
+                self.h.update(rel.as_os_str().as_bytes());
+                return Ok(());
+            }
+            Err(AgentError::Stream(StreamError::Read {
+                path: path.display().to_string(),
+                source: e,
+            }))
+        }
+    }
+    fn walk(w: &mut Walk, dir: &Path, rel: &Path) -> Result<(), AgentError> {
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::MetadataExt;
-        let mut names: Vec<_> = std::fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
+        let listed: std::io::Result<Vec<_>> = std::fs::read_dir(dir)
+            .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect());
+        let mut names = match listed {
+            Ok(n) => n,
+            Err(e) if rel.as_os_str().is_empty() => return w.denied(Path::new("."), dir, e),
+            Err(e) => return w.denied(rel, dir, e),
+        };
         names.sort();
         for name in names {
             let path = dir.join(&name);
-            let m = std::fs::symlink_metadata(&path)?;
             let child = rel.join(&name);
+            let m = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                // Gone since the listing: the reader will say so; nothing to count.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    w.denied(&child, &path, e)?;
+                    continue;
+                }
+            };
+            let h = &mut w.h;
             h.update(child.as_os_str().as_bytes());
             h.update([0]);
             for v in [
@@ -230,30 +270,34 @@ pub fn manifest_digest(root: &Path) -> Result<(String, u64, u64), AgentError> {
                 h.update(v.to_le_bytes());
             }
             if m.file_type().is_symlink() {
-                h.update(std::fs::read_link(&path)?.as_os_str().as_bytes());
+                match std::fs::read_link(&path) {
+                    Ok(target) => h.update(target.as_os_str().as_bytes()),
+                    Err(e) => w.denied(&child, &path, e)?,
+                }
             }
             if m.is_file() {
-                totals.0 += m.size();
-                totals.1 += 1;
+                w.totals.0 += m.size();
+                w.totals.1 += 1;
             }
             if m.is_dir() {
-                walk(&path, &child, h, totals)?;
+                walk(w, &path, &child)?;
             }
         }
         Ok(())
     }
-    let mut h = Sha256::new();
-    let mut totals = (0, 0);
-    walk(root, Path::new(""), &mut h, &mut totals).map_err(|e| AgentError::Other {
-        action: "scan the volume",
-        reason: e.to_string(),
-    })?;
-    let digest = h
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let mut w = Walk {
+        h: Sha256::new(),
+        totals: (0, 0),
+        skip_denied,
+    };
+    walk(&mut w, root, Path::new(""))?;
+    let totals = w.totals;
+    let digest =
+        w.h.finalize()
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect();
     Ok((digest, totals.0, totals.1))
 }
 
@@ -278,7 +322,8 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
         ReadMode::Stream => {
             // The statx walk and the snapshot lookup (which may derive the key) overlap.
             let path = req.path.clone();
-            let walk = tokio::task::spawn_blocking(move || manifest_digest(&path));
+            let skip = req.on_unreadable == UnreadablePolicy::Warn;
+            let walk = tokio::task::spawn_blocking(move || manifest_digest(&path, skip));
             let prev = last_snapshot(
                 restic,
                 req.host.as_deref(),
@@ -298,8 +343,10 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 .files_total
                 .store(files_total, Ordering::Relaxed);
             let manifest_tag = format!("{TAG_MANIFEST_PREFIX}{digest}");
+            // A snapshot that left files out is never "unchanged": they are tried again.
             if let Some(prev) = prev
                 && prev.has_tag(&manifest_tag)
+                && !is_incomplete(&prev)
             {
                 BackupResult {
                     snapshot_id: Some(prev.id),
@@ -335,26 +382,65 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             };
             let mut run = restic.backup(&[PathBuf::from(".")], Some(&req.path), &opts)?;
             // restic reports its own progress in direct mode; mirror it for status reports.
-            if let Some(mut messages) = run.messages() {
+            let mirror = run.messages().map(|mut messages| {
                 let progress = req.progress.clone();
                 tokio::spawn(async move {
                     while let Some(m) = messages.recv().await {
-                        if let restic_wrapper::Message::BackupStatus(s) = m {
-                            progress.bytes.store(s.bytes_done, Ordering::Relaxed);
-                            progress.files.store(s.files_done, Ordering::Relaxed);
-                            progress.bytes_total.store(s.total_bytes, Ordering::Relaxed);
-                            progress.files_total.store(s.total_files, Ordering::Relaxed);
+                        match m {
+                            restic_wrapper::Message::BackupStatus(s) => {
+                                progress.bytes.store(s.bytes_done, Ordering::Relaxed);
+                                progress.files.store(s.files_done, Ordering::Relaxed);
+                                progress.bytes_total.store(s.total_bytes, Ordering::Relaxed);
+                                progress.files_total.store(s.total_files, Ordering::Relaxed);
+                            }
+                            // Also printed when some files could not be read (exit code 3).
+                            restic_wrapper::Message::BackupSummary(s) => {
+                                progress
+                                    .bytes
+                                    .store(s.total_bytes_processed, Ordering::Relaxed);
+                                progress
+                                    .files
+                                    .store(s.total_files_processed, Ordering::Relaxed);
+                            }
+                            _ => {}
                         }
                     }
-                });
+                })
+            });
+            let finished = run.finish().await;
+            if let Some(task) = mirror {
+                // Its channel closed with restic's output: every message is counted.
+                let _ = task.await;
             }
-            let summary = run.finish().await?;
+            let (summary, unreadable) = match finished {
+                Ok(summary) => (summary, vec![]),
+                // restic saved a snapshot without the files it could not read.
+                Err(restic_wrapper::Error::IncompleteBackup {
+                    snapshot_id: Some(id),
+                    unreadable,
+                }) => {
+                    let unreadable = volume_relative(&req.path, unreadable);
+                    let kept =
+                        incomplete_snapshot(restic, &id, &unreadable, req.on_unreadable).await?;
+                    // The summary went with the exit status; restic's last progress
+                    // report has the totals.
+                    let summary = restic_wrapper::BackupSummary {
+                        snapshot_id: Some(kept),
+                        total_bytes_processed: req.progress.bytes.load(Ordering::Relaxed),
+                        total_files_processed: req.progress.files.load(Ordering::Relaxed),
+                        ..Default::default()
+                    };
+                    (summary, unreadable)
+                }
+                Err(e) => return Err(e.into()),
+            };
             let unchanged = summary.snapshot_id.is_none();
             BackupResult {
                 snapshot_id: summary.snapshot_id.or(parent.map(|p| p.id)),
                 bytes: summary.total_bytes_processed,
                 files: summary.total_files_processed,
                 unchanged,
+                unreadable,
                 ..BackupResult::default()
             }
         }
@@ -362,6 +448,59 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     result.mode = Some(req.mode);
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
+}
+
+/// restic names an unreadable item twice, once from its scanner (relative to where it
+/// runs, the volume) and once from its reader (absolute, with the host path and pod UID):
+/// one name each, relative to the volume, as the stream reader reports them.
+fn volume_relative(volume: &Path, items: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    items
+        .into_iter()
+        .map(|item| {
+            let p = Path::new(&item);
+            let rel = p.strip_prefix(volume).unwrap_or(p);
+            rel.strip_prefix(".")
+                .unwrap_or(rel)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|item| seen.insert(item.clone()))
+        .collect()
+}
+
+fn is_incomplete(snapshot: &restic_wrapper::Snapshot) -> bool {
+    snapshot
+        .tags
+        .iter()
+        .flatten()
+        .any(|t| t.starts_with(TAG_UNREADABLE_PREFIX))
+}
+
+/// A snapshot restic or the reader saved without some files it was not permitted to read.
+/// Under `Fail` it is deleted, so nothing looks like a complete backup, and the backup fails
+/// naming the files; under `Warn` it is kept, tagged with their count. Returns the id kept.
+async fn incomplete_snapshot(
+    restic: &Restic,
+    id: &str,
+    unreadable: &[String],
+    policy: UnreadablePolicy,
+) -> Result<String, AgentError> {
+    match policy {
+        UnreadablePolicy::Fail => {
+            restic.forget_snapshots(&[id.to_owned()], false).await?;
+            Err(AgentError::Restic(
+                restic_wrapper::Error::IncompleteBackup {
+                    snapshot_id: None,
+                    unreadable: unreadable.to_vec(),
+                },
+            ))
+        }
+        UnreadablePolicy::Warn => {
+            let tag = format!("{TAG_UNREADABLE_PREFIX}{}", unreadable.len().max(1));
+            Ok(restic.add_tags(id, &[tag]).await?)
+        }
+    }
 }
 
 async fn backup_stream(
@@ -381,6 +520,7 @@ async fn backup_stream(
         budget: req.budget.clone(),
         engine,
         progress: progress.clone(),
+        skip_unreadable: req.on_unreadable == UnreadablePolicy::Warn,
     };
     let error_tx = tx.clone();
     let thread = std::thread::Builder::new()
@@ -424,8 +564,16 @@ async fn backup_stream(
     // The reader's own error names the file; restic's only says the input failed.
     let report = read?;
     let summary = backed_up?;
+    let mut snapshot_id = summary.snapshot_id;
+    if !report.unreadable.is_empty()
+        && let Some(id) = &snapshot_id
+    {
+        snapshot_id =
+            Some(incomplete_snapshot(restic, id, &report.unreadable, req.on_unreadable).await?);
+    }
     Ok(BackupResult {
-        snapshot_id: summary.snapshot_id,
+        snapshot_id,
+        unreadable: report.unreadable,
         bytes: report.bytes,
         files: report.files,
         read_seconds: Some(report.seconds),

@@ -59,6 +59,9 @@ pub struct ReadReport {
     pub changed: Vec<String>,
     /// Files that disappeared between the directory listing and their read.
     pub vanished: Vec<String>,
+    /// Files and directories left out because reading them was not permitted (only when
+    /// the reader was told to skip them; otherwise the first one fails the read).
+    pub unreadable: Vec<String>,
     /// How long the walk and the reads took, throttling included.
     pub seconds: f64,
 }
@@ -131,6 +134,8 @@ pub struct VolumeReader<'a> {
     pub budget: AssignmentBudget,
     pub engine: Box<dyn ReadEngine + 'a>,
     pub progress: Arc<Progress>,
+    /// Leave out what may not be read (permission denied) instead of failing.
+    pub skip_unreadable: bool,
 }
 
 impl std::fmt::Debug for VolumeReader<'_> {
@@ -142,7 +147,32 @@ impl std::fmt::Debug for VolumeReader<'_> {
     }
 }
 
+/// Whether an error means "not permitted" (EACCES or EPERM), as opposed to a failing device.
+fn is_denied(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied
+}
+
 impl VolumeReader<'_> {
+    /// A path that may not be read: left out and recorded when the reader skips such paths,
+    /// the read's error otherwise.
+    fn denied(
+        &self,
+        report: &mut ReadReport,
+        rel: &Path,
+        path: &Path,
+        source: io::Error,
+    ) -> Result<(), StreamError> {
+        if self.skip_unreadable && is_denied(&source) && !rel.as_os_str().is_empty() {
+            tracing::warn!(path = %rel.display(), error = %source, "left out: not readable");
+            report.unreadable.push(rel_name(rel));
+            return Ok(());
+        }
+        Err(StreamError::Read {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
     pub fn run<W: Write>(mut self, out: W) -> Result<(ReadReport, W), StreamError> {
         let started = std::time::Instant::now();
         let mut tar = TarWriter::new(out);
@@ -154,7 +184,9 @@ impl VolumeReader<'_> {
             source,
         })?;
         if root_meta.file_type().is_block_device() {
-            // A raw block volume is one file in the stream, as large as the device.
+            // A raw block volume is one file in the stream, as large as the device; one that
+            // cannot be read leaves nothing to back up.
+            self.skip_unreadable = false;
             let root = self.root.clone();
             self.file(
                 &root,
@@ -181,19 +213,14 @@ impl VolumeReader<'_> {
         buf: &mut [u8],
     ) -> Result<(), StreamError> {
         let dir = self.root.join(rel);
-        let read_err = |source| StreamError::Read {
-            path: dir.display().to_string(),
-            source,
-        };
         // Sorted, so the same volume makes the same stream and restic deduplicates well.
-        let mut names: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(read_err)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(|source| StreamError::Read {
-                path: dir.display().to_string(),
-                source,
-            })?;
+        let listed: io::Result<Vec<_>> = std::fs::read_dir(&dir)
+            .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect());
+        let mut names = match listed {
+            Ok(names) => names,
+            // The directory's own entry is in the stream already; it stays, empty.
+            Err(e) => return self.denied(report, rel, &dir, e),
+        };
         names.sort();
         // One IO operation per directory listing.
         self.budget.acquire_blocking(0, 1);
@@ -206,11 +233,9 @@ impl VolumeReader<'_> {
                     report.vanished.push(rel_name(&child_rel));
                     continue;
                 }
-                Err(source) => {
-                    return Err(StreamError::Read {
-                        path: path.display().to_string(),
-                        source,
-                    });
+                Err(e) => {
+                    self.denied(report, &child_rel, &path, e)?;
+                    continue;
                 }
             };
             let ft = meta.file_type();
@@ -220,10 +245,13 @@ impl VolumeReader<'_> {
                 tar.append_header(&e).map_err(StreamError::Write)?;
                 self.walk(&child_rel, tar, report, links, buf)?;
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(|source| StreamError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+                let target = match std::fs::read_link(&path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.denied(report, &child_rel, &path, e)?;
+                        continue;
+                    }
+                };
                 let kind = Kind::Symlink {
                     target: target.as_os_str().as_bytes().to_vec(),
                 };
@@ -282,7 +310,7 @@ impl VolumeReader<'_> {
                 report.vanished.push(rel_name(rel));
                 return Ok(());
             }
-            Err(e) => return Err(read_err(e)),
+            Err(e) => return self.denied(report, rel, path, e),
         };
         let before = file.metadata().map_err(read_err)?;
         let size = if before.file_type().is_block_device() {

@@ -89,6 +89,7 @@ pub enum Operation {
     Backup {
         mode: ReadMode,
         excludes: Vec<String>,
+        on_unreadable: engine::UnreadablePolicy,
     },
     Restore,
 }
@@ -119,6 +120,7 @@ impl Assignment for BackupAssignment {
         Operation::Backup {
             mode,
             excludes: self.spec.exclude.clone().unwrap_or_default(),
+            on_unreadable: self.spec.on_unreadable.unwrap_or_default(),
         }
     }
 }
@@ -465,7 +467,11 @@ async fn run_volume(
 ) -> Result<VolumeOutcome, AgentError> {
     let path = resolve(client, cfg, v).await?;
     match operation {
-        Operation::Backup { mode, excludes } => {
+        Operation::Backup {
+            mode,
+            excludes,
+            on_unreadable,
+        } => {
             let req = BackupRequest {
                 path,
                 mode,
@@ -477,6 +483,7 @@ async fn run_volume(
                 read_concurrency: cfg.read_concurrency,
                 limit_upload_kib: cfg.limit_upload_kib,
                 io_uring: cfg.io_uring,
+                on_unreadable,
                 progress,
             };
             let r = engine::backup(restic, req).await?;
@@ -488,6 +495,11 @@ async fn run_volume(
                     r.vanished_during_read
                         .iter()
                         .map(|f| format!("vanished during the read: {f}")),
+                )
+                .chain(
+                    r.unreadable
+                        .iter()
+                        .map(|f| format!("left out, not permitted to read: {f}")),
                 )
                 .collect();
             Ok(VolumeOutcome {

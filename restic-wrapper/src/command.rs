@@ -535,6 +535,37 @@ impl Restic {
         self.run("delete snapshots", a).await.map(drop)
     }
 
+    /// `restic tag --add` on one snapshot. restic rewrites a snapshot to change its tags, so
+    /// the snapshot gets a new id, which is returned (its `original` names the old one).
+    pub async fn add_tags(&self, id: &str, tags: &[String]) -> Result<String, Error> {
+        const ACTION: &str = "tag the snapshot";
+        let mut a = args(["tag", "--json"]);
+        for t in tags {
+            a.extend(["--add".into(), t.into()]);
+        }
+        a.push(id.into());
+        let out = self.run(ACTION, a).await?;
+        // restic ≥ 0.18 prints the change; older ones print text, so look the copy up.
+        let changed = out
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+            .find(|v| v["message_type"] == "changed" && v["old_snapshot_id"] == id)
+            .and_then(|v| v["new_snapshot_id"].as_str().map(str::to_owned));
+        if let Some(new) = changed {
+            return Ok(new);
+        }
+        self.snapshots(&SnapshotFilter::default())
+            .await?
+            .into_iter()
+            .find(|s| s.original.as_deref() == Some(id) || (s.id == id))
+            .map(|s| s.id)
+            .ok_or_else(|| Error::Parse {
+                action: ACTION,
+                reason: format!("restic reported no tagged copy of snapshot {id}"),
+            })
+    }
+
     /// `restic prune`.
     pub async fn prune(&self, opts: &PruneOptions) -> Result<(), Error> {
         let mut a = args(["prune"]);
