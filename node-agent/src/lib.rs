@@ -7,6 +7,7 @@ pub mod budget;
 pub mod cli;
 pub mod engine;
 pub mod hostpath;
+pub mod locks;
 pub mod metrics;
 pub mod pipe;
 pub mod repository;

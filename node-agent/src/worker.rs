@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use crate::budget::{IoBudget, Limits};
 use crate::engine::{self, AgentError, BackupRequest, ReadMode, RestoreRequest};
 use crate::hostpath;
+use crate::locks::{Identity, Journal};
 use crate::stream::Progress;
 
 /// What the worker needs to know about its node.
@@ -163,17 +164,25 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let volumes = Arc::new(Semaphore::new(cfg.max_volumes.max(1)));
-    tracing::info!(node = %cfg.node_name, "watching assignments");
+    // A new instance on every start: what earlier ones left in the journal is theirs.
+    let journal = Arc::new(Journal::new(&cfg.state_dir, Identity::new_instance()));
+    tracing::info!(
+        node = %cfg.node_name,
+        hostname = %journal.identity().hostname,
+        instance = %journal.identity().instance,
+        "watching assignments"
+    );
     tokio::select! {
         () = shutdown => Ok(()),
-        () = watch::<BackupAssignment>(&client, &cfg, &in_flight, &volumes) => Ok(()),
-        () = watch::<RestoreAssignment>(&client, &cfg, &in_flight, &volumes) => Ok(()),
+        () = watch::<BackupAssignment>(&client, &cfg, &journal, &in_flight, &volumes) => Ok(()),
+        () = watch::<RestoreAssignment>(&client, &cfg, &journal, &in_flight, &volumes) => Ok(()),
     }
 }
 
 async fn watch<K: Assignment>(
     client: &kube::Client,
     cfg: &WorkerConfig,
+    journal: &Arc<Journal>,
     in_flight: &Arc<Mutex<HashSet<String>>>,
     volumes: &Arc<Semaphore>,
 ) {
@@ -206,15 +215,16 @@ async fn watch<K: Assignment>(
             if !should_take(&a, &cfg.node_name) || !lock(in_flight).insert(uid.clone()) {
                 continue;
             }
-            let (client, cfg, in_flight, volumes) = (
+            let (client, cfg, journal, in_flight, volumes) = (
                 client.clone(),
                 cfg.clone(),
+                journal.clone(),
                 in_flight.clone(),
                 volumes.clone(),
             );
             tasks.spawn(async move {
                 let name = a.meta().name.clone().unwrap_or_default();
-                if let Err(e) = process(&client, &cfg, a, volumes).await {
+                if let Err(e) = process(&client, &cfg, &journal, a, volumes).await {
                     tracing::error!(assignment = %name, kind = K::WHAT, error = %e, "assignment failed");
                 }
                 lock(&in_flight).remove(&uid);
@@ -296,6 +306,7 @@ async fn patch_status<K: Assignment>(
 async fn process<K: Assignment>(
     client: &kube::Client,
     cfg: &WorkerConfig,
+    journal: &Arc<Journal>,
     a: K,
     volumes: Arc<Semaphore>,
 ) -> Result<(), AgentError> {
@@ -320,7 +331,7 @@ async fn process<K: Assignment>(
     .await?;
 
     let uid = a.meta().uid.clone().unwrap_or_default();
-    let restic = match open_repository(client, cfg, a.repository(), &ns, &uid).await {
+    let restic = match open_repository(client, cfg, journal, a.repository(), &ns, &uid).await {
         Ok(r) => r,
         Err(e) => {
             patch_status(
@@ -560,6 +571,7 @@ async fn run_volume(
 async fn open_repository(
     client: &kube::Client,
     cfg: &WorkerConfig,
+    journal: &Arc<Journal>,
     repository: &ObjectRef,
     ns: &str,
     uid: &str,
@@ -596,10 +608,28 @@ async fn open_repository(
     let restic = Restic::new(repository)
         .with_program(&cfg.restic)
         .with_cache(Cache::Dir(cfg.state_dir.join("restic-cache")))
-        .with_tmp_dir(&scratch);
+        .with_tmp_dir(&scratch)
+        .with_spawn_observer(journal.clone());
     restic.ensure_initialized().await?;
-    // Only locks of processes that are gone: a live backup elsewhere keeps its lock.
-    restic.unlock().await?;
+    // Only this agent's own stale locks: a lock of anyone else stays, however old it looks.
+    // Not fatal: a repository that cannot be read fails the work that follows with restic's
+    // own, clearer error, and the journal keeps what was not removed for the next attempt.
+    match crate::locks::remove_own_stale_locks(journal, restic.repository()).await {
+        Ok(removed) => {
+            for lock in removed {
+                tracing::info!(
+                    lock = %lock.id,
+                    hostname = %lock.hostname,
+                    pid = lock.pid,
+                    repository = %restic.repository().display_name(),
+                    "removed a stale lock of this agent's restic"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot remove this agent's stale locks; trying again before the next work on the repository");
+        }
+    }
     Ok(restic)
 }
 

@@ -1,7 +1,8 @@
 //! The assignment worker against kube-sim: assignments for this node are taken, the pod's
 //! volume is found in a kubelet-like tree and backed up with the real restic, status reports
 //! the snapshot; other nodes' assignments are left alone; a volume that cannot be resolved
-//! fails its assignment with a reason; an assignment a dead agent left Running is finished.
+//! fails its assignment with a reason; an assignment a dead agent left Running is finished,
+//! and the stale lock of the restic killed with that agent is removed by its replacement.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use stash_api::assignment::RestoreAssignment;
 use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
 use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::ReadMode;
+use stash_node_agent::locks::{Identity, JOURNAL_FILE, Journal, process_alive};
 use stash_node_agent::worker::{Assignment, WorkerConfig, run};
 
 type Result<T = ()> = anyhow::Result<T>;
@@ -211,6 +213,15 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         )
         .await?;
 
+    // A journal of restic processes left corrupt (a disk error, a hand edit): the agent works
+    // on, and writes a sound one.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    std::fs::write(
+        state.join(JOURNAL_FILE),
+        b"{\"version\": 1, \"entries\": [{\"pid",
+    )?;
+
     let metrics = std::sync::Arc::new(stash_node_agent::metrics::Metrics::default());
     let cfg = WorkerConfig {
         node_name: "node-a".into(),
@@ -321,7 +332,32 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
 
     let _ = stop.send(());
     worker.await??;
+    let journal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join(JOURNAL_FILE))?)?;
+    assert_eq!(journal["entries"], json!([]), "every restic ended normally");
     sim.shutdown();
+    Ok(())
+}
+
+/// The repository's lock ids, as stock restic lists them.
+fn locks(repo: &Path, password: &str) -> Result<Vec<String>> {
+    let out = stock_restic(repo, password, &["list", "locks", "--no-lock"])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+fn kill(signal: &str, pid: u32) -> Result {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
     Ok(())
 }
 
@@ -384,9 +420,36 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(running, "the first agent started reading");
-    // Killed: its tasks are dropped, and restic is interrupted with them.
+    // Its restic holds its lock (a deadline, not a performance threshold).
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        held = locks(&repo_path, "restart test")?;
+        if !held.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held.len(), 1, "the first agent's restic holds a lock");
+    // Killed as a container is, restic with it: no chance to remove its lock. The journal
+    // names the first agent's restic; stopped first, it cannot act on the SIGINT that
+    // dropping the agent's tasks sends, and then it is killed.
+    let state = dir.path().join("state");
+    let restics: Vec<u32> = Journal::new(&state, Identity::new_instance())
+        .entries()
+        .iter()
+        .filter(|e| !e.exited && process_alive(e.pid))
+        .map(|e| e.pid)
+        .collect();
+    assert_eq!(restics.len(), 1, "the backup's restic is in the journal");
+    kill("-STOP", restics[0])?;
     first.abort();
     let _ = first.await;
+    kill("-KILL", restics[0])?;
+    assert_eq!(
+        locks(&repo_path, "restart test")?,
+        held,
+        "the killed restic left its lock"
+    );
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let second = tokio::spawn(run(client.clone(), config("agent-2", None), async move {
@@ -406,6 +469,8 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    // The replacement removed the dead restic's lock before its own backup.
+    assert_eq!(locks(&repo_path, "restart test")?, Vec::<String>::new());
     let _ = stop.send(());
     second.await??;
     sim.shutdown();

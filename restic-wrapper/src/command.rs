@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::backend::{Repository, SecretValue};
 use crate::error::Error;
 use crate::message::{BackupSummary, Message, RestoreSummary, Stream};
-use crate::process::{Invocation, Output, Running, StdoutMode, spawn};
+use crate::process::{Invocation, Output, Running, SpawnObserver, StdoutMode, spawn};
 use crate::types::{CheckSummary, ForgetGroup, ForgetResult, Key, Node, Snapshot, Stats, Version};
 
 /// How restic caches repository metadata.
@@ -36,6 +36,7 @@ pub struct Restic {
     progress_interval: Duration,
     retry_lock: Option<Duration>,
     timeout: Option<Duration>,
+    observer: Option<Arc<dyn SpawnObserver>>,
 }
 
 /// Filters shared by `snapshots`, `forget`, `restore` and `dump`.
@@ -184,6 +185,7 @@ impl Restic {
             progress_interval: Duration::from_secs(2),
             retry_lock: None,
             timeout: None,
+            observer: None,
         }
     }
 
@@ -235,6 +237,12 @@ impl Restic {
         self
     }
 
+    /// Tells `observer` of every restic process this client (and its clones) starts and reaps.
+    pub fn with_spawn_observer(mut self, observer: Arc<dyn SpawnObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     pub fn repository(&self) -> &Repository {
         &self.repository
     }
@@ -270,6 +278,7 @@ impl Restic {
             ),
             grace: self.grace,
             timeout: self.timeout,
+            observer: self.observer.clone(),
         }
     }
 

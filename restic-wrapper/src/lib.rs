@@ -5,7 +5,9 @@
 //! * [`Restic`] runs one typed command at a time: secrets only in the child's environment,
 //!   `--json` output parsed into [`Message`]s, exit codes mapped to [`Error`]s that say whether
 //!   a retry can help, and SIGINT-then-kill on cancellation so restic removes its own lock.
-//! * [`NativeRepository`] lists snapshots without starting restic, for fast listing.
+//! * [`NativeRepository`] lists snapshots without starting restic, for fast listing, and
+//!   reads and removes lock files, so a caller can remove exactly the locks it knows are its
+//!   own (a [`SpawnObserver`] tells it the pid of every restic it starts).
 
 pub mod backend;
 pub mod command;
@@ -22,5 +24,6 @@ pub use command::{
 };
 pub use error::{Error, LockHolder};
 pub use message::{BackupStatus, BackupSummary, Message, RestoreStatus, RestoreSummary};
-pub use native::{NativeError, NativeRepository, RepositoryFiles};
+pub use native::{Lock, NativeError, NativeRepository, RepositoryFiles};
+pub use process::{SpawnObserver, SpawnedProcess};
 pub use types::{ForgetResult, Key, Node, Snapshot, Stats, Version};

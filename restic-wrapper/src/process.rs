@@ -1,7 +1,8 @@
 //! Running one restic process: a clean environment holding only what restic needs, stdout
 //! parsed line by line into messages (or collected), stderr scrubbed of secrets and kept as a
 //! short tail, and an interrupt-then-kill stop on cancellation or drop, so restic removes its
-//! own lock instead of leaving a stale one behind.
+//! own lock instead of leaving a stale one behind. A caller's [`SpawnObserver`] hears of every
+//! process started and reaped, so it can tell its own restic processes' locks from others'.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -19,6 +20,30 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Failure, classify};
 use crate::message::{Message, Stream};
+
+/// One restic process this crate started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SpawnedProcess {
+    /// The process id. It is restic's own (the one in its locks) unless a launcher stays in
+    /// between: `nice`, `ionice` and `taskset` exec restic and keep it.
+    pub pid: u32,
+    /// What the command does, as errors name it ("back up", "list locks", …).
+    pub action: &'static str,
+    /// The repository, without credentials ([`crate::Repository::display_name`]).
+    pub repository: String,
+}
+
+/// Hears of every restic process a [`crate::Restic`] starts and reaps. `started` is called
+/// right after the process starts, before restic can have opened the repository (and so
+/// before it can have taken a lock); `exited` once it is reaped, with its status. A process
+/// left running when no tokio runtime is there to reap it is killed and never reported.
+/// Both are called from async code, `started` before the spawning call returns: keep them
+/// short.
+pub trait SpawnObserver: Send + Sync + std::fmt::Debug {
+    fn started(&self, process: &SpawnedProcess);
+    fn exited(&self, process: &SpawnedProcess, status: ExitStatus);
+}
 
 /// How many stderr lines are kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
@@ -46,6 +71,7 @@ pub(crate) struct Invocation {
     pub grace: Duration,
     /// Stop the command (SIGINT, then SIGKILL) if it has not finished by then.
     pub timeout: Option<Duration>,
+    pub observer: Option<Arc<dyn SpawnObserver>>,
 }
 
 /// What a successful run produced.
@@ -55,13 +81,36 @@ pub(crate) struct Output {
     pub messages: Vec<Message>,
 }
 
+/// The observer of one process, told of its exit once.
+struct Watch {
+    observer: Arc<dyn SpawnObserver>,
+    process: SpawnedProcess,
+}
+
+impl Watch {
+    fn exited(self, status: &std::io::Result<ExitStatus>) {
+        if let Ok(status) = status {
+            self.observer.exited(&self.process, *status);
+        }
+    }
+}
+
 /// Kills the child gently when dropped: SIGINT first, SIGKILL after the grace period.
 struct ChildGuard {
     child: Option<Child>,
     grace: Duration,
+    watch: Option<Watch>,
 }
 
 impl ChildGuard {
+    /// Tells the observer how the process ended, once it has been reaped.
+    fn reaped(&mut self, status: std::io::Result<ExitStatus>) -> std::io::Result<ExitStatus> {
+        if let Some(watch) = self.watch.take() {
+            watch.exited(&status);
+        }
+        status
+    }
+
     fn pid(&self) -> Option<Pid> {
         self.child
             .as_ref()
@@ -78,10 +127,11 @@ impl ChildGuard {
     }
 
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        match self.child.as_mut() {
+        let status = match self.child.as_mut() {
             Some(child) => child.wait().await,
-            None => Err(std::io::Error::other("the process was already reaped")),
-        }
+            None => return Err(std::io::Error::other("the process was already reaped")),
+        };
+        self.reaped(status)
     }
 
     /// Interrupts, waits up to the grace period, then kills.
@@ -91,7 +141,7 @@ impl ChildGuard {
         let Some(child) = self.child.as_mut() else {
             return Err(std::io::Error::other("the process was already reaped"));
         };
-        match tokio::time::timeout(grace, child.wait()).await {
+        let status = match tokio::time::timeout(grace, child.wait()).await {
             Ok(status) => status,
             Err(_) => {
                 tracing::warn!(
@@ -101,7 +151,8 @@ impl ChildGuard {
                 child.kill().await?;
                 child.wait().await
             }
-        }
+        };
+        self.reaped(status)
     }
 }
 
@@ -110,7 +161,11 @@ impl Drop for ChildGuard {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if matches!(child.try_wait(), Ok(Some(_))) {
+        let watch = self.watch.take();
+        if let Ok(Some(status)) = child.try_wait() {
+            if let Some(watch) = watch {
+                watch.exited(&Ok(status));
+            }
             return;
         }
         if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
@@ -120,8 +175,15 @@ impl Drop for ChildGuard {
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(async move {
-                    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-                        let _ = child.kill().await;
+                    let status = match tokio::time::timeout(grace, child.wait()).await {
+                        Ok(status) => status,
+                        Err(_) => {
+                            let _ = child.kill().await;
+                            child.wait().await
+                        }
+                    };
+                    if let Some(watch) = watch {
+                        watch.exited(&status);
                     }
                 });
             }
@@ -193,28 +255,47 @@ pub(crate) fn spawn(
         program: program.clone(),
         source,
     })?;
+    // Told now, while restic is still starting up: it takes its lock only after opening the
+    // repository, so whatever the observer records is in place before any lock exists.
+    let watch = match (inv.observer, child.id()) {
+        (Some(observer), Some(pid)) => {
+            let process = SpawnedProcess {
+                pid,
+                action: inv.action,
+                repository: inv.repository.clone(),
+            };
+            observer.started(&process);
+            Some(Watch { observer, process })
+        }
+        _ => None,
+    };
     let stdin = child.stdin.take();
+    let out = child.stdout.take();
+    let err = child.stderr.take();
+    // From here on the guard owns the process: an early return stops it and reports its end.
+    let guard = ChildGuard {
+        child: Some(child),
+        grace: inv.grace,
+        watch,
+    };
     if let Some(pipe) = &stdin {
         // A 64 KiB pipe makes restic wait for this process some 20,000 times per GiB of a
         // stream backup; 1 MiB (the default unprivileged maximum) keeps its chunker fed.
         // Only a hint: a smaller pipe still works.
         let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(STDIN_PIPE_BYTES));
     }
-    let out = child.stdout.take().ok_or_else(|| Error::Io {
+    let out = out.ok_or_else(|| Error::Io {
         action: "capture restic's output",
         source: std::io::Error::other("no stdout pipe"),
     })?;
-    let err = child.stderr.take().ok_or_else(|| Error::Io {
+    let err = err.ok_or_else(|| Error::Io {
         action: "capture restic's errors",
         source: std::io::Error::other("no stderr pipe"),
     })?;
     let stdout_task = tokio::spawn(read_stdout(out, stdout));
     let stderr_task = tokio::spawn(read_stderr(err, inv.secrets.clone()));
     Ok(Running {
-        guard: ChildGuard {
-            child: Some(child),
-            grace: inv.grace,
-        },
+        guard,
         stdin,
         stdout_task,
         stderr_task,

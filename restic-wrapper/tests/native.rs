@@ -1,12 +1,13 @@
 //! The native reader against repositories written by the real restic: its listing must equal
-//! `restic snapshots --json` field by field, on a local path and on S3 (Garage).
+//! `restic snapshots --json` field by field, on a local path and on S3 (Garage), and the locks
+//! it reads and removes are those restic writes and lists.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::{Garage, PASSWORD, local, restic_bin, sample_tree};
+use common::{Endless, Garage, PASSWORD, Spawns, hostname, local, restic_bin, sample_tree};
 use restic_wrapper::{
     BackupOptions, NativeError, NativeRepository, RepositoryFiles, Restic, Secrets, SnapshotFilter,
 };
@@ -274,4 +275,125 @@ async fn repository_files_are_listed_without_the_password() -> Result {
     assert_eq!(ids, listed);
     assert_eq!(ids.len(), 5);
     Ok(())
+}
+
+/// Waits for the repository's first lock; a deadline so a broken test fails instead of
+/// hanging, not a performance threshold.
+async fn first_lock(repo: &NativeRepository) -> Result<restic_wrapper::Lock> {
+    for _ in 0..300 {
+        if let Some(lock) = repo.locks().await?.into_iter().next() {
+            return Ok(lock);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no lock appeared")
+}
+
+/// A stdin backup started through the wrapper holds a lock; the spawn observer names its
+/// pid, and the native reader finds that pid and this host in the lock, as `restic cat lock`
+/// shows it. Killed with SIGKILL, restic cannot remove its lock: the observer hears of the
+/// kill, and the native reader removes the stale lock, after which restic lists none.
+async fn a_killed_backups_lock_is_read_and_removed(
+    restic: Restic,
+    env: &[(&str, String)],
+) -> Result {
+    let spawns = std::sync::Arc::new(Spawns::default());
+    let restic = restic.with_spawn_observer(spawns.clone());
+    restic.ensure_initialized().await?;
+    let native =
+        NativeRepository::open(restic.repository().backend(), restic.repository().secrets())
+            .await?;
+    assert!(native.locks().await?.is_empty());
+
+    let holder = restic.backup_stdin("endless", Endless, &BackupOptions::default())?;
+    let lock = first_lock(&native).await?;
+    let pids = spawns.pids("back up a stream");
+    assert_eq!(pids.len(), 1, "{:?}", spawns.all());
+    assert_eq!(
+        (lock.hostname.as_str(), lock.pid, lock.exclusive),
+        (hostname().as_str(), i64::from(pids[0]), false)
+    );
+    assert!(lock.created().is_some(), "{lock:?}");
+    assert_eq!(native.lock(&lock.id).await?.as_ref(), Some(&lock));
+
+    // The same lock, as restic itself prints it.
+    let theirs: Value =
+        serde_json::from_slice(&run_restic(&["cat", "lock", &lock.id, "--no-lock"], env)?)?;
+    assert_eq!(theirs["time"].as_str(), Some(lock.time.as_str()));
+    assert_eq!(theirs["hostname"].as_str(), Some(lock.hostname.as_str()));
+    assert_eq!(theirs["username"].as_str(), Some(lock.username.as_str()));
+    assert_eq!(theirs["pid"].as_i64(), Some(lock.pid));
+    assert_eq!(theirs["exclusive"].as_bool(), Some(false));
+    // restic leaves out a zero uid and gid.
+    assert_eq!(theirs["uid"].as_u64().unwrap_or(0), u64::from(lock.uid));
+    assert_eq!(theirs["gid"].as_u64().unwrap_or(0), u64::from(lock.gid));
+
+    let killed = Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()?;
+    assert!(killed.success());
+    // Stopping the run reaps the process (its input never ends, so `finish` would wait).
+    holder.cancel().await?;
+    let status = spawns
+        .exit(pids[0])
+        .ok_or_else(|| anyhow::anyhow!("the kill was not reported"))?;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    assert_eq!(
+        native.locks().await?,
+        vec![lock.clone()],
+        "the killed restic left its lock"
+    );
+
+    native.remove_lock(&lock.id).await?;
+    assert!(native.locks().await?.is_empty());
+    assert!(run_restic(&["list", "locks", "--no-lock"], env)?.is_empty());
+    // Already gone is no error; a name that is not a lock id is refused.
+    native.remove_lock(&lock.id).await?;
+    let err = native.remove_lock("../config").await;
+    assert!(matches!(err, Err(NativeError::Format { .. })), "{err:?}");
+    assert_eq!(native.lock(&lock.id).await?, None);
+
+    // Commands that end on their own are reported with their exit code.
+    restic.snapshots(&SnapshotFilter::default()).await?;
+    let listed = spawns.pids("list snapshots");
+    assert_eq!(listed.len(), 1, "{:?}", spawns.all());
+    assert_eq!(spawns.exit(listed[0]).and_then(|s| s.code()), Some(0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn locks_are_read_and_removed_on_a_local_repository() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = local(dir.path(), PASSWORD);
+    let env = [
+        (
+            "RESTIC_REPOSITORY",
+            dir.path().join("repo").display().to_string(),
+        ),
+        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
+    ];
+    a_killed_backups_lock_is_read_and_removed(restic, &env).await
+}
+
+#[tokio::test]
+async fn locks_are_read_and_removed_on_s3() -> Result {
+    let garage = Garage::start();
+    let dir = tempfile::tempdir()?;
+    let repo =
+        restic_wrapper::Repository::new(garage.backend("locks"), garage.secrets(), dir.path())?;
+    let restic = Restic::new(repo).with_program(restic_bin());
+    let env = [
+        (
+            "RESTIC_REPOSITORY",
+            format!("s3:{}/{}/locks", garage.endpoint, garage.bucket),
+        ),
+        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
+        ("AWS_ACCESS_KEY_ID", garage.key_id.clone()),
+        ("AWS_SECRET_ACCESS_KEY", garage.secret.clone()),
+        ("AWS_DEFAULT_REGION", "garage".to_owned()),
+    ];
+    a_killed_backups_lock_is_read_and_removed(restic, &env).await
 }

@@ -5,7 +5,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{PASSWORD, local, pseudo_random, restic_bin, sample_tree};
+use common::{Endless, PASSWORD, local, pseudo_random, restic_bin, sample_tree};
 use restic_wrapper::{
     BackupOptions, Error, ForgetOptions, Message, Overwrite, PruneOptions, RestoreOptions,
     SecretValue, SnapshotFilter, StatsMode,
@@ -277,19 +277,6 @@ async fn wrong_password_and_missing_repository_are_named() -> Result {
         "{err:?}"
     );
     Ok(())
-}
-
-/// A reader that never ends, so a stdin backup holds its lock until cancelled.
-struct Endless;
-
-impl AsyncRead for Endless {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        _: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Pending
-    }
 }
 
 #[tokio::test]

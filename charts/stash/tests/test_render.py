@@ -249,7 +249,7 @@ def test_custom_kubelet_root_moves_every_kubelet_path() -> None:
 def test_agent_scheduling_knobs() -> None:
     default_ds = rendered_variant("default").get("DaemonSet", "stash-node-agent")
     assert default_ds["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
-    assert default_ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert default_ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
     r = render({
         "agent": {
             "nodeSelector": {"stash.io/backup": "yes"},
@@ -268,6 +268,25 @@ def test_agent_scheduling_knobs() -> None:
     assert pod["containers"][0]["resources"] == {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
     assert "nodeAffinity" in pod["affinity"]
     assert "tolerations" not in rendered_variant("everything").get("DaemonSet", "stash-node-agent")["spec"]["template"]["spec"]
+
+
+def test_agent_updates_never_run_two_agents_on_a_node() -> None:
+    """A new agent removes the locks of restic processes its predecessor on the node started,
+    taking them for dead: a surge pod would take a live agent's locks. Other update settings
+    stay the user's; a surge is refused (test_schema_and_lint.BAD_VALUES)."""
+    def strategy(values: dict) -> dict:
+        return render({"agent": {"updateStrategy": values}}).get("DaemonSet", "stash-node-agent")["spec"]["updateStrategy"]
+
+    # Helm merges the user's map with the defaults: the pinned maxSurge stays.
+    assert strategy({"rollingUpdate": {"maxUnavailable": "25%"}}) == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": 0}}
+    assert strategy({"rollingUpdate": {"maxSurge": "0%"}})["rollingUpdate"]["maxSurge"] == "0%"
+    # OnDelete replaces a pod only after it is gone.
+    assert strategy({"type": "OnDelete", "rollingUpdate": None}) == {"type": "OnDelete"}
+    for surge in (1, "1", "10%", "100%"):
+        with pytest.raises(helm.HelmValuesError) as err:
+            render({"agent": {"updateStrategy": {"rollingUpdate": {"maxSurge": surge}}}})
+        assert "at '/agent/updateStrategy/rollingUpdate/maxSurge': value must be one of 0, '0%'" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("pushgateway url", {"pushgateway": {"url": "pushgateway:9091"}}, "at '/pushgateway/url'"),
     ("pull secret name", {"imagePullSecrets": ["Not_A_Name"]}, "at '/imagePullSecrets/0'"),
     ("env without name", {"operator": {"extraEnv": [{"value": "x"}]}}, "missing property 'name'"),
+    ("agent surge", {"agent": {"updateStrategy": {"rollingUpdate": {"maxSurge": 1}}}},
+     "at '/agent/updateStrategy/rollingUpdate/maxSurge': value must be one of 0, '0%'"),
+    ("agent update type", {"agent": {"updateStrategy": {"type": "Recreate"}}}, "at '/agent/updateStrategy/type'"),
+    ("agent update typo", {"agent": {"updateStrategy": {"rollingUpdate": {"maxSurg": 1}}}},
+     "additional properties 'maxSurg' not allowed"),
 ]
 
 

@@ -165,7 +165,7 @@ impl MasterKey {
     }
 
     /// Test helper: seals data the way restic does, with the given IV.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "test-support"))]
     pub fn encrypt_with_iv(&self, iv: [u8; IV_LEN], plain: &[u8]) -> Vec<u8> {
         let mut ct = plain.to_vec();
         let mut ctr = ctr::Ctr128BE::<aes::Aes256>::new(&self.encrypt.into(), &iv.into());

@@ -4,9 +4,13 @@
 //! repositories are read with plain file reads in batches: object_store's local store costs
 //! two blocking-pool hops per file, which was most of a 1,000-snapshot listing. Snapshot files
 //! are immutable and named by their hash, so decrypted snapshots are cached by id and a
-//! repeated listing only fetches what is new.
+//! repeated listing only fetches what is new. Lock files are read and removed one by one
+//! (`lock`).
 
 pub mod crypto;
+mod lock;
+
+pub use lock::Lock;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -187,6 +191,56 @@ impl Source {
                         source,
                     }),
                 }
+            }
+        }
+    }
+
+    /// Deletes one file; one that is already gone is not an error.
+    async fn delete(&self, rel: String) -> Result<(), NativeError> {
+        match self {
+            Source::Local(root) => {
+                let path = root.join(&rel);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(local_error("delete", &path, e)),
+                }
+            }
+            Source::Store { store, prefix } => {
+                let path = rel.split('/').fold(prefix.clone(), |p, part| p.child(part));
+                match store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(source) => Err(NativeError::Object {
+                        action: "delete",
+                        path: path.to_string(),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Writes one file (test support only: the reader never writes to a repository).
+    #[cfg(any(test, feature = "test-support"))]
+    async fn put(&self, rel: String, bytes: Vec<u8>) -> Result<(), NativeError> {
+        match self {
+            Source::Local(root) => {
+                let path = root.join(&rel);
+                tokio::fs::write(&path, bytes)
+                    .await
+                    .map_err(|e| local_error("write", &path, e))
+            }
+            Source::Store { store, prefix } => {
+                let path = rel.split('/').fold(prefix.clone(), |p, part| p.child(part));
+                store
+                    .put(&path, bytes.into())
+                    .await
+                    .map(drop)
+                    .map_err(|source| NativeError::Object {
+                        action: "write",
+                        path: path.to_string(),
+                        source,
+                    })
             }
         }
     }

@@ -4,7 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use restic_wrapper::{Backend, Repository, Restic, Secrets};
@@ -201,4 +201,69 @@ impl Drop for Garage {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Records every restic process a client starts and how each ended.
+#[derive(Debug, Default)]
+pub struct Spawns(std::sync::Mutex<Vec<(restic_wrapper::SpawnedProcess, Option<ExitStatus>)>>);
+
+impl Spawns {
+    /// The pids of the processes started for an action, in order.
+    pub fn pids(&self, action: &str) -> Vec<u32> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.action == action)
+            .map(|(p, _)| p.pid)
+            .collect()
+    }
+
+    /// How a process ended, once it was reaped.
+    pub fn exit(&self, pid: u32) -> Option<ExitStatus> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| p.pid == pid)
+            .and_then(|(_, s)| *s)
+    }
+
+    pub fn all(&self) -> Vec<(restic_wrapper::SpawnedProcess, Option<ExitStatus>)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl restic_wrapper::SpawnObserver for Spawns {
+    fn started(&self, process: &restic_wrapper::SpawnedProcess) {
+        self.0.lock().unwrap().push((process.clone(), None));
+    }
+
+    fn exited(&self, process: &restic_wrapper::SpawnedProcess, status: ExitStatus) {
+        let mut all = self.0.lock().unwrap();
+        if let Some(entry) = all.iter_mut().find(|(p, s)| p == process && s.is_none()) {
+            entry.1 = Some(status);
+        }
+    }
+}
+
+/// A reader that never ends, so a stdin backup holds its lock until it is stopped.
+pub struct Endless;
+
+impl tokio::io::AsyncRead for Endless {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// This machine's host name, as restic writes it into its locks.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
 }
