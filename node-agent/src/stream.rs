@@ -19,7 +19,9 @@ use crate::budget::AssignmentBudget;
 use crate::tar::{Entry, Kind, TarReader, TarWriter};
 
 /// Size of one read: large enough for sequential throughput, small enough to pace smoothly.
-const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 1 << 20;
+/// Zeros for what a file that shrank during its read can no longer supply.
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 /// The name of a raw block volume's content inside the stream.
 pub const BLOCK_FILE: &str = "block.img";
 /// How far behind the current read the page-cache drop reaches.
@@ -66,25 +68,80 @@ pub struct ReadReport {
     pub seconds: f64,
 }
 
-/// How file contents are read. One implementation uses io_uring; the fallback uses `pread`.
-pub trait ReadEngine: Send {
-    fn name(&self) -> &'static str;
-    /// Reads up to `buf.len()` bytes at `offset`.
-    fn read_at(&mut self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+/// Why a range read stopped before its end.
+#[derive(Debug)]
+pub enum RangeError {
+    /// Reading the file failed.
+    Read(io::Error),
+    /// Whoever took the data failed (writing the stream, say).
+    Deliver(io::Error),
 }
 
-/// Ordinary positional reads.
+/// How file contents are read. One implementation uses io_uring; the fallback uses `pread`.
+/// An engine owns its buffers, so it decides how many reads are in flight.
+pub trait ReadEngine: Send {
+    fn name(&self) -> &'static str;
+
+    /// Reads `len` bytes of `file` from `offset` and hands them to `deliver` in file order,
+    /// in pieces of at most [`CHUNK`] bytes, each with its offset in the file. `before_read`
+    /// is called with the size of every read before it is issued, so the IO budget paces
+    /// them. Returns the bytes delivered, fewer than `len` when the file ends early. No read
+    /// is left in flight when this returns.
+    fn read_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        before_read: &mut dyn FnMut(u64),
+        deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> Result<u64, RangeError>;
+}
+
+/// Ordinary positional reads, one at a time, through one buffer of [`CHUNK`] bytes.
 #[derive(Debug, Default)]
-pub struct PreadEngine;
+pub struct PreadEngine {
+    buf: Vec<u8>,
+}
 
 impl ReadEngine for PreadEngine {
     fn name(&self) -> &'static str {
         "pread"
     }
 
-    fn read_at(&mut self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        std::os::unix::fs::FileExt::read_at(file, buf, offset)
+    fn read_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        before_read: &mut dyn FnMut(u64),
+        deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> Result<u64, RangeError> {
+        self.buf.resize(CHUNK, 0);
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(CHUNK as u64) as usize;
+            before_read(want as u64);
+            let at = offset + done;
+            let n = match std::os::unix::fs::FileExt::read_at(file, &mut self.buf[..want], at) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(RangeError::Read(e)),
+            };
+            deliver(at, &self.buf[..n]).map_err(RangeError::Deliver)?;
+            done += n as u64;
+        }
+        Ok(done)
     }
+}
+
+fn write_zeros<W: Write>(tar: &mut TarWriter<W>, mut n: u64) -> io::Result<()> {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        tar.data(&ZEROS[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 fn rel_name(rel: &Path) -> String {
@@ -178,7 +235,6 @@ impl VolumeReader<'_> {
         let mut tar = TarWriter::new(out);
         let mut report = ReadReport::default();
         let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-        let mut buf = vec![0u8; CHUNK];
         let root_meta = std::fs::metadata(&self.root).map_err(|source| StreamError::Read {
             path: self.root.display().to_string(),
             source,
@@ -188,16 +244,9 @@ impl VolumeReader<'_> {
             // cannot be read leaves nothing to back up.
             self.skip_unreadable = false;
             let root = self.root.clone();
-            self.file(
-                &root,
-                Path::new(BLOCK_FILE),
-                vec![],
-                &mut tar,
-                &mut report,
-                &mut buf,
-            )?;
+            self.file(&root, Path::new(BLOCK_FILE), vec![], &mut tar, &mut report)?;
         } else {
-            self.walk(Path::new(""), &mut tar, &mut report, &mut links, &mut buf)?;
+            self.walk(Path::new(""), &mut tar, &mut report, &mut links)?;
         }
         let out = tar.finish().map_err(StreamError::Write)?;
         report.seconds = started.elapsed().as_secs_f64();
@@ -210,7 +259,6 @@ impl VolumeReader<'_> {
         tar: &mut TarWriter<W>,
         report: &mut ReadReport,
         links: &mut HashMap<(u64, u64), Vec<u8>>,
-        buf: &mut [u8],
     ) -> Result<(), StreamError> {
         let dir = self.root.join(rel);
         // Sorted, so the same volume makes the same stream and restic deduplicates well.
@@ -243,7 +291,7 @@ impl VolumeReader<'_> {
             if ft.is_dir() {
                 let e = entry_for(&child_rel, &meta, Kind::Dir, xattrs);
                 tar.append_header(&e).map_err(StreamError::Write)?;
-                self.walk(&child_rel, tar, report, links, buf)?;
+                self.walk(&child_rel, tar, report, links)?;
             } else if ft.is_symlink() {
                 let target = match std::fs::read_link(&path) {
                     Ok(t) => t,
@@ -270,7 +318,7 @@ impl VolumeReader<'_> {
                     }
                     links.insert(key, child_rel.as_os_str().as_bytes().to_vec());
                 }
-                self.file(&path, &child_rel, xattrs, tar, report, buf)?;
+                self.file(&path, &child_rel, xattrs, tar, report)?;
             } else {
                 let rdev = meta.rdev();
                 let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
@@ -298,7 +346,6 @@ impl VolumeReader<'_> {
         xattrs: Vec<(Vec<u8>, Vec<u8>)>,
         tar: &mut TarWriter<W>,
         report: &mut ReadReport,
-        buf: &mut [u8],
     ) -> Result<(), StreamError> {
         let read_err = |source| StreamError::Read {
             path: path.display().to_string(),
@@ -321,39 +368,14 @@ impl VolumeReader<'_> {
         };
         let entry = entry_for(rel, &before, Kind::File { size }, xattrs);
         tar.append_header(&entry).map_err(StreamError::Write)?;
-        let mut offset = 0u64;
-        let mut short = false;
-        while offset < size {
-            let want = (size - offset).min(buf.len() as u64) as usize;
-            let waited = self.budget.acquire_blocking(want as u64, 1);
-            self.progress
-                .throttled_nanos
-                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-            let n = self
-                .engine
-                .read_at(&file, &mut buf[..want], offset)
-                .map_err(read_err)?;
-            if n == 0 {
-                // The file shrank while we read it: the header promised `size` bytes.
-                short = true;
-                buf[..want].fill(0);
-                tar.data(&buf[..want]).map_err(StreamError::Write)?;
-                offset += want as u64;
-                continue;
-            }
-            // The workloads' page cache matters more than ours: drop what we read. The window
-            // reaches back a few chunks because pages still under readahead I/O when advised
-            // are skipped by the kernel; a drop of the whole file at the end catches the rest.
-            let from = offset.saturating_sub(DONTNEED_LAG);
-            let _ = rustix::fs::fadvise(
-                &file,
-                from,
-                std::num::NonZeroU64::new(offset + n as u64 - from),
-                rustix::fs::Advice::DontNeed,
-            );
-            tar.data(&buf[..n]).map_err(StreamError::Write)?;
-            offset += n as u64;
-            self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let got = self.read_range(&file, size, tar).map_err(|e| match e {
+            RangeError::Read(source) => read_err(source),
+            RangeError::Deliver(e) => StreamError::Write(e),
+        })?;
+        // The file shrank while we read it: the header promised `size` bytes.
+        let short = got < size;
+        if short {
+            write_zeros(tar, size - got).map_err(StreamError::Write)?;
         }
         tar.finish_entry(size).map_err(StreamError::Write)?;
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
@@ -370,6 +392,46 @@ impl VolumeReader<'_> {
         report.files += 1;
         self.progress.files.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Copies the first `size` bytes of `file` into the stream through the engine, paced by
+    /// the budget; returns the bytes the file still had.
+    fn read_range<W: Write>(
+        &mut self,
+        file: &File,
+        size: u64,
+        tar: &mut TarWriter<W>,
+    ) -> Result<u64, RangeError> {
+        let VolumeReader {
+            engine,
+            budget,
+            progress,
+            ..
+        } = self;
+        let mut before_read = |want: u64| {
+            let waited = budget.acquire_blocking(want, 1);
+            progress
+                .throttled_nanos
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        };
+        let mut deliver = |at: u64, data: &[u8]| -> io::Result<()> {
+            // The workloads' page cache matters more than ours: drop what we read. The window
+            // reaches back a few chunks because pages still under readahead I/O when advised
+            // are skipped by the kernel; a drop of the whole file at the end catches the rest.
+            let from = at.saturating_sub(DONTNEED_LAG);
+            let _ = rustix::fs::fadvise(
+                file,
+                from,
+                std::num::NonZeroU64::new(at + data.len() as u64 - from),
+                rustix::fs::Advice::DontNeed,
+            );
+            tar.data(data)?;
+            progress
+                .bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok(())
+        };
+        engine.read_range(file, 0, size, &mut before_read, &mut deliver)
     }
 }
 
