@@ -601,6 +601,7 @@ pub fn extract_block<R: Read>(input: R, device: &Path) -> Result<ExtractReport, 
         }
         out.sync_all().map_err(restore_err)?;
         report.files = 1;
+        reader.drain().map_err(StreamError::Decode)?;
         return Ok(report);
     }
     Err(StreamError::Unsafe {
@@ -724,6 +725,7 @@ pub fn extract<R: Read>(
             }
         }
     }
+    reader.drain().map_err(StreamError::Decode)?;
     // Directory times last: writing into a directory changes its mtime.
     for (rel, entry) in dirs.iter().rev() {
         let fd = open_dir_beneath(&root, rel).map_err(|e| restore_err(rel, e))?;
@@ -804,4 +806,45 @@ fn delete_extraneous(root: &OwnedFd, rel: &Path, keep: &BTreeSet<PathBuf>) -> io
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_extractors_read_their_input_to_the_end() -> io::Result<()> {
+        // Whatever follows the first end-of-archive block is still read, so the process
+        // writing the archive into a pipe (restic dump) never finds it closed early.
+        let dir = tempfile::tempdir()?;
+        let mut w = TarWriter::new(Vec::new());
+        w.append_header(&Entry {
+            path: BLOCK_FILE.as_bytes().to_vec(),
+            kind: Kind::File { size: 8 },
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime_secs: 1_700_000_000,
+            mtime_nanos: 0,
+            xattrs: vec![],
+        })?;
+        w.data(b"an image")?;
+        w.finish_entry(8)?;
+        let tar = w.finish()?;
+        let mut input = &tar[..];
+        extract(
+            &mut input,
+            &dir.path().join("t"),
+            &ExtractOptions::default(),
+        )
+        .map_err(io::Error::other)?;
+        assert!(input.is_empty(), "{} bytes left unread", input.len());
+        let device = dir.path().join("device.img");
+        std::fs::write(&device, b"")?;
+        let mut input = &tar[..];
+        extract_block(&mut input, &device).map_err(io::Error::other)?;
+        assert!(input.is_empty(), "{} bytes left unread", input.len());
+        assert_eq!(std::fs::read(&device)?, b"an image");
+        Ok(())
+    }
 }

@@ -446,6 +446,13 @@ impl<R: Read> TarReader<R> {
         Ok(data)
     }
 
+    /// Reads and discards the rest of the input, to its end. A writer feeding the archive
+    /// through a pipe (`restic dump`) fails with a broken pipe if the reader leaves before
+    /// it has written everything, such as the second end-of-archive block.
+    pub fn drain(&mut self) -> io::Result<u64> {
+        io::copy(&mut self.input, &mut io::sink())
+    }
+
     /// Reads the current entry's data.
     pub fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.remaining == 0 {
