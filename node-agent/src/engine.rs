@@ -209,7 +209,8 @@ pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wra
 
 /// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
 /// targets): equal digests mean a stream backup would produce the same tar. The same walk
-/// counts the regular files and their bytes, the totals progress is reported against.
+/// counts the regular files and the bytes the reader will read of them (a sparse file's
+/// holes are not read), the totals progress is reported against.
 /// With `skip_denied`, what may not be read counts as one more name in the digest, as the
 /// reader will leave it out; otherwise it fails the scan.
 pub fn manifest_digest(root: &Path, skip_denied: bool) -> Result<(String, u64, u64), AgentError> {
@@ -276,7 +277,7 @@ pub fn manifest_digest(root: &Path, skip_denied: bool) -> Result<(String, u64, u
                 }
             }
             if m.is_file() {
-                w.totals.0 += m.size();
+                w.totals.0 += crate::stream::bytes_to_read(&m);
                 w.totals.1 += 1;
             }
             if m.is_dir() {

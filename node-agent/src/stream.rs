@@ -1,6 +1,7 @@
 //! Stream mode: a reader thread walks a volume and writes a tar stream of it, paced by the IO
 //! budget and without filling the page cache; the extractor writes a tar stream back into a
 //! volume, confined to it by the kernel (`openat2` with `RESOLVE_BENEATH` and no symlinks).
+//! Sparse files travel as their data segments only and are restored with their holes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -16,10 +17,15 @@ use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
 use crate::budget::AssignmentBudget;
-use crate::tar::{Entry, Kind, TarReader, TarWriter};
+use crate::tar::{Entry, Kind, MAX_SEGMENTS, Segment, TarReader, TarWriter};
 
 /// Size of one read: large enough for sequential throughput, small enough to pace smoothly.
-const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 1 << 20;
+/// Holes a file must have, in bytes, before it is stored sparse: below one read they save
+/// nothing worth a map.
+const SPARSE_MIN_HOLES: u64 = CHUNK as u64;
+/// Zeros for what a file that shrank during its read can no longer supply.
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 /// The name of a raw block volume's content inside the stream.
 pub const BLOCK_FILE: &str = "block.img";
 /// How far behind the current read the page-cache drop reaches.
@@ -66,25 +72,142 @@ pub struct ReadReport {
     pub seconds: f64,
 }
 
-/// How file contents are read. One implementation uses io_uring; the fallback uses `pread`.
-pub trait ReadEngine: Send {
-    fn name(&self) -> &'static str;
-    /// Reads up to `buf.len()` bytes at `offset`.
-    fn read_at(&mut self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+/// Why a range read stopped before its end.
+#[derive(Debug)]
+pub enum RangeError {
+    /// Reading the file failed.
+    Read(io::Error),
+    /// Whoever took the data failed (writing the stream, say).
+    Deliver(io::Error),
 }
 
-/// Ordinary positional reads.
+/// How file contents are read. One implementation uses io_uring; the fallback uses `pread`.
+/// An engine owns its buffers, so it decides how many reads are in flight.
+pub trait ReadEngine: Send {
+    fn name(&self) -> &'static str;
+
+    /// Reads `len` bytes of `file` from `offset` and hands them to `deliver` in file order,
+    /// in pieces of at most [`CHUNK`] bytes, each with its offset in the file. `before_read`
+    /// is called with the size of every read before it is issued, so the IO budget paces
+    /// them. Returns the bytes delivered, fewer than `len` when the file ends early. No read
+    /// is left in flight when this returns.
+    fn read_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        before_read: &mut dyn FnMut(u64),
+        deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> Result<u64, RangeError>;
+}
+
+/// Ordinary positional reads, one at a time, through one buffer of [`CHUNK`] bytes.
 #[derive(Debug, Default)]
-pub struct PreadEngine;
+pub struct PreadEngine {
+    buf: Vec<u8>,
+}
 
 impl ReadEngine for PreadEngine {
     fn name(&self) -> &'static str {
         "pread"
     }
 
-    fn read_at(&mut self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        std::os::unix::fs::FileExt::read_at(file, buf, offset)
+    fn read_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        before_read: &mut dyn FnMut(u64),
+        deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> Result<u64, RangeError> {
+        self.buf.resize(CHUNK, 0);
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(CHUNK as u64) as usize;
+            before_read(want as u64);
+            let at = offset + done;
+            let n = match std::os::unix::fs::FileExt::read_at(file, &mut self.buf[..want], at) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(RangeError::Read(e)),
+            };
+            deliver(at, &self.buf[..n]).map_err(RangeError::Deliver)?;
+            done += n as u64;
+        }
+        Ok(done)
     }
+}
+
+/// Whether a file's allocated blocks fall clearly short of its size, so that looking for
+/// its holes is worth it.
+fn looks_sparse(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_file()
+        && meta
+            .blocks()
+            .saturating_mul(512)
+            .saturating_add(SPARSE_MIN_HOLES)
+            <= meta.len()
+}
+
+/// The bytes a stream backup reads of a file: its size, or about its allocated bytes when
+/// it is sparse. Progress is reported against the sum of these.
+pub fn bytes_to_read(meta: &std::fs::Metadata) -> u64 {
+    if looks_sparse(meta) {
+        meta.blocks().saturating_mul(512)
+    } else {
+        meta.len()
+    }
+}
+
+/// The data segments of the first `size` bytes of a file, as the filesystem reports them
+/// (`SEEK_DATA`/`SEEK_HOLE`), ending with an empty segment at `size` when the file ends in a
+/// hole. `None` when the filesystem cannot tell or the map would be too long: the file is
+/// then read whole.
+fn data_segments(file: &File, size: u64) -> Option<Vec<Segment>> {
+    use rustix::fs::SeekFrom;
+    let mut map = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(start) => start,
+            // Nothing but holes from `pos` on (or the file shrank): the map is complete.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return None,
+        };
+        if start >= size {
+            break;
+        }
+        let end = match rustix::fs::seek(file, SeekFrom::Hole(start)) {
+            Ok(end) => end.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(_) => return None,
+        };
+        if end <= start || map.len() >= MAX_SEGMENTS - 1 {
+            return None;
+        }
+        map.push(Segment {
+            offset: start,
+            len: end - start,
+        });
+        pos = end;
+    }
+    if map.last().map_or(0, Segment::end) < size {
+        map.push(Segment {
+            offset: size,
+            len: 0,
+        });
+    }
+    Some(map)
+}
+
+fn write_zeros<W: Write>(tar: &mut TarWriter<W>, mut n: u64) -> io::Result<()> {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        tar.data(&ZEROS[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 fn rel_name(rel: &Path) -> String {
@@ -178,7 +301,6 @@ impl VolumeReader<'_> {
         let mut tar = TarWriter::new(out);
         let mut report = ReadReport::default();
         let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-        let mut buf = vec![0u8; CHUNK];
         let root_meta = std::fs::metadata(&self.root).map_err(|source| StreamError::Read {
             path: self.root.display().to_string(),
             source,
@@ -188,16 +310,9 @@ impl VolumeReader<'_> {
             // cannot be read leaves nothing to back up.
             self.skip_unreadable = false;
             let root = self.root.clone();
-            self.file(
-                &root,
-                Path::new(BLOCK_FILE),
-                vec![],
-                &mut tar,
-                &mut report,
-                &mut buf,
-            )?;
+            self.file(&root, Path::new(BLOCK_FILE), vec![], &mut tar, &mut report)?;
         } else {
-            self.walk(Path::new(""), &mut tar, &mut report, &mut links, &mut buf)?;
+            self.walk(Path::new(""), &mut tar, &mut report, &mut links)?;
         }
         let out = tar.finish().map_err(StreamError::Write)?;
         report.seconds = started.elapsed().as_secs_f64();
@@ -210,7 +325,6 @@ impl VolumeReader<'_> {
         tar: &mut TarWriter<W>,
         report: &mut ReadReport,
         links: &mut HashMap<(u64, u64), Vec<u8>>,
-        buf: &mut [u8],
     ) -> Result<(), StreamError> {
         let dir = self.root.join(rel);
         // Sorted, so the same volume makes the same stream and restic deduplicates well.
@@ -243,7 +357,7 @@ impl VolumeReader<'_> {
             if ft.is_dir() {
                 let e = entry_for(&child_rel, &meta, Kind::Dir, xattrs);
                 tar.append_header(&e).map_err(StreamError::Write)?;
-                self.walk(&child_rel, tar, report, links, buf)?;
+                self.walk(&child_rel, tar, report, links)?;
             } else if ft.is_symlink() {
                 let target = match std::fs::read_link(&path) {
                     Ok(t) => t,
@@ -270,7 +384,7 @@ impl VolumeReader<'_> {
                     }
                     links.insert(key, child_rel.as_os_str().as_bytes().to_vec());
                 }
-                self.file(&path, &child_rel, xattrs, tar, report, buf)?;
+                self.file(&path, &child_rel, xattrs, tar, report)?;
             } else {
                 let rdev = meta.rdev();
                 let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
@@ -298,7 +412,6 @@ impl VolumeReader<'_> {
         xattrs: Vec<(Vec<u8>, Vec<u8>)>,
         tar: &mut TarWriter<W>,
         report: &mut ReadReport,
-        buf: &mut [u8],
     ) -> Result<(), StreamError> {
         let read_err = |source| StreamError::Read {
             path: path.display().to_string(),
@@ -319,43 +432,46 @@ impl VolumeReader<'_> {
         } else {
             before.len()
         };
+        let whole = [Segment {
+            offset: 0,
+            len: size,
+        }];
+        let sparse = if looks_sparse(&before) {
+            // Finding the holes costs extent lookups: one operation.
+            self.budget.acquire_blocking(0, 1);
+            data_segments(&file, size).filter(|map| map[..] != whole[..])
+        } else {
+            None
+        };
         let entry = entry_for(rel, &before, Kind::File { size }, xattrs);
-        tar.append_header(&entry).map_err(StreamError::Write)?;
-        let mut offset = 0u64;
-        let mut short = false;
-        while offset < size {
-            let want = (size - offset).min(buf.len() as u64) as usize;
-            let waited = self.budget.acquire_blocking(want as u64, 1);
-            self.progress
-                .throttled_nanos
-                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-            let n = self
-                .engine
-                .read_at(&file, &mut buf[..want], offset)
-                .map_err(read_err)?;
-            if n == 0 {
-                // The file shrank while we read it: the header promised `size` bytes.
-                short = true;
-                buf[..want].fill(0);
-                tar.data(&buf[..want]).map_err(StreamError::Write)?;
-                offset += want as u64;
-                continue;
+        let (segments, data_len) = match &sparse {
+            Some(map) => {
+                let data = tar
+                    .append_sparse_header(&entry, map)
+                    .map_err(StreamError::Write)?;
+                (&map[..], data)
             }
-            // The workloads' page cache matters more than ours: drop what we read. The window
-            // reaches back a few chunks because pages still under readahead I/O when advised
-            // are skipped by the kernel; a drop of the whole file at the end catches the rest.
-            let from = offset.saturating_sub(DONTNEED_LAG);
-            let _ = rustix::fs::fadvise(
-                &file,
-                from,
-                std::num::NonZeroU64::new(offset + n as u64 - from),
-                rustix::fs::Advice::DontNeed,
-            );
-            tar.data(&buf[..n]).map_err(StreamError::Write)?;
-            offset += n as u64;
-            self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            None => {
+                tar.append_header(&entry).map_err(StreamError::Write)?;
+                (&whole[..], size)
+            }
+        };
+        // The header promised every byte of every segment: what the file no longer holds
+        // because it shrank (before or after the map was taken) goes as zeros.
+        let mut short = false;
+        for segment in segments.iter().filter(|s| s.len > 0) {
+            let got = self
+                .read_segment(&file, *segment, tar)
+                .map_err(|e| match e {
+                    RangeError::Read(source) => read_err(source),
+                    RangeError::Deliver(e) => StreamError::Write(e),
+                })?;
+            if got < segment.len {
+                short = true;
+                write_zeros(tar, segment.len - got).map_err(StreamError::Write)?;
+            }
         }
-        tar.finish_entry(size).map_err(StreamError::Write)?;
+        tar.finish_entry(data_len).map_err(StreamError::Write)?;
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
         let after = file.metadata().map_err(read_err)?;
         let block = after.file_type().is_block_device();
@@ -370,6 +486,52 @@ impl VolumeReader<'_> {
         report.files += 1;
         self.progress.files.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Copies one segment of `file` into the stream through the engine, paced by the budget;
+    /// returns the bytes the file still had.
+    fn read_segment<W: Write>(
+        &mut self,
+        file: &File,
+        segment: Segment,
+        tar: &mut TarWriter<W>,
+    ) -> Result<u64, RangeError> {
+        let VolumeReader {
+            engine,
+            budget,
+            progress,
+            ..
+        } = self;
+        let mut before_read = |want: u64| {
+            let waited = budget.acquire_blocking(want, 1);
+            progress
+                .throttled_nanos
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        };
+        let mut deliver = |at: u64, data: &[u8]| -> io::Result<()> {
+            // The workloads' page cache matters more than ours: drop what we read. The window
+            // reaches back a few chunks because pages still under readahead I/O when advised
+            // are skipped by the kernel; a drop of the whole file at the end catches the rest.
+            let from = at.saturating_sub(DONTNEED_LAG);
+            let _ = rustix::fs::fadvise(
+                file,
+                from,
+                std::num::NonZeroU64::new(at + data.len() as u64 - from),
+                rustix::fs::Advice::DontNeed,
+            );
+            tar.data(data)?;
+            progress
+                .bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok(())
+        };
+        engine.read_range(
+            file,
+            segment.offset,
+            segment.len,
+            &mut before_read,
+            &mut deliver,
+        )
     }
 }
 
@@ -529,6 +691,13 @@ pub fn extract_block<R: Read>(input: R, device: &Path) -> Result<ExtractReport, 
         if entry.path != BLOCK_FILE.as_bytes() {
             continue;
         }
+        if reader.sparse_map().is_some() {
+            // The reader never stores a device sparse, and a device has no holes to restore.
+            return Err(StreamError::Unsafe {
+                path: BLOCK_FILE.into(),
+                reason: "a block image stored as a sparse file",
+            });
+        }
         loop {
             let n = reader.read_data(&mut buf).map_err(StreamError::Decode)?;
             if n == 0 {
@@ -539,6 +708,7 @@ pub fn extract_block<R: Read>(input: R, device: &Path) -> Result<ExtractReport, 
         }
         out.sync_all().map_err(restore_err)?;
         report.files = 1;
+        reader.drain().map_err(StreamError::Decode)?;
         return Ok(report);
     }
     Err(StreamError::Unsafe {
@@ -611,13 +781,17 @@ pub fn extract<R: Read>(
                 )
                 .map_err(|e| restore_err(&rel, e.into()))?;
                 let mut file = File::from(fd);
-                loop {
-                    let n = reader.read_data(&mut buf).map_err(StreamError::Decode)?;
-                    if n == 0 {
-                        break;
+                if let Some(map) = reader.sparse_map().map(<[Segment]>::to_vec) {
+                    write_sparse(&mut reader, &file, &map, *size, &mut buf, &rel)?;
+                } else {
+                    loop {
+                        let n = reader.read_data(&mut buf).map_err(StreamError::Decode)?;
+                        if n == 0 {
+                            break;
+                        }
+                        file.write_all(&buf[..n])
+                            .map_err(|e| restore_err(&rel, e))?;
                     }
-                    file.write_all(&buf[..n])
-                        .map_err(|e| restore_err(&rel, e))?;
                 }
                 report.files += 1;
                 report.bytes += size;
@@ -662,6 +836,7 @@ pub fn extract<R: Read>(
             }
         }
     }
+    reader.drain().map_err(StreamError::Decode)?;
     // Directory times last: writing into a directory changes its mtime.
     for (rel, entry) in dirs.iter().rev() {
         let fd = open_dir_beneath(&root, rel).map_err(|e| restore_err(rel, e))?;
@@ -673,6 +848,41 @@ pub fn extract<R: Read>(
             delete_extraneous(&root, Path::new(""), &seen).map_err(|e| restore_err(target, e))?;
     }
     Ok(report)
+}
+
+/// Writes a sparse entry's segments at their offsets into a new, empty file and gives it its
+/// size: what no segment covers stays a hole.
+fn write_sparse<R: Read>(
+    reader: &mut TarReader<R>,
+    file: &File,
+    map: &[Segment],
+    size: u64,
+    buf: &mut [u8],
+    rel: &Path,
+) -> Result<(), StreamError> {
+    let restore_err = |source| StreamError::Restore {
+        path: rel.display().to_string(),
+        source,
+    };
+    for segment in map {
+        let mut done = 0u64;
+        while done < segment.len {
+            let want = (segment.len - done).min(buf.len() as u64) as usize;
+            let n = reader
+                .read_data(&mut buf[..want])
+                .map_err(StreamError::Decode)?;
+            if n == 0 {
+                return Err(StreamError::Decode(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tar data ends inside a sparse segment",
+                )));
+            }
+            std::os::unix::fs::FileExt::write_all_at(file, &buf[..n], segment.offset + done)
+                .map_err(restore_err)?;
+            done += n as u64;
+        }
+    }
+    file.set_len(size).map_err(restore_err)
 }
 
 fn finish_attributes(file: &File, entry: &Entry, opts: &ExtractOptions) -> io::Result<()> {
@@ -742,4 +952,287 @@ fn delete_extraneous(root: &OwnedFd, rel: &Path, keep: &BTreeSet<PathBuf>) -> io
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{IoBudget, Limits};
+
+    #[test]
+    fn the_extractors_read_their_input_to_the_end() -> io::Result<()> {
+        // Whatever follows the first end-of-archive block is still read, so the process
+        // writing the archive into a pipe (restic dump) never finds it closed early.
+        let dir = tempfile::tempdir()?;
+        let mut w = TarWriter::new(Vec::new());
+        w.append_header(&Entry {
+            path: BLOCK_FILE.as_bytes().to_vec(),
+            kind: Kind::File { size: 8 },
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime_secs: 1_700_000_000,
+            mtime_nanos: 0,
+            xattrs: vec![],
+        })?;
+        w.data(b"an image")?;
+        w.finish_entry(8)?;
+        let tar = w.finish()?;
+        let mut input = &tar[..];
+        extract(
+            &mut input,
+            &dir.path().join("t"),
+            &ExtractOptions::default(),
+        )
+        .map_err(io::Error::other)?;
+        assert!(input.is_empty(), "{} bytes left unread", input.len());
+        let device = dir.path().join("device.img");
+        std::fs::write(&device, b"")?;
+        let mut input = &tar[..];
+        extract_block(&mut input, &device).map_err(io::Error::other)?;
+        assert!(input.is_empty(), "{} bytes left unread", input.len());
+        assert_eq!(std::fs::read(&device)?, b"an image");
+        Ok(())
+    }
+
+    const K64: u64 = 64 << 10;
+
+    /// A file of `size` bytes holding `fill` at each `(offset, len)` and holes elsewhere.
+    fn holey(path: &Path, size: u64, data: &[(u64, u64)], fill: u8) -> io::Result<()> {
+        let f = File::create(path)?;
+        f.set_len(size)?;
+        for (offset, len) in data {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![fill; *len as usize], *offset)?;
+        }
+        f.sync_all()
+    }
+
+    fn reader<'a>(root: &Path, engine: Box<dyn ReadEngine + 'a>) -> VolumeReader<'a> {
+        VolumeReader {
+            root: root.to_path_buf(),
+            budget: IoBudget::new(Limits::default()).for_assignment(Limits::default()),
+            engine,
+            progress: Arc::default(),
+            skip_unreadable: false,
+        }
+    }
+
+    fn engines() -> Vec<Box<dyn ReadEngine>> {
+        let mut out: Vec<Box<dyn ReadEngine>> = vec![Box::new(PreadEngine::default())];
+        match crate::uring::UringEngine::probe() {
+            Ok(e) => out.push(Box::new(e)),
+            Err(e) => eprintln!("io_uring unavailable here ({e}); testing ordinary reads only"),
+        }
+        out
+    }
+
+    /// An entry of a stream, its sparse map and its data as stored.
+    type Stored = (Entry, Option<Vec<Segment>>, Vec<u8>);
+
+    fn entries(tar: &[u8]) -> io::Result<Vec<Stored>> {
+        let mut r = TarReader::new(tar);
+        let mut out = Vec::new();
+        while let Some(e) = r.next_entry()? {
+            let map = r.sparse_map().map(<[Segment]>::to_vec);
+            let mut data = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            while let n @ 1.. = r.read_data(&mut buf)? {
+                data.extend_from_slice(&buf[..n]);
+            }
+            out.push((e, map, data));
+        }
+        Ok(out)
+    }
+
+    fn seg(offset: u64, len: u64) -> Segment {
+        Segment { offset, len }
+    }
+
+    #[test]
+    fn sparse_files_travel_as_their_data_segments() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let v = dir.path();
+        holey(
+            &v.join("a-ends-in-data"),
+            16 << 20,
+            &[(0, K64), (5 << 20, K64), ((16 << 20) - K64, K64)],
+            1,
+        )?;
+        holey(&v.join("b-ends-in-hole"), 16 << 20, &[(1 << 20, K64)], 2)?;
+        holey(&v.join("c-all-hole"), 8 << 20, &[], 0)?;
+        std::fs::write(v.join("d-dense"), vec![4u8; 3 << 20])?;
+        for engine in engines() {
+            let name = engine.name();
+            let r = reader(v, engine);
+            let progress = r.progress.clone();
+            let (report, tar) = r.run(Vec::new()).map_err(io::Error::other)?;
+            let got = entries(&tar)?;
+            let maps: Vec<_> = got.iter().map(|(_, m, _)| m.clone()).collect();
+            assert_eq!(
+                maps,
+                vec![
+                    Some(vec![
+                        seg(0, K64),
+                        seg(5 << 20, K64),
+                        seg((16 << 20) - K64, K64)
+                    ]),
+                    Some(vec![seg(1 << 20, K64), seg(16 << 20, 0)]),
+                    Some(vec![seg(8 << 20, 0)]),
+                    None,
+                ],
+                "{name}"
+            );
+            assert_eq!(got[0].2, vec![1u8; 3 * K64 as usize], "{name}");
+            assert_eq!(got[1].2, vec![2u8; K64 as usize], "{name}");
+            assert!(
+                got[2].2.is_empty() && got[3].2 == vec![4u8; 3 << 20],
+                "{name}"
+            );
+            let sizes: Vec<_> = got.iter().map(|(e, _, _)| e.size()).collect();
+            assert_eq!(sizes, vec![16 << 20, 16 << 20, 8 << 20, 3 << 20], "{name}");
+            // Only data is read; the report still counts what the files hold.
+            let read = progress.bytes.load(Ordering::Relaxed);
+            assert_eq!(read, 4 * K64 + (3 << 20), "{name}");
+            assert_eq!(report.bytes, (40 << 20) + (3 << 20), "{name}");
+            assert_eq!((report.files, report.changed.len()), (4, 0), "{name}");
+            assert!(tar.len() < 4 << 20, "{name}: {} bytes of stream", tar.len());
+        }
+        Ok(())
+    }
+
+    /// The real engine, after the file it is about to read is truncated: a file that shrinks
+    /// between its map and its reads, without a race.
+    struct ShrinkFirst {
+        inner: Box<dyn ReadEngine>,
+        path: PathBuf,
+        to: u64,
+        done: bool,
+    }
+
+    impl ReadEngine for ShrinkFirst {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+
+        fn read_range(
+            &mut self,
+            file: &File,
+            offset: u64,
+            len: u64,
+            before_read: &mut dyn FnMut(u64),
+            deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+        ) -> Result<u64, RangeError> {
+            if !std::mem::replace(&mut self.done, true) {
+                let f = std::fs::OpenOptions::new().write(true).open(&self.path);
+                f.and_then(|f| f.set_len(self.to))
+                    .map_err(RangeError::Read)?;
+            }
+            self.inner
+                .read_range(file, offset, len, before_read, deliver)
+        }
+    }
+
+    #[test]
+    fn a_file_shrinking_after_its_map_is_padded_and_reported() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        for inner in engines() {
+            let name = inner.name();
+            let v = dir.path().join(name);
+            std::fs::create_dir(&v)?;
+            let path = v.join("shrinks");
+            holey(
+                &path,
+                16 << 20,
+                &[(0, K64), (4 << 20, K64), (12 << 20, K64)],
+                7,
+            )?;
+            std::fs::write(v.join("then-this"), b"still in line")?;
+            // Cut inside the second segment, so its read comes back short.
+            let engine = ShrinkFirst {
+                inner,
+                path,
+                to: (4 << 20) + 1000,
+                done: false,
+            };
+            let (report, tar) = reader(&v, Box::new(engine))
+                .run(Vec::new())
+                .map_err(io::Error::other)?;
+            assert_eq!(report.changed, vec!["shrinks".to_owned()], "{name}");
+            let got = entries(&tar)?;
+            // The header's promise is kept: every segment, zeros for what was gone.
+            let map = got[0].1.clone().expect("still sparse");
+            assert_eq!(map.len(), 4, "{name}");
+            let mut want = vec![7u8; K64 as usize + 1000];
+            want.resize(3 * K64 as usize, 0);
+            assert!(got[0].2 == want, "{name}: stored data");
+            assert_eq!(got[1].0.path, b"then-this", "{name}");
+            assert_eq!(got[1].2, b"still in line", "{name}");
+            // And GNU tar, the reference reader, agrees.
+            let out = dir.path().join(format!("{name}-out"));
+            std::fs::create_dir(&out)?;
+            let mut tar_cmd = std::process::Command::new("tar")
+                .arg("-x")
+                .arg("-C")
+                .arg(&out)
+                .stdin(std::process::Stdio::piped())
+                .spawn()?;
+            tar_cmd.stdin.take().expect("stdin").write_all(&tar)?;
+            assert!(tar_cmd.wait()?.success(), "{name}");
+            assert_eq!(
+                std::fs::metadata(out.join("shrinks"))?.len(),
+                16 << 20,
+                "{name}"
+            );
+            assert_eq!(
+                std::fs::read(out.join("then-this"))?,
+                b"still in line",
+                "{name}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_extractor_recreates_holes_and_refuses_bad_maps() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src)?;
+        holey(&src.join("s"), 32 << 20, &[(8 << 20, K64)], 9)?;
+        let (_, tar) = reader(&src, Box::new(PreadEngine::default()))
+            .run(Vec::new())
+            .map_err(io::Error::other)?;
+        let target = dir.path().join("target");
+        let report =
+            extract(&tar[..], &target, &ExtractOptions::default()).map_err(io::Error::other)?;
+        assert_eq!((report.files, report.bytes), (1, 32 << 20));
+        let restored = target.join("s");
+        assert!(std::fs::read(&restored)? == std::fs::read(src.join("s"))?);
+        assert!(
+            std::fs::metadata(&restored)?.blocks() * 512 < 1 << 20,
+            "restored dense"
+        );
+        // A block image must not arrive sparse: a device has no holes to restore.
+        std::fs::rename(src.join("s"), src.join(BLOCK_FILE))?;
+        let (_, image) = reader(&src, Box::new(PreadEngine::default()))
+            .run(Vec::new())
+            .map_err(io::Error::other)?;
+        let device = dir.path().join("device.img");
+        std::fs::write(&device, b"untouched")?;
+        let err = extract_block(&image[..], &device);
+        assert!(matches!(err, Err(StreamError::Unsafe { .. })), "{err:?}");
+        assert_eq!(std::fs::read(&device)?, b"untouched");
+        // A map that overruns the file is refused before anything is written.
+        let mut bad = tar.clone();
+        // "2" segments, 64 KiB at 8 MiB and the empty one at 32 MiB, which becomes 92 MiB.
+        let map = b"2\n8388608\n65536\n33554432\n0\n";
+        let at = bad
+            .windows(map.len())
+            .position(|w| w == map)
+            .expect("the map");
+        bad[at + 16] = b'9';
+        let err = extract(&bad[..], &dir.path().join("t2"), &ExtractOptions::default());
+        assert!(matches!(err, Err(StreamError::Decode(_))), "{err:?}");
+        assert!(!dir.path().join("t2/s").exists());
+        Ok(())
+    }
 }

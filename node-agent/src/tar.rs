@@ -1,12 +1,81 @@
 //! POSIX tar (pax) encoding and decoding, just what the agent's streams need: regular files,
 //! directories, symlinks, hard links, devices and FIFOs, with owners, modes, nanosecond
 //! mtimes, extended attributes and names that are not UTF-8 (pax `hdrcharset=BINARY`).
+//! Sparse files use GNU's pax "1.0" sparse format, which GNU tar reads and writes.
 //! Written by hand because the stream must be produced incrementally on the reader thread and
 //! read back under our own path checks.
 
 use std::io::{self, Read, Write};
 
 pub const BLOCK: usize = 512;
+
+/// The most data segments a sparse entry may describe, written or read. Its map is held in
+/// memory before the data (16 bytes a segment, so at most 16 MiB); a file more fragmented
+/// than this is stored densely instead.
+pub const MAX_SEGMENTS: usize = 1 << 20;
+
+/// Longest decimal number in a sparse map (u64::MAX has 20 digits).
+const MAX_DIGITS: usize = 20;
+
+/// One run of data in a sparse file: `len` bytes at `offset`. What no segment covers is a
+/// hole. A map may end with an empty segment at the file's size, which GNU tar needs to
+/// restore a trailing hole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Segment {
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+}
+
+/// Checks that a map is ordered, does not overlap, stays within `size` and is not too long;
+/// returns the data bytes it describes.
+fn check_map(map: &[Segment], size: u64) -> Result<u64, &'static str> {
+    if map.len() > MAX_SEGMENTS {
+        return Err("sparse map has too many segments");
+    }
+    let mut end = 0u64;
+    let mut data = 0u64;
+    for s in map {
+        if s.offset < end {
+            return Err("sparse map segments overlap or are out of order");
+        }
+        end = s
+            .offset
+            .checked_add(s.len)
+            .filter(|e| *e <= size)
+            .ok_or("sparse map segment ends past the file's size")?;
+        data += s.len;
+    }
+    Ok(data)
+}
+
+/// The map as GNU's 1.0 format stores it ahead of the data: the segment count, then each
+/// offset and length, one decimal number a line, padded to a whole block.
+fn encode_map(map: &[Segment]) -> Vec<u8> {
+    let mut text = format!("{}\n", map.len());
+    for s in map {
+        text.push_str(&format!("{}\n{}\n", s.offset, s.len));
+    }
+    let mut out = text.into_bytes();
+    out.resize(out.len().div_ceil(BLOCK) * BLOCK, 0);
+    out
+}
+
+/// The name GNU tar gives a sparse entry's ustar header, so that a reader without sparse
+/// support extracts the raw segments beside the file rather than over it. A fixed number
+/// (GNU tar uses its pid) keeps streams of an unchanged volume identical.
+fn sparse_placeholder(path: &[u8]) -> Vec<u8> {
+    let (dir, base) = match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => (&b""[..], path),
+    };
+    [dir, b"GNUSparseFile.0/", base].concat()
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -136,6 +205,48 @@ impl<W: Write> TarWriter<W> {
     /// a file, exactly `size` bytes of data must follow through [`TarWriter::data`], then
     /// [`TarWriter::finish_entry`].
     pub fn append_header(&mut self, e: &Entry) -> io::Result<()> {
+        let mut name = e.path.clone();
+        if e.kind == Kind::Dir && !name.ends_with(b"/") {
+            name.push(b'/');
+        }
+        self.append(e, &name, e.size(), &[])
+    }
+
+    /// Writes a sparse file's headers and map in GNU's pax 1.0 sparse format. `e` holds the
+    /// file's real size; `map` lists its data segments. Exactly the segments' bytes must
+    /// follow through [`TarWriter::data`], in order, then [`TarWriter::finish_entry`] with
+    /// their total, which this returns.
+    pub fn append_sparse_header(&mut self, e: &Entry, map: &[Segment]) -> io::Result<u64> {
+        let Kind::File { size } = e.kind else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only a regular file can be stored sparse",
+            ));
+        };
+        let data = check_map(map, size)
+            .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
+        let encoded = encode_map(map);
+        let records: [(&[u8], Vec<u8>); 4] = [
+            (b"GNU.sparse.major", b"1".to_vec()),
+            (b"GNU.sparse.minor", b"0".to_vec()),
+            (b"GNU.sparse.name", e.path.clone()),
+            (b"GNU.sparse.realsize", size.to_string().into_bytes()),
+        ];
+        let stored = encoded.len() as u64 + data;
+        self.append(e, &sparse_placeholder(&e.path), stored, &records)?;
+        self.write(&encoded)?;
+        Ok(data)
+    }
+
+    /// Writes the pax header (when needed) and the ustar header of an entry stored under
+    /// `name` with `size` bytes of data, adding `extra` pax records.
+    fn append(
+        &mut self,
+        e: &Entry,
+        name: &[u8],
+        size: u64,
+        extra: &[(&[u8], Vec<u8>)],
+    ) -> io::Result<()> {
         let (typeflag, link): (u8, &[u8]) = match &e.kind {
             Kind::File { .. } => (b'0', b""),
             Kind::Dir => (b'5', b""),
@@ -145,28 +256,28 @@ impl<W: Write> TarWriter<W> {
             Kind::BlockDevice { .. } => (b'4', b""),
             Kind::Fifo => (b'6', b""),
         };
-        let mut name = e.path.clone();
-        if e.kind == Kind::Dir && !name.ends_with(b"/") {
-            name.push(b'/');
-        }
         let mut pax = Vec::new();
         // Short names go into the ustar header as raw bytes, which every tar reads; only long
         // ones need pax records, and only long non-UTF-8 ones need `hdrcharset=BINARY`.
         let long_name = name.len() > 100;
         let long_link = link.len() > 100;
-        let binary = (long_name && std::str::from_utf8(&name).is_err())
-            || (long_link && std::str::from_utf8(link).is_err());
+        let binary = (long_name && std::str::from_utf8(name).is_err())
+            || (long_link && std::str::from_utf8(link).is_err())
+            || extra.iter().any(|(_, v)| std::str::from_utf8(v).is_err());
         if binary {
             pax_record(&mut pax, b"hdrcharset", b"BINARY");
         }
+        for (k, v) in extra {
+            pax_record(&mut pax, k, v);
+        }
         if long_name {
-            pax_record(&mut pax, b"path", &name);
+            pax_record(&mut pax, b"path", name);
         }
         if long_link {
             pax_record(&mut pax, b"linkpath", link);
         }
-        if e.size() > 0o77777777777 {
-            pax_record(&mut pax, b"size", e.size().to_string().as_bytes());
+        if size > 0o77777777777 {
+            pax_record(&mut pax, b"size", size.to_string().as_bytes());
         }
         if e.uid > 0o7777777 {
             pax_record(&mut pax, b"uid", e.uid.to_string().as_bytes());
@@ -197,11 +308,11 @@ impl<W: Write> TarWriter<W> {
             self.pad(pax.len() as u64)?;
         }
         let size = if typeflag == b'0' {
-            e.size().min(0o77777777777)
+            size.min(0o77777777777)
         } else {
             0
         };
-        self.header(e, &name, typeflag, size, link)
+        self.header(e, name, typeflag, size, link)
     }
 
     pub fn data(&mut self, chunk: &[u8]) -> io::Result<()> {
@@ -264,6 +375,8 @@ pub struct TarReader<R: Read> {
     /// Data bytes of the current entry not yet consumed, and its padding.
     remaining: u64,
     padding: u64,
+    /// The current entry's data segments when it is stored sparse.
+    sparse: Option<Vec<Segment>>,
 }
 
 impl<R: Read> TarReader<R> {
@@ -272,7 +385,15 @@ impl<R: Read> TarReader<R> {
             input,
             remaining: 0,
             padding: 0,
+            sparse: None,
         }
+    }
+
+    /// The current entry's data segments when it is a sparse file: its data (through
+    /// [`TarReader::read_data`]) is then these segments one after the other, and everything
+    /// else in the file is a hole.
+    pub fn sparse_map(&self) -> Option<&[Segment]> {
+        self.sparse.as_deref()
     }
 
     fn skip(&mut self, mut n: u64) -> io::Result<()> {
@@ -323,6 +444,7 @@ impl<R: Read> TarReader<R> {
         self.skip(self.remaining + self.padding)?;
         self.remaining = 0;
         self.padding = 0;
+        self.sparse = None;
         let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut long_name: Option<Vec<u8>> = None;
         loop {
@@ -381,9 +503,16 @@ impl<R: Read> TarReader<R> {
             if let Some(n) = long_name.take() {
                 path = n;
             }
+            let mut sparse = SparseRecords::default();
             for (k, v) in pax.drain(..) {
                 match k.as_slice() {
                     b"path" => path = v,
+                    b"GNU.sparse.major" => sparse.major = Some(parse_dec(&v)?),
+                    b"GNU.sparse.minor" => sparse.minor = Some(parse_dec(&v)?),
+                    b"GNU.sparse.name" => sparse.name = Some(v),
+                    b"GNU.sparse.realsize" => sparse.realsize = Some(parse_dec(&v)?),
+                    // The 0.x formats keep the map in pax records; nothing writes them today.
+                    k if k.starts_with(b"GNU.sparse.") => sparse.old_format = true,
                     b"linkpath" => link = v,
                     b"size" => size = parse_dec(&v)?,
                     b"uid" => uid = parse_dec(&v)?,
@@ -401,13 +530,21 @@ impl<R: Read> TarReader<R> {
                     _ => {}
                 }
             }
+            let sparse = sparse.check(typeflag)?;
+            if let Some((name, _)) = &sparse {
+                // The ustar name is GNU's placeholder for readers without sparse support.
+                path = name.clone();
+            }
             while path.len() > 1 && path.ends_with(b"/") {
                 path.pop();
             }
             let major = parse_octal(&h[329..337]).unwrap_or(0) as u32;
             let minor = parse_octal(&h[337..345]).unwrap_or(0) as u32;
             let kind = match typeflag {
-                b'0' | 0 | b'7' => Kind::File { size },
+                b'0' | 0 | b'7' => match &sparse {
+                    Some((_, realsize)) => Kind::File { size: *realsize },
+                    None => Kind::File { size },
+                },
                 b'5' => Kind::Dir,
                 b'2' => Kind::Symlink { target: link },
                 b'1' => Kind::HardLink { target: link },
@@ -421,8 +558,14 @@ impl<R: Read> TarReader<R> {
             } else {
                 0
             };
-            self.remaining = data;
             self.padding = (BLOCK as u64 - data % BLOCK as u64) % BLOCK as u64;
+            self.remaining = data;
+            if let Some((_, realsize)) = sparse {
+                let (map, map_len) = read_sparse_map(&mut self.input, data, realsize)?;
+                // The map is whole blocks, so the padding after the segments is unchanged.
+                self.remaining = data - map_len;
+                self.sparse = Some(map);
+            }
             return Ok(Some(Entry {
                 path,
                 kind,
@@ -446,6 +589,13 @@ impl<R: Read> TarReader<R> {
         Ok(data)
     }
 
+    /// Reads and discards the rest of the input, to its end. A writer feeding the archive
+    /// through a pipe (`restic dump`) fails with a broken pipe if the reader leaves before
+    /// it has written everything, such as the second end-of-archive block.
+    pub fn drain(&mut self) -> io::Result<u64> {
+        io::copy(&mut self.input, &mut io::sink())
+    }
+
     /// Reads the current entry's data.
     pub fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.remaining == 0 {
@@ -461,6 +611,123 @@ impl<R: Read> TarReader<R> {
         }
         self.remaining -= n as u64;
         Ok(n)
+    }
+}
+
+/// The `GNU.sparse.*` pax records of one entry.
+#[derive(Debug, Default)]
+struct SparseRecords {
+    major: Option<u64>,
+    minor: Option<u64>,
+    name: Option<Vec<u8>>,
+    realsize: Option<u64>,
+    old_format: bool,
+}
+
+impl SparseRecords {
+    /// The real name and size of a sparse entry in the 1.0 format, `None` for an ordinary
+    /// entry; any other sparse format is refused rather than restored as its raw encoding.
+    fn check(self, typeflag: u8) -> io::Result<Option<(Vec<u8>, u64)>> {
+        match (self.major, self.minor) {
+            (None, None) if !self.old_format && self.name.is_none() && self.realsize.is_none() => {
+                Ok(None)
+            }
+            (Some(1), Some(0)) => {
+                if !matches!(typeflag, b'0' | 0 | b'7') {
+                    return Err(bad("sparse records on an entry that is not a regular file"));
+                }
+                match (self.name, self.realsize) {
+                    (Some(name), Some(realsize)) => Ok(Some((name, realsize))),
+                    _ => Err(bad("sparse entry without GNU.sparse.name or realsize")),
+                }
+            }
+            (None, None) => Err(bad("GNU sparse format 0.x is not supported")),
+            (major, minor) => Err(bad(&format!(
+                "GNU sparse format {}.{} is not supported",
+                major.map_or("?".into(), |v| v.to_string()),
+                minor.map_or("?".into(), |v| v.to_string())
+            ))),
+        }
+    }
+}
+
+/// Reads the sparse map at the start of an entry of `stored` bytes (map included) whose
+/// file is `realsize` bytes long. Returns the map and the bytes it took (whole blocks).
+/// Nothing is allocated ahead of what the stream actually holds, and every segment is
+/// checked, so a hostile map fails here rather than in the extractor.
+pub fn read_sparse_map<R: Read>(
+    input: &mut R,
+    stored: u64,
+    realsize: u64,
+) -> io::Result<(Vec<Segment>, u64)> {
+    let mut lines = MapLines {
+        input,
+        block: [0; BLOCK],
+        pos: BLOCK,
+        left: stored,
+        consumed: 0,
+    };
+    let count = lines.number()?;
+    if count > MAX_SEGMENTS as u64 {
+        return Err(bad(&format!(
+            "sparse map of {count} segments exceeds the limit of {MAX_SEGMENTS}"
+        )));
+    }
+    let mut map = Vec::new();
+    for _ in 0..count {
+        let offset = lines.number()?;
+        let len = lines.number()?;
+        map.push(Segment { offset, len });
+    }
+    let data = check_map(&map, realsize).map_err(bad)?;
+    if data != lines.left {
+        return Err(bad(&format!(
+            "sparse map describes {data} data bytes but the entry holds {}",
+            lines.left
+        )));
+    }
+    Ok((map, lines.consumed))
+}
+
+/// Decimal lines of a sparse map, read a block at a time and never past the entry.
+struct MapLines<'a, R> {
+    input: &'a mut R,
+    block: [u8; BLOCK],
+    pos: usize,
+    /// Entry bytes not yet read.
+    left: u64,
+    consumed: u64,
+}
+
+impl<R: Read> MapLines<'_, R> {
+    fn number(&mut self) -> io::Result<u64> {
+        let mut value = 0u64;
+        let mut digits = 0;
+        loop {
+            if self.pos == BLOCK {
+                if self.left < BLOCK as u64 {
+                    return Err(bad("sparse map runs past its entry"));
+                }
+                self.input.read_exact(&mut self.block)?;
+                self.left -= BLOCK as u64;
+                self.consumed += BLOCK as u64;
+                self.pos = 0;
+            }
+            let b = self.block[self.pos];
+            self.pos += 1;
+            match b {
+                b'0'..=b'9' if digits < MAX_DIGITS => {
+                    digits += 1;
+                    value = value
+                        .checked_mul(10)
+                        .and_then(|v| v.checked_add(u64::from(b - b'0')))
+                        .ok_or_else(|| bad("sparse map number overflows"))?;
+                }
+                b'0'..=b'9' => return Err(bad("sparse map number too long")),
+                b'\n' if digits > 0 => return Ok(value),
+                _ => return Err(bad("sparse map is not decimal lines")),
+            }
+        }
     }
 }
 
@@ -572,5 +839,330 @@ mod tests {
         bytes[10] ^= 1;
         let err = TarReader::new(&bytes[..]).next_entry();
         assert!(err.is_err());
+    }
+
+    fn sparse_tar(entries: &[(Entry, Vec<Segment>)], content: impl Fn(u64) -> u8) -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        for (e, map) in entries {
+            let data = w.append_sparse_header(e, map).unwrap();
+            for s in map {
+                let bytes: Vec<u8> = (s.offset..s.end()).map(&content).collect();
+                w.data(&bytes).unwrap();
+            }
+            w.finish_entry(data).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn seg(offset: u64, len: u64) -> Segment {
+        Segment { offset, len }
+    }
+
+    /// The byte at `offset` of the test files: never zero, so holes stand out.
+    fn content(offset: u64) -> u8 {
+        (offset % 251) as u8 + 1
+    }
+
+    #[test]
+    fn sparse_entries_round_trip() -> io::Result<()> {
+        let long = [&[b'z'; 120][..], b"/s\xff"].concat();
+        let entries = vec![
+            (
+                entry(b"dir/a", Kind::File { size: 10 << 20 }),
+                vec![seg(0, 4096), seg(5 << 20, 1000), seg(10 << 20, 0)],
+            ),
+            (
+                entry(&long, Kind::File { size: 3 << 20 }),
+                vec![seg((3 << 20) - 700, 700)],
+            ),
+        ];
+        let bytes = sparse_tar(&entries, content);
+        let mut r = TarReader::new(&bytes[..]);
+        for (want, map) in &entries {
+            let got = r.next_entry()?.expect("an entry");
+            assert_eq!(&got, want);
+            assert_eq!(r.sparse_map(), Some(&map[..]));
+            let mut data = Vec::new();
+            let mut buf = [0u8; 777];
+            loop {
+                let n = r.read_data(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                data.extend_from_slice(&buf[..n]);
+            }
+            let expected: Vec<u8> = map
+                .iter()
+                .flat_map(|s| s.offset..s.end())
+                .map(content)
+                .collect();
+            assert_eq!(data, expected);
+        }
+        assert!(r.next_entry()?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn gnu_tar_restores_our_sparse_entries_with_their_holes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let entries = vec![
+            (
+                entry(b"middle", Kind::File { size: 8 << 20 }),
+                vec![
+                    seg(0, 8192),
+                    seg(4 << 20, 4096),
+                    seg((8 << 20) - 4096, 4096),
+                ],
+            ),
+            // Ends in a hole: GNU tar needs the map's empty last segment to size it.
+            (
+                entry(b"trailing-hole", Kind::File { size: 8 << 20 }),
+                vec![seg(1 << 20, 4096), seg(8 << 20, 0)],
+            ),
+            (
+                entry(b"all-hole", Kind::File { size: 2 << 20 }),
+                vec![seg(2 << 20, 0)],
+            ),
+        ];
+        let tar = dir.path().join("in.tar");
+        std::fs::write(&tar, sparse_tar(&entries, content))?;
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out)?;
+        let status = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&out)
+            .status()?;
+        assert!(status.success());
+        for (e, map) in &entries {
+            let name = String::from_utf8_lossy(&e.path).into_owned();
+            let got = std::fs::read(out.join(&name))?;
+            assert_eq!(got.len() as u64, e.size(), "{name}");
+            let mut want = vec![0u8; e.size() as usize];
+            for s in map {
+                for i in s.offset..s.end() {
+                    want[i as usize] = content(i);
+                }
+            }
+            assert!(got == want, "{name} differs");
+            let blocks =
+                std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(out.join(&name))?);
+            assert!(blocks * 512 < 1 << 20, "{name} was restored dense");
+        }
+        assert!(!out.join("GNUSparseFile.0").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn sparse_entries_written_by_gnu_tar_are_read() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("holey");
+        let f = std::fs::File::create(&path)?;
+        f.set_len(6 << 20)?;
+        let chunk: Vec<u8> = (0..8192).map(content).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, 2 << 20)?;
+        drop(f);
+        let out = std::process::Command::new("tar")
+            .args([
+                "--format=pax",
+                "--sparse",
+                "--sparse-version=1.0",
+                "-cf",
+                "-",
+                "-C",
+            ])
+            .arg(dir.path())
+            .arg("holey")
+            .output()?;
+        assert!(out.status.success());
+        let mut r = TarReader::new(&out.stdout[..]);
+        let e = r.next_entry()?.expect("an entry");
+        assert_eq!(e.path, b"holey");
+        assert_eq!(e.kind, Kind::File { size: 6 << 20 });
+        let map = r.sparse_map().expect("a sparse entry").to_vec();
+        assert_eq!(map, vec![seg(2 << 20, 8192), seg(6 << 20, 0)]);
+        let mut data = vec![0u8; 10000];
+        let mut n = 0;
+        while let k @ 1.. = r.read_data(&mut data[n..])? {
+            n += k;
+        }
+        assert_eq!(&data[..n], &chunk[..]);
+        assert!(r.next_entry()?.is_none());
+        Ok(())
+    }
+
+    /// A map's text padded to a block, as an entry of `stored` bytes would start.
+    fn map_block(text: &str) -> Vec<u8> {
+        let mut b = text.as_bytes().to_vec();
+        b.resize(b.len().div_ceil(BLOCK) * BLOCK, 0);
+        b
+    }
+
+    #[test]
+    fn malformed_sparse_maps_are_refused() {
+        // A block's worth of "0\n" lines: complete numbers up to the block's last byte.
+        let exact = format!("200\n{}", "0\n".repeat(254));
+        assert_eq!(exact.len(), BLOCK);
+        let cases: Vec<(&str, Vec<u8>, u64, u64, &str)> = vec![
+            (
+                "huge count",
+                map_block("99999999999999\n"),
+                512,
+                1 << 40,
+                "exceeds the limit",
+            ),
+            (
+                "overflow",
+                map_block("18446744073709551616\n"),
+                512,
+                1,
+                "overflows",
+            ),
+            (
+                "too many digits",
+                map_block(&"0".repeat(30)),
+                512,
+                1,
+                "too long",
+            ),
+            (
+                "not a number",
+                map_block("2\nten\n"),
+                512,
+                100,
+                "not decimal",
+            ),
+            ("empty line", map_block("1\n\n5\n"), 512, 100, "not decimal"),
+            (
+                "cut by padding",
+                map_block("2\n0\n5\n"),
+                517,
+                100,
+                "not decimal",
+            ),
+            (
+                "past the entry",
+                exact.clone().into_bytes(),
+                512,
+                100,
+                "runs past",
+            ),
+            (
+                "out of order",
+                map_block("2\n50\n5\n0\n5\n"),
+                522,
+                100,
+                "out of order",
+            ),
+            (
+                "overlapping",
+                map_block("2\n0\n10\n5\n10\n"),
+                532,
+                100,
+                "overlap",
+            ),
+            (
+                "past the size",
+                map_block("1\n90\n20\n"),
+                532,
+                100,
+                "past the file",
+            ),
+            (
+                "offset overflow",
+                map_block("1\n18446744073709551615\n2\n"),
+                514,
+                u64::MAX,
+                "past the file",
+            ),
+            (
+                "too little data",
+                map_block("1\n0\n10\n"),
+                515,
+                100,
+                "describes 10",
+            ),
+            ("too much data", map_block("0\n"), 600, 100, "describes 0"),
+        ];
+        for (what, bytes, stored, realsize, message) in cases {
+            let mut input = &bytes[..];
+            let err = read_sparse_map(&mut input, stored, realsize).expect_err(what);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+            assert!(err.to_string().contains(message), "{what}: {err}");
+        }
+        // A stream that ends inside the map is an I/O error, not a panic.
+        let err = read_sparse_map(&mut &b"3\n0\n"[..], 1024, 100).expect_err("cut");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // The well-formed neighbour of those cases is accepted.
+        let (map, used) =
+            read_sparse_map(&mut &map_block("2\n0\n5\n50\n5\n")[..], 522, 100).expect("a good map");
+        assert_eq!((map, used), (vec![seg(0, 5), seg(50, 5)], 512));
+    }
+
+    #[test]
+    fn unsupported_sparse_formats_are_refused() {
+        type Records = Vec<(&'static [u8], Vec<u8>)>;
+        let records: Vec<(&str, Records, Kind)> = vec![
+            (
+                "version 2.0",
+                vec![
+                    (b"GNU.sparse.major", b"2".to_vec()),
+                    (b"GNU.sparse.minor", b"0".to_vec()),
+                    (b"GNU.sparse.name", b"f".to_vec()),
+                    (b"GNU.sparse.realsize", b"10".to_vec()),
+                ],
+                Kind::File { size: 512 },
+            ),
+            (
+                "format 0.1",
+                vec![
+                    (b"GNU.sparse.numblocks", b"1".to_vec()),
+                    (b"GNU.sparse.map", b"0,5".to_vec()),
+                ],
+                Kind::File { size: 5 },
+            ),
+            (
+                "no real size",
+                vec![
+                    (b"GNU.sparse.major", b"1".to_vec()),
+                    (b"GNU.sparse.minor", b"0".to_vec()),
+                    (b"GNU.sparse.name", b"f".to_vec()),
+                ],
+                Kind::File { size: 512 },
+            ),
+            (
+                "on a directory",
+                vec![
+                    (b"GNU.sparse.major", b"1".to_vec()),
+                    (b"GNU.sparse.minor", b"0".to_vec()),
+                    (b"GNU.sparse.name", b"f".to_vec()),
+                    (b"GNU.sparse.realsize", b"10".to_vec()),
+                ],
+                Kind::Dir,
+            ),
+        ];
+        for (what, extra, kind) in records {
+            let e = entry(b"f", kind);
+            let mut w = TarWriter::new(Vec::new());
+            w.append(&e, b"f", e.size(), &extra).unwrap();
+            w.write(&vec![0u8; e.size() as usize]).unwrap();
+            w.finish_entry(e.size()).unwrap();
+            let bytes = w.finish().unwrap();
+            let err = TarReader::new(&bytes[..]).next_entry().expect_err(what);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+            assert!(err.to_string().contains("sparse"), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn maps_the_writer_cannot_honour_are_refused() {
+        let mut w = TarWriter::new(Vec::new());
+        let e = entry(b"f", Kind::File { size: 100 });
+        for map in [vec![seg(50, 5), seg(0, 5)], vec![seg(90, 20)]] {
+            let err = w.append_sparse_header(&e, &map).expect_err("a bad map");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+        assert_eq!(w.written(), 0, "nothing written for a refused map");
     }
 }

@@ -1,6 +1,6 @@
 //! The agent's data path against the real restic and real files: every file type through a
-//! stream backup and an in-place restore, direct mode, unchanged volumes, files changing
-//! during the read, and tar entries that try to leave the target.
+//! stream backup and an in-place restore, sparse files, direct mode, unchanged volumes, files
+//! changing during the read, and tar entries that try to leave the target.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -87,7 +87,7 @@ fn every_file_type(root: &Path) -> Result<PathBuf> {
     let long = "l".repeat(90);
     std::fs::create_dir_all(v.join(&long).join(&long))?;
     std::fs::write(v.join(&long).join(&long).join("deep.txt"), b"deep")?;
-    // A sparse file: stored with its holes read as zeros, restored with the same content.
+    // A sparse file: stored as its one data segment, restored with the same content.
     let sparse = std::fs::File::create(v.join("sparse"))?;
     sparse.set_len(8 << 20)?;
     std::os::unix::fs::FileExt::write_at(&sparse, b"tail", (8 << 20) - 4)?;
@@ -331,6 +331,109 @@ async fn a_file_growing_during_the_read_is_reported() -> Result {
         "{result:?}"
     );
     assert!(result.snapshot_id.is_some());
+    Ok(())
+}
+
+/// A file of `size` bytes with the pattern at each `(offset, len)` and holes elsewhere.
+fn holey(path: &Path, size: u64, data: &[(u64, usize)]) -> Result<u64> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    for (offset, len) in data {
+        std::os::unix::fs::FileExt::write_all_at(&f, &pattern(*len), *offset)?;
+    }
+    f.sync_all()?;
+    Ok(data.iter().map(|(_, len)| *len as u64).sum())
+}
+
+/// Bytes a file occupies on disk.
+fn allocated(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+#[tokio::test]
+async fn sparse_files_round_trip_through_restic_and_gnu_tar() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let volume = dir.path().join("sparse-volume");
+    std::fs::create_dir_all(&volume)?;
+    let size = 64 << 20;
+    // Block-aligned segments, so the filesystem's map is exactly what was written.
+    let mut data = holey(
+        &volume.join("disk.img"),
+        size,
+        &[
+            (0, 4096),
+            (10 << 20, 65536),
+            (40 << 20, 8192),
+            (size - 4096, 4096),
+        ],
+    )?;
+    data += holey(&volume.join("ends-in-a-hole"), size, &[(1 << 20, 65536)])?;
+    data += holey(&volume.join("only-holes"), 16 << 20, &[])?;
+    std::fs::write(volume.join("dense"), pattern(2 << 20))?;
+    let dense = 2 << 20;
+    let sparse = ["disk.img", "ends-in-a-hole", "only-holes"];
+
+    let req = request(&volume, ReadMode::Stream);
+    let progress = req.progress.clone();
+    let result = engine::backup(&restic, req).await?;
+    let id = result.snapshot_id.clone().expect("a snapshot");
+    assert_eq!(result.files, 4, "{result:?}");
+    assert_eq!(result.bytes, 2 * size + (16 << 20) + dense, "{result:?}");
+    assert!(result.changed_during_read.is_empty(), "{result:?}");
+    // The holes were never read.
+    assert_eq!(
+        progress.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        data + dense
+    );
+
+    let target = dir.path().join("restored");
+    engine::restore(
+        &restic,
+        RestoreRequest {
+            snapshot: id.clone(),
+            target: target.clone(),
+            delete: false,
+            include: vec![],
+            owners: true,
+        },
+    )
+    .await?;
+    assert_eq!(describe(&target)?, describe(&volume)?);
+    for name in sparse {
+        let (a, b) = (volume.join(name), target.join(name));
+        assert!(std::fs::read(&a)? == std::fs::read(&b)?, "{name} differs");
+        assert!(allocated(&b)? < 1 << 20, "{name} was restored dense");
+    }
+
+    // The stream restic holds carries no zeros, and GNU tar restores it with its holes.
+    let dump = std::process::Command::new(restic_bin())
+        .args(["dump", &id, "/volume.tar"])
+        .env("RESTIC_REPOSITORY", dir.path().join("repo"))
+        .env("RESTIC_PASSWORD", "agent test")
+        .env("RESTIC_CACHE_DIR", dir.path().join("cache"))
+        .output()?;
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    assert!(dump.stdout.len() < 4 << 20, "{} bytes", dump.stdout.len());
+    let by_gnu = dir.path().join("gnu-tar");
+    std::fs::create_dir_all(&by_gnu)?;
+    let mut tar = std::process::Command::new("tar")
+        .args(["--sparse", "-x", "-C"])
+        .arg(&by_gnu)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut tar.stdin.take().expect("stdin"), &dump.stdout)?;
+    assert!(tar.wait()?.success());
+    assert_eq!(describe(&by_gnu)?, describe(&volume)?);
+    for name in sparse {
+        let (a, b) = (volume.join(name), by_gnu.join(name));
+        assert!(std::fs::read(&a)? == std::fs::read(&b)?, "{name} differs");
+        assert!(allocated(&b)? < 1 << 20, "{name} dense from GNU tar");
+    }
     Ok(())
 }
 
