@@ -181,7 +181,7 @@ pub async fn throughput(
     // Full backups into fresh repositories: restic, then the agent in each mode, per round,
     // each from a fully cached volume.
     let (mut stock, mut stream, mut direct, mut kdf) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..rounds {
+    for round in 0..rounds {
         // What opening a repository the agent has never seen costs (scrypt), timed on a
         // repository of its own so the measured backups below stay cold.
         let probe = fresh_repo(&scratch, "probe")?.with_program(restic_bin());
@@ -197,10 +197,15 @@ pub async fn throughput(
         base.with_program(restic_bin()).init().await?;
         warm(&volume)?;
         stock.push(stock_backup(&scratch.join("stock"), &volume, None).await?);
-        for (mode, samples) in [
+        // Each mode goes first in every other round, so neither always follows the other.
+        let mut modes = [
             (ReadMode::Stream, &mut stream),
             (ReadMode::Direct, &mut direct),
-        ] {
+        ];
+        if round % 2 == 1 {
+            modes.reverse();
+        }
+        for (mode, samples) in modes {
             let restic = fresh_repo(&scratch, "ours")?.with_program(restic_bin());
             restic.init().await?;
             warm(&volume)?;

@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     if wanted("agent") {
         more.extend(stash_bench::agent::run(&data, rounds.min(3)).await?);
     } else if wanted("agent-throughput") {
-        more.extend(stash_bench::agent::throughput(&data, rounds.min(3)).await?);
+        more.extend(stash_bench::agent::throughput(&data, rounds.min(5)).await?);
     } else if wanted("agent-budget") {
         more.extend(stash_bench::agent::budget(&data).await?);
     }
