@@ -134,6 +134,26 @@ fn key_tag(key: &str) -> String {
     format!("{TAG_KEY_PREFIX}{}", key.replace(',', "_"))
 }
 
+type Readers = std::collections::HashMap<[u8; 32], Arc<NativeRepository>>;
+
+/// The open readers of this process, by repository and password.
+fn readers() -> std::sync::MutexGuard<'static, Readers> {
+    static READERS: std::sync::OnceLock<std::sync::Mutex<Readers>> = std::sync::OnceLock::new();
+    READERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn reader_id(restic: &Restic) -> [u8; 32] {
+    let repo = restic.repository();
+    let mut id = Sha256::new();
+    id.update(repo.display_name().as_bytes());
+    id.update([0]);
+    id.update(repo.password().map(|p| p.expose()).unwrap_or_default());
+    id.finalize().into()
+}
+
 /// The repository's native reader, opened once per repository and password in this
 /// process: its snapshot cache then makes every later lookup read only new snapshot files.
 /// A reader that fails is replaced once, in case the repository was recreated in place.
@@ -144,20 +164,7 @@ async fn with_native<T, F>(
 where
     F: Future<Output = Result<T, restic_wrapper::NativeError>>,
 {
-    type Readers = std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<NativeRepository>>>;
-    static READERS: std::sync::OnceLock<Readers> = std::sync::OnceLock::new();
-    let readers = || {
-        READERS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
-    let repo = restic.repository();
-    let mut id = Sha256::new();
-    id.update(repo.display_name().as_bytes());
-    id.update([0]);
-    id.update(repo.password().map(|p| p.expose()).unwrap_or_default());
-    let id: [u8; 32] = id.finalize().into();
+    let id = reader_id(restic);
     let cached = readers().get(&id).cloned();
     if let Some(reader) = cached {
         match use_it(reader).await {
@@ -167,6 +174,7 @@ where
             }
         }
     }
+    let repo = restic.repository();
     let reader = Arc::new(NativeRepository::open(repo.backend(), repo.secrets()).await?);
     readers().insert(id, reader.clone());
     use_it(reader).await
@@ -181,12 +189,16 @@ async fn last_snapshot(
     mode_tag: Option<&str>,
 ) -> Option<restic_wrapper::Snapshot> {
     let key_tag = key.map(key_tag);
-    // Listing the snapshot files needs no key: a repository without any (a first backup)
-    // then costs no scrypt derivation in this process.
-    let repo = restic.repository();
-    let files = restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()).ok()?;
-    if files.snapshot_ids().await.is_ok_and(|ids| ids.is_empty()) {
-        return None;
+    // Before this process has a reader for the repository, list the snapshot files without
+    // the key: a repository without any (a first backup) then costs no scrypt derivation.
+    // With a reader open, its own listing suffices; a second would be a second LIST on an
+    // object store for every backup.
+    if !readers().contains_key(&reader_id(restic)) {
+        let repo = restic.repository();
+        let files = restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()).ok()?;
+        if files.snapshot_ids().await.is_ok_and(|ids| ids.is_empty()) {
+            return None;
+        }
     }
     let snapshots = with_native(restic, |r| async move { r.snapshots().await }).await;
     snapshots.ok()?.into_iter().rfind(|s| {

@@ -470,12 +470,8 @@ mod tests {
     }
 
     #[test]
-    fn entries_come_and_go_with_their_processes() -> Result<(), LockError> {
-        let dir = tempfile::tempdir().map_err(|source| LockError::Journal {
-            action: "create",
-            path: PathBuf::new(),
-            source,
-        })?;
+    fn entries_come_and_go_with_their_processes() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let journal = Journal::new(dir.path(), identity("one"));
         journal.record_started(11, "/repo")?;
         journal.record_started(12, "/repo")?;
@@ -498,12 +494,8 @@ mod tests {
     }
 
     #[test]
-    fn the_journal_stays_bounded_and_keeps_live_entries() -> Result<(), LockError> {
-        let dir = tempfile::tempdir().map_err(|source| LockError::Journal {
-            action: "create",
-            path: PathBuf::new(),
-            source,
-        })?;
+    fn the_journal_stays_bounded_and_keeps_live_entries() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let old = Journal::new(dir.path(), identity("old"));
         old.record_started(1, "/repo")?;
         let journal = Journal::new(dir.path(), identity("now"));

@@ -64,6 +64,32 @@ async fn native(restic: &Restic) -> Result<NativeRepository> {
     )
 }
 
+/// A temp dir with a state directory, this instance's journal in it, an initialized
+/// repository whose client records into the journal, and a native reader of it.
+struct Setup {
+    dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    journal: Arc<Journal>,
+    restic: Restic,
+    repo: NativeRepository,
+}
+
+async fn setup() -> Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    let journal = Arc::new(Journal::new(&state, Identity::new_instance()));
+    let restic = repository(dir.path(), &journal).await?;
+    let repo = native(&restic).await?;
+    Ok(Setup {
+        dir,
+        state,
+        journal,
+        restic,
+        repo,
+    })
+}
+
 /// Waits until the repository holds `n` locks. A deadline so a broken test fails instead of
 /// hanging; not a performance threshold.
 async fn wait_for_locks(repo: &NativeRepository, n: usize) -> Result<Vec<Lock>> {
@@ -160,13 +186,14 @@ fn stock_restic(dir: &Path, args: &[&str]) -> Result<std::process::Output> {
 
 #[tokio::test]
 async fn the_stale_lock_of_a_killed_restic_is_removed_and_a_running_ones_kept() -> Result {
-    let dir = tempfile::tempdir()?;
-    let journal = Arc::new(Journal::new(
-        &dir.path().join("state"),
-        Identity::new_instance(),
-    ));
-    let restic = repository(dir.path(), &journal).await?;
-    let repo = native(&restic).await?;
+    // The temp dir is bound so it lives to the end of the test.
+    let Setup {
+        dir: _dir,
+        journal,
+        restic,
+        repo,
+        ..
+    } = setup().await?;
     let killed = killed_backup(&restic, &journal, &repo, 0).await?;
     let entry = journal.entries();
     assert!(
@@ -215,13 +242,13 @@ async fn the_stale_lock_of_a_killed_restic_is_removed_and_a_running_ones_kept() 
 
 #[tokio::test]
 async fn a_live_foreign_restics_lock_stays_even_when_it_looks_old() -> Result {
-    let dir = tempfile::tempdir()?;
-    let journal = Arc::new(Journal::new(
-        &dir.path().join("state"),
-        Identity::new_instance(),
-    ));
-    let restic = repository(dir.path(), &journal).await?;
-    let repo = native(&restic).await?;
+    let Setup {
+        dir,
+        journal,
+        restic,
+        repo,
+        ..
+    } = setup().await?;
 
     let foreign = Foreign::start(dir.path())?;
     let held = wait_for_locks(&repo, 1).await?.remove(0);
@@ -342,12 +369,13 @@ async fn the_lock_of_a_restic_of_an_earlier_agent_instance_is_removed() -> Resul
 
 #[tokio::test]
 async fn a_corrupt_journal_is_survived() -> Result {
-    let dir = tempfile::tempdir()?;
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state)?;
-    let journal = Arc::new(Journal::new(&state, Identity::new_instance()));
-    let restic = repository(dir.path(), &journal).await?;
-    let repo = native(&restic).await?;
+    let Setup {
+        dir: _dir,
+        state,
+        journal,
+        restic,
+        repo,
+    } = setup().await?;
 
     for garbage in [
         &b"{\"version\":1,\"entr"[..],
