@@ -13,8 +13,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::budget::AssignmentBudget;
+use crate::extract::ExtractOptions;
 use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
-use crate::stream::{ExtractOptions, Progress, ReadReport, StreamError, VolumeReader};
+use crate::stream::{Progress, ReadReport, StreamError, VolumeReader};
 
 /// The file name of the tar stream inside a stream-mode snapshot.
 pub const STREAM_FILE: &str = "volume.tar";
@@ -639,9 +640,9 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
         let block = is_block_device(&target);
         let extractor = tokio::task::spawn_blocking(move || {
             if block {
-                crate::stream::extract_block(reader, &target)
+                crate::extract::extract_block(reader, &target)
             } else {
-                crate::stream::extract(reader, &target, &opts)
+                crate::extract::extract(reader, &target, &opts)
             }
         });
         let sink =

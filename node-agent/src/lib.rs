@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod cli;
 pub mod engine;
+pub mod extract;
 pub mod hostpath;
 pub mod locks;
 pub mod metrics;

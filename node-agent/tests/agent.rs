@@ -12,7 +12,8 @@ use std::time::Duration;
 use restic_wrapper::{Backend, Repository, Restic, Secrets};
 use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest};
-use stash_node_agent::stream::{ExtractOptions, StreamError, extract};
+use stash_node_agent::extract::{ExtractOptions, extract};
+use stash_node_agent::stream::StreamError;
 use stash_node_agent::tar::{Entry, Kind, TarWriter};
 
 type Result<T = ()> = anyhow::Result<T>;
