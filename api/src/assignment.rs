@@ -53,7 +53,12 @@ pub struct BackupAssignmentSpec {
     pub on_unreadable: Option<UnreadablePolicy>,
     /// restic `--exclude` patterns.
     pub exclude: Option<Vec<String>>,
-    /// Extra arguments appended to `restic backup` (direct mode).
+    /// Extra arguments for `restic backup`, direct mode only, from a fixed list of flags that
+    /// change how restic reads or stores the files (`--exclude-larger-than=1G`,
+    /// `--exclude-caches`, `--exclude-if-present=.nobackup`, `--one-file-system`,
+    /// `--ignore-ctime`, `--ignore-inode`, `--no-scan`, `--with-atime`, `--compression=max`,
+    /// `--pack-size=64`), each as one `--flag` or `--flag=value` entry, passed to restic as
+    /// written. Anything else fails the assignment with the reason.
     pub args: Option<Vec<String>>,
     #[schemars(length(min = 1))]
     pub volumes: Vec<AssignedVolume>,
@@ -192,6 +197,14 @@ pub enum VolumePhase {
     /// Nothing changed since the last snapshot of this key; `snapshotId` is that snapshot.
     Unchanged,
     Failed,
+    /// Interrupted because the assignment was deleted or canceled; it left no snapshot.
+    Canceled,
+}
+
+impl VolumePhase {
+    pub fn is_final(self) -> bool {
+        !matches!(self, VolumePhase::Pending | VolumePhase::Running)
+    }
 }
 
 #[serde_with::skip_serializing_none]
@@ -210,6 +223,35 @@ pub struct VolumeProgress {
     /// Files that vanished, changed or could not be read during the read.
     pub warnings: Option<Vec<String>>,
     pub error: Option<String>,
+    /// The error's fixed category (`wrong-password`, `locked`, `invalid-spec`, …), for
+    /// alerts and the operator.
+    pub reason: Option<String>,
     pub start_time: Option<Time>,
     pub completion_time: Option<Time>,
+}
+
+/// The condition types of an assignment's status.
+pub mod condition_types {
+    /// The agent of the node took the assignment (`False`: it cannot carry it out as written).
+    pub const ACCEPTED: &str = "Accepted";
+    /// Volumes are being read or restored (`False` once nothing runs any more).
+    pub const PROGRESSING: &str = "Progressing";
+    /// The work is over, one way or another; the reason says which.
+    pub const COMPLETED: &str = "Completed";
+}
+
+/// The reasons of those conditions.
+pub mod condition_reasons {
+    pub const ACCEPTED_BY_NODE_AGENT: &str = "AcceptedByNodeAgent";
+    /// The spec cannot be read or asks for something the agent cannot do.
+    pub const INVALID_ASSIGNMENT: &str = "InvalidAssignment";
+    pub const WAITING: &str = "Waiting";
+    pub const VOLUMES_RUNNING: &str = "VolumesRunning";
+    /// A retryable failure (a lock held by someone else, a backend that does not answer):
+    /// the agent tries again with a growing delay until its deadline.
+    pub const RETRYING: &str = "Retrying";
+    pub const IN_PROGRESS: &str = "InProgress";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const FAILED: &str = "Failed";
+    pub const CANCELED: &str = "Canceled";
 }

@@ -23,6 +23,14 @@ pub const DELETE_JOB_ON_COMPLETION: &str = "stash.appscode.com/delete-job-on-com
 pub const NODE: &str = "stash.appscode.com/node";
 /// The session an assignment was planned for.
 pub const SESSION: &str = "stash.appscode.com/session";
+/// Set to `true` on an assignment (by the operator, when its session is canceled), the
+/// agent interrupts the work and ends the assignment `Canceled`. The spec is immutable, so
+/// this is an annotation.
+pub const CANCEL: &str = "stash.appscode.com/cancel";
+/// Held on an assignment by the agent while it works on it, so that deleting the assignment
+/// lets the agent stop restic, leave no partial snapshot or lock, and record `Canceled`
+/// before the object goes.
+pub const AGENT_FINALIZER: &str = "stash.appscode.com/node-agent";
 
 // Labels on Snapshot objects served by the Snapshot API.
 pub const SNAPSHOT_REPOSITORY: &str = "repository";

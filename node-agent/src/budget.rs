@@ -194,6 +194,119 @@ impl AssignmentBudget {
     }
 }
 
+/// A rate that is not a positive Kubernetes quantity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("failed to read {text:?} as a rate per second: {reason}")]
+pub struct QuantityError {
+    pub text: String,
+    pub reason: &'static str,
+}
+
+/// Reads a rate written as a Kubernetes quantity (`resource.Quantity`: a signed decimal
+/// number, then a binary suffix `Ki`…`Ei`, a decimal one `n u m k M G T P E`, or an exponent
+/// `e3`/`E3`), rounded up to a whole number as `Quantity.Value()` does. Zero, negative and
+/// sub-unit rates are refused: a budget of 0 would never read (leave it unset for no limit),
+/// and `500m` (milli) is almost always a mistyped `500M`.
+pub fn parse_rate(text: &str) -> Result<u64, QuantityError> {
+    let fail = |reason| QuantityError {
+        text: text.to_owned(),
+        reason,
+    };
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let number_len = rest
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(rest.len());
+    let (number, suffix) = rest.split_at(number_len);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+        return Err(fail("not a number such as 50Mi, 1.5Gi, 500M or 2e9"));
+    }
+    let (mut exp10, exp2): (i64, u32) = match suffix {
+        "" => (0, 0),
+        "n" => (-9, 0),
+        "u" => (-6, 0),
+        "m" => (-3, 0),
+        "k" => (3, 0),
+        "M" => (6, 0),
+        "G" => (9, 0),
+        "T" => (12, 0),
+        "P" => (15, 0),
+        "E" => (18, 0),
+        "Ki" => (0, 10),
+        "Mi" => (0, 20),
+        "Gi" => (0, 30),
+        "Ti" => (0, 40),
+        "Pi" => (0, 50),
+        "Ei" => (0, 60),
+        s if s.len() > 1 && (s.starts_with('e') || s.starts_with('E')) => {
+            let exp = &s[1..];
+            let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(fail(
+                    "unknown suffix (use Ki, Mi, Gi, k, M, G or an exponent e3)",
+                ));
+            }
+            let exp: i32 = exp
+                .parse()
+                .map_err(|_| fail("the exponent is out of range"))?;
+            (i64::from(exp), 0)
+        }
+        "K" => return Err(fail("unknown suffix K (use k for 1000 or Ki for 1024)")),
+        _ => {
+            return Err(fail(
+                "unknown suffix (use Ki, Mi, Gi, k, M, G or an exponent e3)",
+            ));
+        }
+    };
+    // The digits as one integer times a power of ten, trailing zeros moved into the power.
+    let digits = format!("{whole}{fraction}");
+    let digits = digits.trim_start_matches('0');
+    exp10 -= fraction.len() as i64;
+    let significant = digits.trim_end_matches('0');
+    exp10 += (digits.len() - significant.len()) as i64;
+    if significant.is_empty() {
+        return Err(fail(
+            "a rate of zero would never read; leave it unset for no limit",
+        ));
+    }
+    if negative {
+        return Err(fail("a rate cannot be negative"));
+    }
+    if significant.len() > 18 {
+        return Err(fail("more than 18 significant digits"));
+    }
+    let mantissa: u128 = significant
+        .parse::<u128>()
+        .map_err(|_| fail("not a number"))?
+        << exp2;
+    let too_large = || fail("larger than 2^63-1");
+    let value = if exp10 >= 0 {
+        let scale = u32::try_from(exp10)
+            .ok()
+            .and_then(|e| 10u128.checked_pow(e))
+            .ok_or_else(too_large)?;
+        mantissa.checked_mul(scale).ok_or_else(too_large)?
+    } else {
+        let below_one = fail("less than one per second (m is milli: did you mean M?)");
+        let scale = u32::try_from(-exp10)
+            .ok()
+            .and_then(|e| 10u128.checked_pow(e))
+            .ok_or(below_one.clone())?;
+        if mantissa < scale {
+            return Err(below_one);
+        }
+        mantissa.div_ceil(scale)
+    };
+    u64::try_from(value)
+        .ok()
+        .filter(|v| i64::try_from(*v).is_ok())
+        .ok_or_else(too_large)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -222,6 +335,61 @@ mod tests {
     }
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn rates_parse_as_kubernetes_quantities() {
+        let table: &[(&str, u64)] = &[
+            ("1", 1),
+            ("4096", 4096),
+            ("1k", 1_000),
+            ("500M", 500_000_000),
+            ("2G", 2_000_000_000),
+            ("1T", 1_000_000_000_000),
+            ("1Ki", 1 << 10),
+            ("100Mi", 100 << 20),
+            ("1.5Gi", 3 << 29),
+            ("0.5Ki", 512),
+            (".5Mi", 1 << 19),
+            ("1.Mi", 1 << 20),
+            ("+50Mi", 50 << 20),
+            ("2e9", 2_000_000_000),
+            ("2E9", 2_000_000_000),
+            ("1e+3", 1_000),
+            ("15e-1", 2),
+            ("1500m", 2),
+            ("1.5", 2),
+            ("000100", 100),
+            ("100000000000000000000e-2", 1_000_000_000_000_000_000),
+            ("1E", 1_000_000_000_000_000_000),
+            ("7Ei", 7 << 60),
+        ];
+        for (text, want) in table {
+            assert_eq!(parse_rate(text), Ok(*want), "{text}");
+        }
+        let refused: &[(&str, &str)] = &[
+            ("", "not a number"),
+            ("Mi", "not a number"),
+            ("-1Mi", "negative"),
+            ("0", "zero"),
+            ("0.0Gi", "zero"),
+            ("500m", "milli"),
+            ("1e-3", "less than one"),
+            ("64K", "use k for 1000 or Ki"),
+            ("10 parsecs", "unknown suffix"),
+            ("1MB", "unknown suffix"),
+            ("1e", "unknown suffix"),
+            ("1e3.5", "unknown suffix"),
+            ("1.2.3", "not a number"),
+            ("8Ei", "larger than"),
+            ("1e19", "larger than"),
+            ("1e99999999999", "out of range"),
+            (" 1Mi", "not a number"),
+        ];
+        for (text, reason) in refused {
+            let err = parse_rate(text).expect_err(text);
+            assert!(err.to_string().contains(reason), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn reads_are_paced_to_the_byte_rate() {

@@ -70,10 +70,12 @@ pub struct RunArgs {
     pub state_dir: PathBuf,
     #[arg(long, env = "STASH_RESTIC", default_value = "restic")]
     pub restic: PathBuf,
-    /// The node's read budget in bytes per second; unlimited when unset.
+    /// The node's read budget in bytes per second, a Kubernetes quantity (`100Mi`, `1G`);
+    /// unlimited when unset. Stream mode only: direct-mode assignments say in their status
+    /// that it does not apply to them.
     #[arg(long, env = "STASH_IO_BUDGET_BYTES_PER_SECOND", value_parser = parse_bytes)]
     pub io_budget: Option<u64>,
-    #[arg(long, env = "STASH_IO_BUDGET_IOPS")]
+    #[arg(long, env = "STASH_IO_BUDGET_IOPS", value_parser = parse_count)]
     pub iops: Option<u64>,
     /// Volumes read at once on this node.
     #[arg(long, env = "STASH_MAX_CONCURRENT_VOLUMES", default_value_t = 2)]
@@ -98,6 +100,17 @@ pub struct RunArgs {
     /// Direct mode: files restic reads at once (`--read-concurrency`).
     #[arg(long, env = "STASH_READ_CONCURRENCY")]
     pub read_concurrency: Option<u32>,
+    /// How long after taking an assignment a retryable failure (a lock held by someone else,
+    /// a backend or API server that does not answer) is still tried again.
+    #[arg(long, env = "STASH_RETRY_DEADLINE_SECONDS", default_value_t = 1800)]
+    pub retry_deadline_seconds: u64,
+    /// The longest wait between two tries; the wait doubles from one second.
+    #[arg(long, env = "STASH_RETRY_MAX_DELAY_SECONDS", default_value_t = 60)]
+    pub retry_max_delay_seconds: u64,
+    /// The deadline of every restic command, backups included: one still running then is
+    /// interrupted (and retried while the retry deadline allows).
+    #[arg(long, env = "STASH_RESTIC_TIMEOUT_SECONDS", default_value_t = 6 * 3600)]
+    pub restic_timeout_seconds: u64,
 }
 
 /// Where the repository is and how restic runs; the password and credentials come from
@@ -127,11 +140,12 @@ pub struct BackupArgs {
     pub path: PathBuf,
     #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
     pub mode: ReadMode,
-    /// Read budget in bytes per second (`50Mi`, `1G`, or a number); unlimited when unset.
+    /// Read budget in bytes per second, a Kubernetes quantity (`50Mi`, `1.5Gi`, `500M`, `2e9`);
+    /// unlimited when unset. Stream mode only: refused with `--mode direct`.
     #[arg(long, env = "STASH_IO_BUDGET_BYTES_PER_SECOND", value_parser = parse_bytes)]
     pub io_budget: Option<u64>,
     /// Read operations per second.
-    #[arg(long, env = "STASH_IO_BUDGET_IOPS")]
+    #[arg(long, env = "STASH_IO_BUDGET_IOPS", value_parser = parse_count)]
     pub iops: Option<u64>,
     /// Read through io_uring when the runtime allows it (`auto`), or never (`off`).
     #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
@@ -172,30 +186,21 @@ pub struct RestoreArgs {
     pub owners: bool,
 }
 
-/// Parses `123`, `50Mi`, `1G`, `64K` into bytes.
+/// Parses a rate in bytes per second written as a Kubernetes quantity (`50Mi`, `1.5Gi`,
+/// `500M`, `2e9`); zero is refused, leave the flag out for no limit.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 50Mi"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use K, M, G, Ki, Mi or Gi)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    crate::budget::parse_rate(text).map_err(|e| e.to_string())
+}
+
+/// Parses a count per second that must not be zero.
+pub fn parse_count(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err(format!(
+            "{text:?}: a rate of zero would never read; leave it unset for no limit"
+        )),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
 }
 
 fn restic_for(args: &RepoArgs) -> anyhow::Result<Restic> {
@@ -284,6 +289,12 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 metrics: metrics.clone(),
                 limit_upload_kib: a.limit_upload_kib,
                 read_concurrency: a.read_concurrency,
+                retry: crate::worker::RetryPolicy {
+                    initial: Duration::from_secs(1),
+                    max: Duration::from_secs(a.retry_max_delay_seconds.max(1)),
+                    deadline: Duration::from_secs(a.retry_deadline_seconds),
+                },
+                restic_timeout: Duration::from_secs(a.restic_timeout_seconds.max(1)),
             };
             let health = tokio::spawn(serve_health(a.metrics_port, metrics));
             // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
@@ -302,6 +313,13 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
             )?)
         }
         Command::Backup(a) => {
+            // restic reads the files itself in direct mode; the agent cannot pace it (yet).
+            if a.mode == ReadMode::Direct && (a.io_budget.is_some() || a.iops.is_some()) {
+                anyhow::bail!(
+                    "--io-budget and --iops apply to stream mode only: in direct mode restic reads \
+                     the files itself, and the agent cannot pace its reads yet"
+                );
+            }
             let restic = restic_for(&a.repo)?;
             let (version, initialized) =
                 tokio::join!(restic.version(), restic.ensure_initialized());
@@ -319,6 +337,8 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 tags: a.tags,
                 key: a.key,
                 excludes: a.excludes,
+                paths: vec![],
+                restic_args: vec![],
                 budget,
                 read_concurrency: None,
                 limit_upload_kib: None,
@@ -359,10 +379,24 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse() {
+    fn budgets_are_quantities_and_zero_is_refused() {
         assert_eq!(parse_bytes("50Mi"), Ok(50 << 20));
-        assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1.5Gi"), Ok(3 << 29));
+        assert!(parse_bytes("0").is_err_and(|e| e.contains("zero")));
         assert!(parse_bytes("10 parsecs").is_err());
+        assert_eq!(parse_count("100"), Ok(100));
+        assert!(parse_count("0").is_err());
+        let parsed = Cli::try_parse_from([
+            "stash-node-agent",
+            "backup",
+            "--repo",
+            "/r",
+            "--path",
+            "/p",
+            "--io-budget",
+            "64K",
+        ]);
+        let err = parsed.expect_err("K is not a quantity suffix").to_string();
+        assert!(err.contains("use k for 1000 or Ki for 1024"), "{err}");
     }
 }

@@ -36,33 +36,7 @@ pub enum ReadMode {
     Direct,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(transparent)]
-    Restic(#[from] restic_wrapper::Error),
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    #[error("failed to {action}: {reason}")]
-    Other {
-        action: &'static str,
-        reason: String,
-    },
-    #[error("snapshot {0} not found")]
-    NoSnapshot(String),
-}
-
-impl AgentError {
-    pub fn category(&self) -> &'static str {
-        match self {
-            AgentError::Restic(e) => e.category(),
-            AgentError::Stream(StreamError::Read { .. }) => "read",
-            AgentError::Stream(StreamError::Unsafe { .. }) => "unsafe-path",
-            AgentError::Stream(_) => "stream",
-            AgentError::Other { .. } => "internal",
-            AgentError::NoSnapshot(_) => "not-found",
-        }
-    }
-}
+pub use crate::error::AgentError;
 
 /// What to back up and how.
 #[derive(Clone, Debug)]
@@ -74,6 +48,10 @@ pub struct BackupRequest {
     /// Stable identity of the volume (PVC UID or namespace/workload/volume).
     pub key: Option<String>,
     pub excludes: Vec<String>,
+    /// Sub-directories of the volume to back up (relative to it); all of it when empty.
+    pub paths: Vec<PathBuf>,
+    /// Direct mode: flags passed to `restic backup` as written, checked by `spec::restic_args`.
+    pub restic_args: Vec<String>,
     pub budget: AssignmentBudget,
     /// Direct mode: restic's own read parallelism and upload limit (KiB/s).
     pub read_concurrency: Option<u32>,
@@ -96,6 +74,8 @@ impl BackupRequest {
             tags: vec![],
             key: None,
             excludes: vec![],
+            paths: vec![],
+            restic_args: vec![],
             budget: AssignmentBudget::unlimited(),
             read_concurrency: None,
             limit_upload_kib: None,
@@ -130,7 +110,8 @@ pub struct BackupResult {
     pub unreadable: Vec<String>,
 }
 
-fn key_tag(key: &str) -> String {
+/// The tag that names a volume's key on its snapshots.
+pub fn key_tag(key: &str) -> String {
     // restic separates tags with commas; keep the key one tag.
     format!("{TAG_KEY_PREFIX}{}", key.replace(',', "_"))
 }
@@ -182,13 +163,14 @@ where
 }
 
 /// The newest snapshot of a host and volume key (and read mode, when given), found by the
-/// native reader without starting restic.
+/// native reader without starting restic. A listing that fails is an error, never "none":
+/// taken for "none", it would make a backup without its parent or restore nothing.
 async fn last_snapshot(
     restic: &Restic,
     host: Option<&str>,
     key: Option<&str>,
     mode_tag: Option<&str>,
-) -> Option<restic_wrapper::Snapshot> {
+) -> Result<Option<restic_wrapper::Snapshot>, AgentError> {
     let key_tag = key.map(key_tag);
     // Before this process has a reader for the repository, list the snapshot files without
     // the key: a repository without any (a first backup) then costs no scrypt derivation.
@@ -196,17 +178,34 @@ async fn last_snapshot(
     // object store for every backup.
     if !readers().contains_key(&reader_id(restic)) {
         let repo = restic.repository();
-        let files = restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()).ok()?;
-        if files.snapshot_ids().await.is_ok_and(|ids| ids.is_empty()) {
-            return None;
+        match restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()) {
+            Ok(files) => {
+                if files
+                    .snapshot_ids()
+                    .await
+                    .map_err(AgentError::ListSnapshots)?
+                    .is_empty()
+                {
+                    return Ok(None);
+                }
+            }
+            Err(restic_wrapper::NativeError::Unsupported(_)) => {}
+            Err(e) => return Err(AgentError::ListSnapshots(e)),
         }
     }
-    let snapshots = with_native(restic, |r| async move { r.snapshots().await }).await;
-    snapshots.ok()?.into_iter().rfind(|s| {
+    let snapshots = match with_native(restic, |r| async move { r.snapshots().await }).await {
+        Ok(s) => s,
+        // A backend the native reader does not speak: restic lists them.
+        Err(restic_wrapper::NativeError::Unsupported(_)) => {
+            restic.snapshots(&SnapshotFilter::default()).await?
+        }
+        Err(e) => return Err(AgentError::ListSnapshots(e)),
+    };
+    Ok(snapshots.into_iter().rfind(|s| {
         host.is_none_or(|h| s.hostname == h)
             && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
             && mode_tag.is_none_or(|t| s.has_tag(t))
-    })
+    }))
 }
 
 fn is_block_device(path: &Path) -> bool {
@@ -216,7 +215,11 @@ fn is_block_device(path: &Path) -> bool {
 
 /// The newest snapshot of a host and volume key, in either mode: what "restore the latest"
 /// means for a volume.
-pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wrapper::Snapshot> {
+pub async fn latest(
+    restic: &Restic,
+    host: &str,
+    key: &str,
+) -> Result<Option<restic_wrapper::Snapshot>, AgentError> {
     last_snapshot(restic, Some(host), Some(key), None).await
 }
 
@@ -344,7 +347,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 req.key.as_deref(),
                 Some(TAG_STREAM),
             )
-            .await;
+            .await?;
             let (digest, bytes_total, files_total) =
                 walk.await.map_err(|e| AgentError::Other {
                     action: "scan the volume",
@@ -381,7 +384,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 req.key.as_deref(),
                 Some(TAG_DIRECT),
             )
-            .await;
+            .await?;
             let opts = BackupOptions {
                 host: req.host.clone(),
                 tags,
@@ -392,6 +395,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 read_concurrency: req.read_concurrency,
                 limit_upload_kib: req.limit_upload_kib,
                 skip_if_unchanged: parent.is_some(),
+                extra_args: req.restic_args.clone(),
                 ..BackupOptions::default()
             };
             let mut run = restic.backup(&[PathBuf::from(".")], Some(&req.path), &opts)?;
@@ -575,9 +579,15 @@ async fn backup_stream(
             action: "read the volume",
             reason: "the reader thread panicked".into(),
         })?;
-    // The reader's own error names the file; restic's only says the input failed.
+    // The reader's own error names the file; restic's only says the input failed. But when
+    // the reader could not write, restic stopped reading, and restic's error says why (a lock
+    // held by someone else, say, which is worth another try).
+    let summary = match (read.as_ref(), backed_up) {
+        (Err(StreamError::Write(_)), Err(e)) => return Err(e.into()),
+        (_, backed_up) => backed_up,
+    };
     let report = read?;
-    let summary = backed_up?;
+    let summary = summary?;
     let mut snapshot_id = summary.snapshot_id;
     if !report.unreadable.is_empty()
         && let Some(id) = &snapshot_id
@@ -625,7 +635,12 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
         async move { r.snapshot(&wanted).await }
     })
     .await
-    .map_err(|_| AgentError::NoSnapshot(req.snapshot.clone()))?;
+    .map_err(|e| match e {
+        restic_wrapper::NativeError::NoSuchSnapshot(_) => {
+            AgentError::NoSnapshot(req.snapshot.clone())
+        }
+        e => AgentError::ListSnapshots(e),
+    })?;
     let mut result = if snap.has_tag(TAG_STREAM) {
         let (reader, writer) = std::io::pipe().map_err(|e| AgentError::Other {
             action: "create a pipe",

@@ -6,12 +6,15 @@
 pub mod budget;
 pub mod cli;
 pub mod engine;
+pub mod error;
 pub mod extract;
 pub mod hostpath;
 pub mod locks;
 pub mod metrics;
 pub mod pipe;
 pub mod repository;
+pub mod spec;
+pub mod status;
 pub mod stream;
 pub mod tar;
 pub mod uring;

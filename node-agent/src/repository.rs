@@ -9,10 +9,7 @@ use stash_api::common::Backend as StashBackend;
 use crate::engine::AgentError;
 
 fn invalid(reason: String) -> AgentError {
-    AgentError::Other {
-        action: "use the repository",
-        reason,
-    }
+    AgentError::InvalidRepository { reason }
 }
 
 /// The restic backend of a Repository's `spec.backend`. A local repository is reachable

@@ -1,21 +1,25 @@
-//! The assignment worker: watches this node's BackupAssignments and RestoreAssignments,
-//! resolves each volume to its host path, backs it up (or restores it in place) through the
-//! engine under the node's IO budget, and writes the assignment's status — running, progress
-//! at most every few seconds, then the snapshot IDs or a clear error. An assignment left
-//! Running by an agent that died is taken up again.
+//! The assignment worker: watches this node's BackupAssignments and RestoreAssignments, checks
+//! what each asks for, resolves each volume to its host path, backs it up (or restores it in
+//! place) through the engine under the node's IO budget, retries what may pass with a growing
+//! delay, and writes the assignment's whole status with server-side apply. It holds a
+//! finalizer while it works, so a deleted or canceled assignment stops restic, leaves no
+//! snapshot or lock, and ends `Canceled`. An assignment left Running by an agent that died is
+//! taken up again; one that cannot be read is reported on itself and skipped.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use restic_wrapper::{Cache, Repository, Restic};
+use restic_wrapper::{Cache, Repository, Restic, SpawnObserver, SpawnedProcess};
 use serde_json::json;
 use stash_api::assignment::{
     AssignedVolume, AssignmentPhase, AssignmentStatus, BackupAssignment, RestoreAssignment,
@@ -23,13 +27,38 @@ use stash_api::assignment::{
 };
 use stash_api::common::ObjectRef;
 use stash_api::labels;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::budget::{IoBudget, Limits};
-use crate::engine::{self, AgentError, BackupRequest, ReadMode, RestoreRequest};
+use crate::engine::{self, BackupRequest, ReadMode, RestoreRequest};
+use crate::error::AgentError;
 use crate::hostpath;
 use crate::locks::{Identity, Journal};
+use crate::spec;
+use crate::status::{Context, ProgressSnapshot, Stage, VolumeOutcome, build_status};
 use crate::stream::Progress;
+
+/// The one field manager of everything the agent writes: status and its finalizer.
+pub const FIELD_MANAGER: &str = "stash-node-agent";
+
+/// How retryable failures are tried again: the delay doubles from `initial` up to `max`,
+/// until `deadline` after the agent took the assignment; then the volume fails.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            deadline: Duration::from_secs(30 * 60),
+        }
+    }
+}
 
 /// What the worker needs to know about its node.
 #[derive(Clone, Debug)]
@@ -51,17 +80,14 @@ pub struct WorkerConfig {
     /// Direct mode: restic's own upload limit (KiB/s) and read parallelism.
     pub limit_upload_kib: Option<u64>,
     pub read_concurrency: Option<u32>,
+    pub retry: RetryPolicy,
+    /// The deadline of every restic command; one that runs longer is stopped (a timeout is
+    /// retryable).
+    pub restic_timeout: Duration,
 }
 
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-fn kube_err(action: &'static str) -> impl Fn(kube::Error) -> AgentError {
-    move |e| AgentError::Other {
-        action,
-        reason: e.to_string(),
-    }
 }
 
 /// What the worker needs of either assignment kind.
@@ -79,9 +105,16 @@ pub trait Assignment:
     fn status(&self) -> Option<&AssignmentStatus>;
     fn repository(&self) -> &ObjectRef;
     fn volumes(&self) -> &[AssignedVolume];
-    fn io_budget(&self) -> Option<&stash_api::common::IoBudget>;
-    /// Backup or restore, with what this assignment asks for.
-    fn operation(&self, cfg: &WorkerConfig) -> Operation;
+    /// What this assignment asks for, checked: every field is used or refused here.
+    fn plan(&self, cfg: &WorkerConfig) -> Result<Plan, AgentError>;
+}
+
+/// An assignment's spec, checked and turned into what the engine does.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub operation: Operation,
+    /// The assignment's own IO limits, on top of the node's.
+    pub own: Limits,
 }
 
 /// What to do with each volume.
@@ -91,6 +124,7 @@ pub enum Operation {
         mode: ReadMode,
         excludes: Vec<String>,
         on_unreadable: engine::UnreadablePolicy,
+        restic_args: Vec<String>,
     },
     Restore,
 }
@@ -109,20 +143,27 @@ impl Assignment for BackupAssignment {
     fn volumes(&self) -> &[AssignedVolume] {
         &self.spec.volumes
     }
-    fn io_budget(&self) -> Option<&stash_api::common::IoBudget> {
-        self.spec.io_budget.as_ref()
-    }
-    fn operation(&self, cfg: &WorkerConfig) -> Operation {
+    fn plan(&self, cfg: &WorkerConfig) -> Result<Plan, AgentError> {
         let mode = match self.spec.read_mode {
             Some(stash_api::common::ReadMode::Direct) => ReadMode::Direct,
             Some(stash_api::common::ReadMode::Stream) => ReadMode::Stream,
             None => cfg.default_mode,
         };
-        Operation::Backup {
-            mode,
-            excludes: self.spec.exclude.clone().unwrap_or_default(),
-            on_unreadable: self.spec.on_unreadable.unwrap_or_default(),
+        let restic_args = spec::restic_args(self.spec.args.as_deref().unwrap_or_default(), mode)?;
+        let own = spec::limits(self.spec.io_budget.as_ref(), Some(mode))?;
+        for v in &self.spec.volumes {
+            spec::volume_fields(v, true)?;
+            spec::paths(v)?;
         }
+        Ok(Plan {
+            operation: Operation::Backup {
+                mode,
+                excludes: self.spec.exclude.clone().unwrap_or_default(),
+                on_unreadable: self.spec.on_unreadable.unwrap_or_default(),
+                restic_args,
+            },
+            own,
+        })
     }
 }
 
@@ -140,11 +181,25 @@ impl Assignment for RestoreAssignment {
     fn volumes(&self) -> &[AssignedVolume] {
         &self.spec.volumes
     }
-    fn io_budget(&self) -> Option<&stash_api::common::IoBudget> {
-        self.spec.io_budget.as_ref()
-    }
-    fn operation(&self, _: &WorkerConfig) -> Operation {
-        Operation::Restore
+    fn plan(&self, _: &WorkerConfig) -> Result<Plan, AgentError> {
+        let own = spec::limits(self.spec.io_budget.as_ref(), None)?;
+        for v in &self.spec.volumes {
+            spec::volume_fields(v, false)?;
+            if v.exclude.as_ref().is_some_and(|e| !e.is_empty()) {
+                return Err(AgentError::invalid(
+                    "assignment",
+                    format!(
+                        "volume {}: exclude patterns are not supported for in-place restores \
+                         yet; use include",
+                        v.volume_name
+                    ),
+                ));
+            }
+        }
+        Ok(Plan {
+            operation: Operation::Restore,
+            own,
+        })
     }
 }
 
@@ -156,14 +211,65 @@ pub fn should_take<K: Assignment>(a: &K, node: &str) -> bool {
     a.node() == node && !phase.is_some_and(AssignmentPhase::is_final)
 }
 
+/// Why an assignment must stop, if it must: deleted, or canceled through its annotation.
+pub fn cancel_reason(meta: &kube::core::ObjectMeta) -> Option<String> {
+    if meta.deletion_timestamp.is_some() {
+        return Some("the assignment was deleted".into());
+    }
+    let canceled = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(labels::CANCEL))
+        .is_some_and(|v| v == "true");
+    canceled.then(|| format!("canceled through the annotation {}", labels::CANCEL))
+}
+
+fn holds_finalizer(meta: &kube::core::ObjectMeta) -> bool {
+    meta.finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == labels::AGENT_FINALIZER)
+}
+
+/// `restic version` against the supported floor, before any work is taken.
+async fn check_restic(cfg: &WorkerConfig) -> Result<(), AgentError> {
+    // `version` opens no repository; the client only needs one to exist.
+    let placeholder = Repository::new(
+        restic_wrapper::Backend::Local {
+            path: cfg.state_dir.join("no-repository"),
+        },
+        restic_wrapper::Secrets::new().with("RESTIC_PASSWORD", "unused"),
+        &cfg.state_dir,
+    )?;
+    let version = Restic::new(placeholder)
+        .with_program(&cfg.restic)
+        .with_timeout(Duration::from_secs(60))
+        .version()
+        .await?;
+    tracing::info!(%version, "restic is supported");
+    Ok(())
+}
+
+/// What the watch loops share.
+struct Shared {
+    client: kube::Client,
+    cfg: WorkerConfig,
+    journal: Arc<Journal>,
+    volumes: Arc<Semaphore>,
+    recorder: Recorder,
+    /// Assignments being worked on, by UID, with the signal that cancels them.
+    in_flight: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+    /// Malformed assignments already reported, by UID and generation.
+    reported: Mutex<HashSet<(String, Option<i64>)>>,
+}
+
 /// Runs until the watches end or `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
     cfg: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let volumes = Arc::new(Semaphore::new(cfg.max_volumes.max(1)));
+    check_restic(&cfg).await?;
     // A new instance on every start: what earlier ones left in the journal is theirs.
     let journal = Arc::new(Journal::new(&cfg.state_dir, Identity::new_instance()));
     tracing::info!(
@@ -172,22 +278,34 @@ pub async fn run(
         instance = %journal.identity().instance,
         "watching assignments"
     );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(cfg.pod_name.clone()),
+        },
+    );
+    let shared = Arc::new(Shared {
+        volumes: Arc::new(Semaphore::new(cfg.max_volumes.max(1))),
+        client,
+        cfg,
+        journal,
+        recorder,
+        in_flight: Mutex::default(),
+        reported: Mutex::default(),
+    });
     tokio::select! {
         () = shutdown => Ok(()),
-        () = watch::<BackupAssignment>(&client, &cfg, &journal, &in_flight, &volumes) => Ok(()),
-        () = watch::<RestoreAssignment>(&client, &cfg, &journal, &in_flight, &volumes) => Ok(()),
+        () = watch_kind::<BackupAssignment>(&shared) => Ok(()),
+        () = watch_kind::<RestoreAssignment>(&shared) => Ok(()),
     }
 }
 
-async fn watch<K: Assignment>(
-    client: &kube::Client,
-    cfg: &WorkerConfig,
-    journal: &Arc<Journal>,
-    in_flight: &Arc<Mutex<HashSet<String>>>,
-    volumes: &Arc<Semaphore>,
-) {
-    let api: Api<K> = Api::all(client.clone());
-    let selector = format!("{}={}", labels::NODE, cfg.node_name);
+async fn watch_kind<K: Assignment>(shared: &Arc<Shared>) {
+    // Each object is deserialized on its own: one that does not fit the agent's types (a
+    // newer CRD, a hand-written object) is reported on itself, and the others go on.
+    let api: Api<DeserializeGuard<K>> = Api::all(shared.client.clone());
+    let selector = format!("{}={}", labels::NODE, shared.cfg.node_name);
     let stream = watcher(api, watcher::Config::default().labels(&selector));
     let mut stream = std::pin::pin!(stream);
     // The work belongs to this loop: when the agent stops (SIGTERM, or the loop is dropped),
@@ -200,288 +318,723 @@ async fn watch<K: Assignment>(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         let Some(event) = event else { return };
-        let objects = match event {
-            Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a)) => vec![a],
-            Ok(_) => vec![],
-            // The watcher retries on its own; a malformed object must not stop the agent.
+        match event {
+            Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a)) => match a.0 {
+                Ok(a) => on_assignment(shared, a, &mut tasks),
+                Err(invalid) => {
+                    let shared = shared.clone();
+                    tasks.spawn(async move { report_invalid::<K>(&shared, invalid).await });
+                }
+            },
+            // Without the finalizer (a foreign removal, or one never added): stop the work.
+            Ok(watcher::Event::Delete(a)) => {
+                let meta = match &a.0 {
+                    Ok(a) => a.meta().clone(),
+                    Err(invalid) => invalid.metadata.clone(),
+                };
+                if let Some(tx) = lock(&shared.in_flight).get(meta.uid.as_deref().unwrap_or("")) {
+                    tx.send_replace(Some("the assignment was deleted".into()));
+                }
+            }
+            Ok(_) => {}
+            // The watcher retries on its own.
             Err(e) => {
                 tracing::warn!(error = %e, kind = K::WHAT, "assignment watch error");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                vec![]
             }
-        };
-        for a in objects {
-            let uid = a.meta().uid.clone().unwrap_or_default();
-            if !should_take(&a, &cfg.node_name) || !lock(in_flight).insert(uid.clone()) {
-                continue;
-            }
-            let (client, cfg, journal, in_flight, volumes) = (
-                client.clone(),
-                cfg.clone(),
-                journal.clone(),
-                in_flight.clone(),
-                volumes.clone(),
-            );
-            tasks.spawn(async move {
-                let name = a.meta().name.clone().unwrap_or_default();
-                if let Err(e) = process(&client, &cfg, &journal, a, volumes).await {
-                    tracing::error!(assignment = %name, kind = K::WHAT, error = %e, "assignment failed");
-                }
-                lock(&in_flight).remove(&uid);
-            });
         }
     }
+}
+
+fn on_assignment<K: Assignment>(shared: &Arc<Shared>, a: K, tasks: &mut tokio::task::JoinSet<()>) {
+    let uid = a.meta().uid.clone().unwrap_or_default();
+    let why = cancel_reason(a.meta());
+    if let Some(tx) = lock(&shared.in_flight).get(&uid) {
+        if let Some(why) = why {
+            tx.send_replace(Some(why));
+        }
+        return;
+    }
+    if a.node() != shared.cfg.node_name {
+        return;
+    }
+    let finished = a
+        .status()
+        .and_then(|s| s.phase)
+        .is_some_and(AssignmentPhase::is_final);
+    let ours = holds_finalizer(a.meta());
+    if finished && !ours {
+        return;
+    }
+    let (tx, rx) = watch::channel(None);
+    lock(&shared.in_flight).insert(uid.clone(), tx);
+    let shared = shared.clone();
+    tasks.spawn(async move {
+        let name = a.meta().name.clone().unwrap_or_default();
+        let result = if finished {
+            // A predecessor ended the work but died before letting the object go.
+            release::<K>(&shared, &a).await
+        } else if let Some(why) = why {
+            // Deleted or canceled while no agent worked on it (a predecessor died mid-work,
+            // or it was canceled before it started).
+            conclude_canceled(&shared, &a, why).await
+        } else {
+            process(&shared, a, rx).await
+        };
+        if let Err(e) = result {
+            tracing::error!(assignment = %name, kind = K::WHAT, error = %e, category = e.category(), "assignment failed");
+        }
+        lock(&shared.in_flight).remove(&uid);
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// One volume's outcome, as written to status.
-#[derive(Clone, Debug, Default)]
-struct VolumeOutcome {
-    phase: Option<VolumePhase>,
-    snapshot_id: Option<String>,
-    bytes: u64,
-    files: u64,
-    warnings: Vec<String>,
-    error: Option<String>,
-    started: Option<std::time::Instant>,
+/// Writes the status of an assignment whole, under the agent's field manager: what it no
+/// longer says (an error that passed) goes from the object too.
+struct StatusWriter<K: Assignment> {
+    api: Api<K>,
+    name: String,
+    generation: Option<i64>,
+    agent: String,
+    previous: Mutex<Option<AssignmentStatus>>,
 }
 
-/// Seconds left at the rate so far, once there is a rate to go by.
-fn eta_seconds(done: u64, total: u64, elapsed: Duration) -> Option<u64> {
-    let rate = done as f64 / elapsed.as_secs_f64();
-    (done > 0 && total >= done && rate > 0.0).then(|| ((total - done) as f64 / rate).ceil() as u64)
+impl<K: Assignment> StatusWriter<K> {
+    fn new(shared: &Shared, a: &K) -> Self {
+        let ns = a.meta().namespace.clone().unwrap_or_default();
+        StatusWriter {
+            api: Api::namespaced(shared.client.clone(), &ns),
+            name: a.meta().name.clone().unwrap_or_default(),
+            generation: a.meta().generation,
+            agent: shared.cfg.pod_name.clone(),
+            previous: Mutex::new(a.status().cloned()),
+        }
+    }
+
+    async fn write(
+        &self,
+        volumes: &[AssignedVolume],
+        outcomes: &[VolumeOutcome],
+        progress: &[ProgressSnapshot],
+        stage: &Stage,
+    ) -> Result<(), AgentError> {
+        let status = {
+            let previous = lock(&self.previous);
+            build_status(
+                volumes,
+                outcomes,
+                progress,
+                stage,
+                &Context {
+                    generation: self.generation,
+                    agent: &self.agent,
+                    previous: previous.as_ref(),
+                    now: now(),
+                },
+            )
+        };
+        apply_status(&self.api, &self.name, &status).await?;
+        *lock(&self.previous) = Some(status);
+        Ok(())
+    }
 }
 
-fn volume_status(v: &AssignedVolume, o: &VolumeOutcome, p: &Progress) -> serde_json::Value {
-    let done = o
-        .phase
-        .is_some_and(|ph| ph != VolumePhase::Running && ph != VolumePhase::Pending);
-    let (bytes, files) = if done {
-        (o.bytes, o.files)
-    } else {
-        (
-            p.bytes.load(Ordering::Relaxed),
-            p.files.load(Ordering::Relaxed),
-        )
-    };
-    let bytes_total = p.bytes_total.load(Ordering::Relaxed);
-    let files_total = p.files_total.load(Ordering::Relaxed);
-    let eta = match (done, o.started) {
-        (false, Some(start)) => eta_seconds(bytes, bytes_total, start.elapsed()),
-        _ => None,
-    };
-    json!({
-        "podName": v.pod_name,
-        "volumeName": v.volume_name,
-        "phase": o.phase.unwrap_or(VolumePhase::Pending),
-        "bytesDone": bytes,
-        "filesDone": files,
-        "bytesTotal": (bytes_total > 0).then_some(bytes_total),
-        "filesTotal": (files_total > 0).then_some(files_total),
-        "etaSeconds": eta,
-        "snapshotId": o.snapshot_id,
-        "warnings": if o.warnings.is_empty() { None } else { Some(&o.warnings) },
-        "error": o.error,
-    })
-}
-
-async fn patch_status<K: Assignment>(
+async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
-    status: serde_json::Value,
-) -> Result<(), AgentError> {
+    status: &AssignmentStatus,
+) -> Result<(), AgentError>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
     api.patch_status(
         name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
     )
     .await
     .map(drop)
-    .map_err(kube_err("write the assignment status"))
+    .map_err(AgentError::kube("write the assignment status"))
 }
 
-async fn process<K: Assignment>(
-    client: &kube::Client,
-    cfg: &WorkerConfig,
-    journal: &Arc<Journal>,
-    a: K,
-    volumes: Arc<Semaphore>,
+/// Holds (`true`) or lets go of (`false`) the agent's finalizer on an assignment.
+async fn apply_finalizer<K: Assignment>(
+    api: &Api<K>,
+    name: &str,
+    hold: bool,
 ) -> Result<(), AgentError> {
+    let finalizers: Vec<&str> = if hold {
+        vec![labels::AGENT_FINALIZER]
+    } else {
+        vec![]
+    };
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": name, "finalizers": finalizers},
+    });
+    match api
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Letting go of an object already gone is done.
+        Err(kube::Error::Api(s)) if !hold && s.is_not_found() => Ok(()),
+        Err(e) => Err(AgentError::kube(if hold {
+            "hold the assignment's finalizer"
+        } else {
+            "release the assignment's finalizer"
+        })(e)),
+    }
+}
+
+async fn release<K: Assignment>(shared: &Shared, a: &K) -> Result<(), AgentError> {
     let ns = a.meta().namespace.clone().unwrap_or_default();
-    let name = a.meta().name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), &ns);
-    let started = a
-        .status()
-        .and_then(|s| s.start_time.clone())
-        .unwrap_or_else(now);
-    patch_status(
-        &api,
-        &name,
-        json!({
-            "phase": AssignmentPhase::Running,
-            "agent": cfg.pod_name,
-            "startTime": started,
-            "lastHeartbeatTime": now(),
-            "observedGeneration": a.meta().generation,
-        }),
-    )
-    .await?;
+    let api: Api<K> = Api::namespaced(shared.client.clone(), &ns);
+    apply_finalizer(&api, a.meta().name.as_deref().unwrap_or_default(), false).await
+}
 
-    let uid = a.meta().uid.clone().unwrap_or_default();
-    let restic = match open_repository(client, cfg, journal, a.repository(), &ns, &uid).await {
-        Ok(r) => r,
-        Err(e) => {
-            patch_status(
-                &api,
-                &name,
-                json!({
-                    "phase": AssignmentPhase::Failed,
-                    "completionTime": now(),
-                    "error": e.to_string(),
-                }),
-            )
-            .await?;
-            return Err(e);
-        }
-    };
-    let operation = a.operation(cfg);
-    let own = Limits {
-        bytes_per_second: a
-            .io_budget()
-            .and_then(|b| b.bytes_per_second.as_ref())
-            .and_then(|q| crate::cli::parse_bytes(&q.0).ok()),
-        iops: a
-            .io_budget()
-            .and_then(|b| b.iops)
-            .and_then(|n| u64::try_from(n).ok()),
-    };
-    let budget = cfg.budget.for_assignment(own);
-    let specs = a.volumes();
-    let progress: Vec<Arc<Progress>> = specs.iter().map(|_| Arc::default()).collect();
-    let outcomes: Arc<Mutex<Vec<VolumeOutcome>>> =
-        Arc::new(Mutex::new(vec![VolumeOutcome::default(); specs.len()]));
+/// Reports an assignment the agent cannot read, on the object itself, once per generation.
+async fn report_invalid<K: Assignment>(
+    shared: &Shared,
+    invalid: kube::core::error_boundary::InvalidObject,
+) {
+    let meta = &invalid.metadata;
+    let key = (meta.uid.clone().unwrap_or_default(), meta.generation);
+    if !lock(&shared.reported).insert(key) {
+        return;
+    }
+    let name = meta.name.clone().unwrap_or_default();
+    let reason = format!(
+        "failed to read the {} assignment: {}",
+        K::WHAT,
+        invalid.error
+    );
+    tracing::error!(assignment = %name, kind = K::WHAT, %reason, "skipping a malformed assignment");
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        shared.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+        &resource,
+    );
+    let status = build_status(
+        &[],
+        &[],
+        &[],
+        &Stage::Invalid { reason },
+        &Context {
+            generation: meta.generation,
+            agent: &shared.cfg.pod_name,
+            previous: None,
+            now: now(),
+        },
+    );
+    let body = json!({
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "status": status,
+    });
+    let written = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await;
+    if let Err(error) = written {
+        // The status itself may be what does not fit the schema; the log says why.
+        tracing::warn!(assignment = %name, %error, "cannot report the malformed assignment in its status");
+    }
+}
 
-    let work = futures::future::join_all(specs.iter().enumerate().map(|(i, v)| {
-        let (restic, budget, progress, outcomes, volumes, operation) = (
-            &restic,
-            budget.clone(),
-            progress[i].clone(),
-            outcomes.clone(),
-            volumes.clone(),
-            operation.clone(),
-        );
-        async move {
-            let metrics = &cfg.metrics;
-            metrics.queue_depth.inc();
-            let _permit = volumes.acquire().await;
-            metrics.queue_depth.dec();
-            metrics.volumes_in_progress.inc();
-            {
-                let mut o = lock(&outcomes);
-                o[i].phase = Some(VolumePhase::Running);
-                o[i].started = Some(std::time::Instant::now());
-            }
-            let what = match operation {
-                Operation::Backup { .. } => "backup",
-                Operation::Restore => "restore",
-            };
-            let result =
-                run_volume(client, cfg, restic, v, operation, budget, progress.clone()).await;
-            metrics.volumes_in_progress.dec();
-            metrics
-                .read_bytes
-                .inc_by(progress.bytes.load(Ordering::Relaxed));
-            metrics
-                .throttle_seconds
-                .inc_by(progress.throttled_nanos.load(Ordering::Relaxed) as f64 / 1e9);
-            let result_label = if result.is_ok() {
-                "succeeded"
-            } else {
-                "failed"
-            };
-            metrics
-                .volumes
-                .get_or_create(&crate::metrics::VolumeLabels {
-                    operation: what,
-                    result: result_label,
-                })
-                .inc();
-            if let Err(e) = &result {
-                metrics
-                    .failures
-                    .get_or_create(&crate::metrics::FailureLabels {
-                        category: e.category(),
-                    })
-                    .inc();
-            }
-            lock(&outcomes)[i] = match result {
-                Ok(outcome) => outcome,
-                Err(e) => VolumeOutcome {
-                    phase: Some(VolumePhase::Failed),
-                    error: Some(e.to_string()),
-                    ..VolumeOutcome::default()
-                },
-            };
-        }
-    }));
-    let mut work = std::pin::pin!(work);
-    let statuses = |outcomes: &[VolumeOutcome]| -> Vec<serde_json::Value> {
-        specs
+/// Tells the journal of every restic process, and counts this assignment's live ones, so
+/// that a cancellation can wait until restic has exited and removed its lock.
+#[derive(Debug)]
+struct Processes {
+    journal: Arc<Journal>,
+    live: watch::Sender<usize>,
+}
+
+impl SpawnObserver for Processes {
+    fn started(&self, process: &SpawnedProcess) {
+        self.journal.started(process);
+        self.live.send_modify(|n| *n += 1);
+    }
+    fn exited(&self, process: &SpawnedProcess, status: std::process::ExitStatus) {
+        self.journal.exited(process, status);
+        self.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Processes {
+    /// Until every restic of this assignment has exited (interrupted restic gets a grace
+    /// period, then SIGKILL, so this ends).
+    async fn idle(&self) {
+        let mut rx = self.live.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// The per-assignment state the volume tasks update and the status is built from.
+struct WorkState {
+    outcomes: Mutex<Vec<VolumeOutcome>>,
+    progress: Vec<Arc<Progress>>,
+    started: Mutex<Vec<Option<Instant>>>,
+    /// Retryable failures being waited out, by what failed.
+    retrying: Mutex<BTreeMap<String, String>>,
+    opened: AtomicBool,
+    restic: OnceLock<Restic>,
+    /// Something worth writing at once happened (the repository opened, a volume ended).
+    changed: Notify,
+}
+
+impl WorkState {
+    fn snapshot(&self) -> (Vec<VolumeOutcome>, Vec<ProgressSnapshot>, Stage) {
+        let outcomes = lock(&self.outcomes).clone();
+        let started = lock(&self.started).clone();
+        let progress = self
+            .progress
             .iter()
-            .zip(outcomes)
-            .zip(&progress)
-            .map(|((v, o), p)| volume_status(v, o, p))
-            .collect()
-    };
-    // Progress while the volumes run; a heartbeat too, so a dead agent is noticed.
+            .zip(started)
+            .map(|(p, start)| ProgressSnapshot {
+                bytes: p.bytes.load(Ordering::Relaxed),
+                files: p.files.load(Ordering::Relaxed),
+                bytes_total: p.bytes_total.load(Ordering::Relaxed),
+                files_total: p.files_total.load(Ordering::Relaxed),
+                elapsed: start.map(|s| s.elapsed()),
+            })
+            .collect();
+        let stage = if self.opened.load(Ordering::Relaxed) {
+            Stage::Running {
+                retrying: lock(&self.retrying).values().cloned().collect(),
+            }
+        } else {
+            Stage::Accepted
+        };
+        (outcomes, progress, stage)
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the deadline would pass; while it
+/// waits, `note` says why. Returns the error with the number of attempts made.
+async fn retrying<T, F, Fut>(
+    policy: RetryPolicy,
+    deadline: Instant,
+    note: impl Fn(Option<String>),
+    mut attempt: F,
+) -> Result<T, (AgentError, u32)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AgentError>>,
+{
+    let mut delay = policy.initial;
+    let mut attempts = 1;
     loop {
-        tokio::select! {
-            _ = &mut work => break,
-            () = tokio::time::sleep(cfg.progress_every) => {
-                let vols = statuses(&lock(&outcomes));
-                let _ = patch_status(&api, &name, json!({"lastHeartbeatTime": now(), "volumes": vols})).await;
+        match attempt().await {
+            Ok(v) => {
+                note(None);
+                return Ok(v);
+            }
+            Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, category = e.category(), attempts, delay = ?delay, "retrying");
+                note(Some(format!(
+                    "{e} (attempt {attempts}, next in {}s)",
+                    delay.as_secs_f64().ceil()
+                )));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(policy.max);
+                attempts += 1;
+            }
+            Err(e) => {
+                note(None);
+                return Err((e, attempts));
             }
         }
     }
-    let outcomes = lock(&outcomes).clone();
-    let failed: Vec<String> = specs
-        .iter()
-        .zip(&outcomes)
-        .filter_map(|(v, o)| {
-            o.error
-                .as_ref()
-                .map(|e| format!("{}/{}: {e}", v.pod_name, v.volume_name))
+}
+
+fn failed(e: &AgentError, attempts: u32) -> VolumeOutcome {
+    let tries = if attempts > 1 {
+        format!(" (gave up after {attempts} attempts)")
+    } else {
+        String::new()
+    };
+    VolumeOutcome {
+        phase: Some(VolumePhase::Failed),
+        error: Some(format!("{e}{tries}")),
+        reason: Some(e.category()),
+        completion_time: Some(now()),
+        ..VolumeOutcome::default()
+    }
+}
+
+async fn process<K: Assignment>(
+    shared: &Arc<Shared>,
+    a: K,
+    mut cancel: watch::Receiver<Option<String>>,
+) -> Result<(), AgentError> {
+    let cfg = &shared.cfg;
+    let writer = StatusWriter::new(shared, &a);
+    let specs = a.volumes().to_vec();
+    let plan = match a.plan(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            writer
+                .write(
+                    &[],
+                    &[],
+                    &[],
+                    &Stage::Invalid {
+                        reason: e.to_string(),
+                    },
+                )
+                .await?;
+            return Err(e);
+        }
+    };
+    // Held while the work runs: a deletion then waits until restic is stopped and cleaned up.
+    apply_finalizer(&writer.api, &writer.name, true).await?;
+    let state = Arc::new(WorkState {
+        outcomes: Mutex::new(vec![VolumeOutcome::default(); specs.len()]),
+        progress: specs.iter().map(|_| Arc::default()).collect(),
+        started: Mutex::new(vec![None; specs.len()]),
+        retrying: Mutex::default(),
+        opened: AtomicBool::new(false),
+        restic: OnceLock::new(),
+        changed: Notify::new(),
+    });
+    writer.write(&specs, &[], &[], &Stage::Accepted).await?;
+
+    let ns = a.meta().namespace.clone().unwrap_or_default();
+    let uid = a.meta().uid.clone().unwrap_or_default();
+    let (live, _) = watch::channel(0);
+    let processes = Arc::new(Processes {
+        journal: shared.journal.clone(),
+        live,
+    });
+    let deadline = Instant::now() + cfg.retry.deadline;
+    let budget = cfg.budget.for_assignment(plan.own);
+    let work = {
+        let (state, processes, specs) = (state.clone(), processes.clone(), specs.clone());
+        let shared = shared.clone();
+        let repository = a.repository().clone();
+        let operation = plan.operation.clone();
+        async move {
+            let cfg = &shared.cfg;
+            let note = |what: &str| {
+                let state = state.clone();
+                let what = what.to_owned();
+                move |m: Option<String>| {
+                    let mut r = lock(&state.retrying);
+                    match m {
+                        Some(m) => r.insert(what.clone(), format!("{what}: {m}")),
+                        None => r.remove(&what),
+                    };
+                    drop(r);
+                    state.changed.notify_one();
+                }
+            };
+            let opened = retrying(cfg.retry, deadline, note("repository"), || {
+                open_repository(&shared, &repository, &ns, &uid, processes.clone())
+            })
+            .await;
+            let restic = match opened {
+                Ok(r) => r,
+                Err((e, attempts)) => {
+                    *lock(&state.outcomes) = vec![failed(&e, attempts); specs.len()];
+                    return;
+                }
+            };
+            let restic = state.restic.get_or_init(|| restic);
+            state.opened.store(true, Ordering::Relaxed);
+            state.changed.notify_one();
+            let shared = &shared;
+            futures::future::join_all(specs.iter().enumerate().map(|(i, v)| {
+                let (state, budget, operation, volumes) = (
+                    state.clone(),
+                    budget.clone(),
+                    operation.clone(),
+                    shared.volumes.clone(),
+                );
+                let note = note(&format!("{}/{}", v.pod_name, v.volume_name));
+                async move {
+                    let metrics = &cfg.metrics;
+                    metrics.queue_depth.inc();
+                    let _permit = volumes.acquire().await;
+                    metrics.queue_depth.dec();
+                    metrics.volumes_in_progress.inc();
+                    let progress = state.progress[i].clone();
+                    lock(&state.outcomes)[i] = VolumeOutcome {
+                        phase: Some(VolumePhase::Running),
+                        start_time: Some(now()),
+                        ..VolumeOutcome::default()
+                    };
+                    lock(&state.started)[i] = Some(Instant::now());
+                    let what = match operation {
+                        Operation::Backup { .. } => "backup",
+                        Operation::Restore => "restore",
+                    };
+                    let result = retrying(cfg.retry, deadline, note, || {
+                        // Each attempt counts from zero.
+                        for c in [
+                            &progress.bytes,
+                            &progress.files,
+                            &progress.bytes_total,
+                            &progress.files_total,
+                        ] {
+                            c.store(0, Ordering::Relaxed);
+                        }
+                        run_volume(
+                            shared,
+                            restic,
+                            v,
+                            operation.clone(),
+                            budget.clone(),
+                            progress.clone(),
+                        )
+                    })
+                    .await;
+                    metrics.volumes_in_progress.dec();
+                    metrics
+                        .read_bytes
+                        .inc_by(progress.bytes.load(Ordering::Relaxed));
+                    metrics
+                        .throttle_seconds
+                        .inc_by(progress.throttled_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+                    metrics
+                        .volumes
+                        .get_or_create(&crate::metrics::VolumeLabels {
+                            operation: what,
+                            result: if result.is_ok() {
+                                "succeeded"
+                            } else {
+                                "failed"
+                            },
+                        })
+                        .inc();
+                    if let Err((e, _)) = &result {
+                        metrics
+                            .failures
+                            .get_or_create(&crate::metrics::FailureLabels {
+                                category: e.category(),
+                            })
+                            .inc();
+                    }
+                    let start_time = lock(&state.outcomes)[i].start_time.clone();
+                    lock(&state.outcomes)[i] = match result {
+                        Ok(outcome) => VolumeOutcome {
+                            start_time,
+                            completion_time: Some(now()),
+                            ..outcome
+                        },
+                        Err((e, attempts)) => VolumeOutcome {
+                            start_time,
+                            ..failed(&e, attempts)
+                        },
+                    };
+                    state.changed.notify_one();
+                }
+            }))
+            .await;
+        }
+    };
+    let mut work = Box::pin(work);
+    // Progress while the volumes run; a heartbeat too, so a dead agent is noticed.
+    let why = loop {
+        tokio::select! {
+            () = &mut work => break None,
+            () = tokio::time::sleep(cfg.progress_every) => {}
+            () = state.changed.notified() => {}
+            why = canceled(&mut cancel) => break Some(why),
+        }
+        let (outcomes, progress, stage) = state.snapshot();
+        if let Err(error) = writer.write(&specs, &outcomes, &progress, &stage).await {
+            tracing::warn!(%error, assignment = %writer.name, "cannot report progress");
+        }
+    };
+    let Some(why) = why else {
+        let (outcomes, progress, _) = state.snapshot();
+        writer
+            .write(&specs, &outcomes, &progress, &Stage::Finished)
+            .await?;
+        return apply_finalizer(&writer.api, &writer.name, false).await;
+    };
+    // Dropping the work interrupts every restic it runs (SIGINT, so restic removes its lock
+    // and saves nothing); wait until they are gone before saying so.
+    let (outcomes, progress, _) = state.snapshot();
+    drop(work);
+    tracing::info!(assignment = %writer.name, %why, "canceling");
+    processes.idle().await;
+    if let (Some(restic), Operation::Backup { .. }) = (state.restic.get(), &plan.operation) {
+        remove_partial_snapshots(restic, &specs, &outcomes).await;
+    }
+    let canceled = Stage::Canceled { why: why.clone() };
+    // The object may be gone already if someone removed the finalizer.
+    if let Err(error) = writer.write(&specs, &outcomes, &progress, &canceled).await {
+        tracing::warn!(%error, assignment = %writer.name, "cannot record the cancellation");
+    }
+    publish_canceled(shared, &a, &why).await;
+    apply_finalizer(&writer.api, &writer.name, false).await
+}
+
+/// Resolves with the reason once the assignment is canceled; never, if it is not.
+async fn canceled(rx: &mut watch::Receiver<Option<String>>) -> String {
+    let why = match rx.wait_for(Option::is_some).await {
+        Ok(why) => why.clone(),
+        Err(_) => None,
+    };
+    match why {
+        Some(why) => why,
+        None => std::future::pending().await,
+    }
+}
+
+/// A snapshot restic committed for a volume that was still running when it was interrupted
+/// (restic saw the end of its input just before the interrupt) holds part of the volume:
+/// removed, so nothing partial stays behind a cancellation.
+async fn remove_partial_snapshots(
+    restic: &Restic,
+    specs: &[AssignedVolume],
+    outcomes: &[VolumeOutcome],
+) {
+    for (v, o) in specs.iter().zip(outcomes) {
+        let Some(started) = o
+            .start_time
+            .as_ref()
+            .filter(|_| !o.phase.is_some_and(VolumePhase::is_final))
+        else {
+            continue;
+        };
+        let filter = restic_wrapper::SnapshotFilter {
+            hosts: vec![v.host.clone()],
+            tags: vec![engine::key_tag(&v.snapshot_key)],
+            paths: vec![],
+        };
+        let partial: Vec<String> = match restic.snapshots(&filter).await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|s| {
+                    s.time
+                        .parse::<k8s_openapi::jiff::Timestamp>()
+                        .is_ok_and(|t| t >= started.0)
+                })
+                .map(|s| s.id)
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, volume = %v.volume_name, "cannot check for a partial snapshot after the cancellation");
+                continue;
+            }
+        };
+        if partial.is_empty() {
+            continue;
+        }
+        tracing::warn!(snapshots = ?partial, volume = %v.volume_name, "removing a snapshot of an interrupted backup");
+        if let Err(error) = restic.forget_snapshots(&partial, false).await {
+            tracing::warn!(%error, "cannot remove the snapshot of an interrupted backup");
+        }
+    }
+}
+
+/// An Event on the assignment: once the finalizer is gone the object is too, and the Event
+/// is what is left to say what happened.
+async fn publish_canceled<K: Assignment>(shared: &Shared, a: &K, why: &str) {
+    let event = KubeEvent {
+        type_: EventType::Normal,
+        reason: stash_api::assignment::condition_reasons::CANCELED.into(),
+        note: Some(format!(
+            "{} interrupted on node {}: {why}; no snapshot or lock left behind",
+            K::WHAT,
+            shared.cfg.node_name
+        )),
+        action: "Cancel".into(),
+        secondary: None,
+    };
+    if let Err(error) = shared.recorder.publish(&event, &a.object_ref(&())).await {
+        tracing::warn!(%error, "cannot publish the cancellation Event");
+    }
+}
+
+/// Ends an assignment that must stop while no agent works on it.
+async fn conclude_canceled<K: Assignment>(
+    shared: &Arc<Shared>,
+    a: &K,
+    why: String,
+) -> Result<(), AgentError> {
+    let writer = StatusWriter::new(shared, a);
+    // A predecessor's killed restic may have left a lock; opening the repository removes
+    // the locks this node's agents left (and only those).
+    let (live, _) = watch::channel(0);
+    let processes = Arc::new(Processes {
+        journal: shared.journal.clone(),
+        live,
+    });
+    let ns = a.meta().namespace.clone().unwrap_or_default();
+    let uid = a.meta().uid.clone().unwrap_or_default();
+    if holds_finalizer(a.meta())
+        && let Err(error) = open_repository(shared, a.repository(), &ns, &uid, processes).await
+    {
+        tracing::warn!(%error, "cannot open the repository of a canceled assignment");
+    }
+    let outcomes: Vec<VolumeOutcome> = a
+        .status()
+        .and_then(|s| s.volumes.as_ref())
+        .map(|vs| {
+            vs.iter()
+                .map(|v| VolumeOutcome {
+                    phase: v.phase,
+                    snapshot_id: v.snapshot_id.clone(),
+                    ..VolumeOutcome::default()
+                })
+                .collect()
         })
-        .collect();
-    patch_status(&api, &name, json!({
-        "phase": if failed.is_empty() { AssignmentPhase::Succeeded } else { AssignmentPhase::Failed },
-        "completionTime": now(),
-        "lastHeartbeatTime": now(),
-        "volumes": statuses(&outcomes),
-        "error": if failed.is_empty() { None } else { Some(failed.join("; ")) },
-    }))
-    .await
+        .unwrap_or_default();
+    if let Err(error) = writer
+        .write(
+            a.volumes(),
+            &outcomes,
+            &[],
+            &Stage::Canceled { why: why.clone() },
+        )
+        .await
+    {
+        tracing::warn!(%error, assignment = %writer.name, "cannot record the cancellation");
+    }
+    publish_canceled(shared, a, &why).await;
+    if holds_finalizer(a.meta()) {
+        apply_finalizer(&writer.api, &writer.name, false).await?;
+    }
+    Ok(())
 }
 
 /// One volume: resolved to its host path, then backed up or restored in place.
 async fn run_volume(
-    client: &kube::Client,
-    cfg: &WorkerConfig,
+    shared: &Shared,
     restic: &Restic,
     v: &AssignedVolume,
     operation: Operation,
     budget: crate::budget::AssignmentBudget,
     progress: Arc<Progress>,
 ) -> Result<VolumeOutcome, AgentError> {
-    let path = resolve(client, cfg, v).await?;
+    let cfg = &shared.cfg;
+    let path = resolve(&shared.client, cfg, v).await?;
     match operation {
         Operation::Backup {
             mode,
             excludes,
             on_unreadable,
+            restic_args,
         } => {
             let req = BackupRequest {
                 path,
@@ -490,6 +1043,8 @@ async fn run_volume(
                 tags: vec![],
                 key: Some(v.snapshot_key.clone()),
                 excludes,
+                paths: spec::paths(v)?,
+                restic_args,
                 budget,
                 read_concurrency: cfg.read_concurrency,
                 limit_upload_kib: cfg.limit_upload_kib,
@@ -498,6 +1053,12 @@ async fn run_volume(
                 progress,
             };
             let r = engine::backup(restic, req).await?;
+            let unpaced = (mode == ReadMode::Direct && cfg.budget.limits() != Limits::default())
+                .then(|| {
+                    "the node's IO budget does not apply to direct mode: restic read the files \
+                     unpaced"
+                        .to_owned()
+                });
             let warnings = r
                 .changed_during_read
                 .iter()
@@ -512,6 +1073,7 @@ async fn run_volume(
                         .iter()
                         .map(|f| format!("left out, not permitted to read: {f}")),
                 )
+                .chain(unpaced)
                 .collect();
             Ok(VolumeOutcome {
                 phase: Some(if r.unchanged {
@@ -527,19 +1089,11 @@ async fn run_volume(
             })
         }
         Operation::Restore => {
-            if v.exclude.as_ref().is_some_and(|e| !e.is_empty()) {
-                return Err(AgentError::Other {
-                    action: "restore the volume",
-                    reason:
-                        "exclude patterns are not supported for in-place restores yet; use include"
-                            .into(),
-                });
-            }
             let snapshot = match v.snapshot.as_deref() {
                 Some(id) if id != "latest" => id.to_owned(),
                 _ => {
                     engine::latest(restic, &v.host, &v.snapshot_key)
-                        .await
+                        .await?
                         .ok_or_else(|| {
                             AgentError::NoSnapshot(format!(
                                 "latest of {} on {}",
@@ -569,13 +1123,13 @@ async fn run_volume(
 }
 
 async fn open_repository(
-    client: &kube::Client,
-    cfg: &WorkerConfig,
-    journal: &Arc<Journal>,
+    shared: &Shared,
     repository: &ObjectRef,
     ns: &str,
     uid: &str,
+    processes: Arc<Processes>,
 ) -> Result<Restic, AgentError> {
+    let (client, cfg, journal) = (&shared.client, &shared.cfg, &shared.journal);
     let repo_ns = repository
         .namespace
         .clone()
@@ -584,32 +1138,35 @@ async fn open_repository(
     let repo = repos
         .get(&repository.name)
         .await
-        .map_err(kube_err("read the Repository"))?;
+        .map_err(AgentError::kube("read the Repository"))?;
     let secret_name = repo
         .spec
         .backend
         .storage_secret_name
         .clone()
-        .ok_or_else(|| AgentError::Other {
-            action: "use the repository",
-            reason: "the repository names no storageSecretName".into(),
+        .ok_or_else(|| AgentError::InvalidRepository {
+            reason: format!(
+                "Repository {repo_ns}/{} names no storageSecretName",
+                repository.name
+            ),
         })?;
     let secret = Api::<Secret>::namespaced(client.clone(), &repo_ns)
         .get(&secret_name)
         .await
-        .map_err(kube_err("read the storage Secret"))?;
+        .map_err(AgentError::kube("read the storage Secret"))?;
     let backend = crate::repository::backend(&repo.spec.backend)?;
     let scratch = cfg.state_dir.join("scratch").join(uid);
-    std::fs::create_dir_all(&scratch).map_err(|e| AgentError::Other {
+    std::fs::create_dir_all(&scratch).map_err(|source| AgentError::Io {
         action: "create the scratch directory",
-        reason: e.to_string(),
+        source,
     })?;
     let repository = Repository::new(backend, crate::repository::secrets(&secret), &scratch)?;
     let restic = Restic::new(repository)
         .with_program(&cfg.restic)
         .with_cache(Cache::Dir(cfg.state_dir.join("restic-cache")))
         .with_tmp_dir(&scratch)
-        .with_spawn_observer(journal.clone());
+        .with_timeout(cfg.restic_timeout)
+        .with_spawn_observer(processes);
     restic.ensure_initialized().await?;
     // Only this agent's own stale locks: a lock of anyone else stays, however old it looks.
     // Not fatal: a repository that cannot be read fails the work that follows with restic's
@@ -642,47 +1199,54 @@ async fn resolve(
     let pod = Api::<Pod>::namespaced(client.clone(), &v.pod_namespace)
         .get(&v.pod_name)
         .await
-        .map_err(kube_err("read the pod"))?;
+        .map_err(AgentError::kube("read the pod"))?;
     if pod.metadata.uid.as_deref() != Some(v.pod_uid.as_str()) {
-        return Err(AgentError::Other {
-            action: "resolve the volume",
-            reason: format!(
+        return Err(AgentError::invalid(
+            "assignment",
+            format!(
                 "pod {} was replaced since the assignment was made",
                 v.pod_name
             ),
-        });
+        ));
     }
     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &v.pod_namespace)
         .list(&ListParams::default())
         .await
-        .map_err(kube_err("list the claims"))?
+        .map_err(AgentError::kube("list the claims"))?
         .items;
     let pvs = match &v.persistent_volume {
         Some(pv) => vec![
             Api::<PersistentVolume>::all(client.clone())
                 .get(pv)
                 .await
-                .map_err(kube_err("read the persistent volume"))?,
+                .map_err(AgentError::kube("read the persistent volume"))?,
         ],
         None => vec![],
     };
-    let resolve_err = |e: hostpath::ResolveError| AgentError::Other {
-        action: "resolve the volume",
-        reason: e.to_string(),
-    };
-    let plan = hostpath::plan_volume(&pod, &v.volume_name, &claims, &pvs)
-        .map_err(resolve_err)?
-        .ok_or_else(|| AgentError::Other {
-            action: "resolve the volume",
-            reason: format!(
+    let plan = hostpath::plan_volume(&pod, &v.volume_name, &claims, &pvs)?.ok_or_else(|| {
+        AgentError::invalid(
+            "assignment",
+            format!(
                 "volume {} holds no data to back up (secret, configMap or projected)",
                 v.volume_name
             ),
-        })?;
-    let path = hostpath::locate(&cfg.kubelet_root, &v.pod_uid, &plan).map_err(resolve_err)?;
+        )
+    })?;
+    // The controller resolved the kind when it planned; the pod as it is now decides the
+    // path. A difference means the pod changed, and the plan no longer holds.
+    if plan.kind != v.source_kind {
+        return Err(AgentError::invalid(
+            "assignment",
+            format!(
+                "volume {} of pod {} is a {:?} volume on the node, but the assignment says \
+                 sourceKind {:?}",
+                v.volume_name, v.pod_name, plan.kind, v.source_kind
+            ),
+        ));
+    }
+    let path = hostpath::locate(&cfg.kubelet_root, &v.pod_uid, &plan)?;
     let mountinfo = std::fs::read_to_string(&cfg.mountinfo).unwrap_or_default();
-    hostpath::check_mounted(&path, &plan, &hostpath::mount_points(&mountinfo))
-        .map_err(resolve_err)?;
+    hostpath::check_mounted(&path, &plan, &hostpath::mount_points(&mountinfo))?;
     Ok(path)
 }
 
@@ -691,9 +1255,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eta_follows_the_rate_so_far() {
-        assert_eq!(eta_seconds(50, 100, Duration::from_secs(10)), Some(10));
-        assert_eq!(eta_seconds(0, 100, Duration::from_secs(10)), None);
-        assert_eq!(eta_seconds(100, 100, Duration::from_secs(10)), Some(0));
+    fn deletion_and_the_cancel_annotation_stop_the_work() {
+        let mut meta = kube::core::ObjectMeta::default();
+        assert_eq!(cancel_reason(&meta), None);
+        meta.annotations = Some([(labels::CANCEL.to_owned(), "false".to_owned())].into());
+        assert_eq!(cancel_reason(&meta), None);
+        meta.annotations = Some([(labels::CANCEL.to_owned(), "true".to_owned())].into());
+        assert!(cancel_reason(&meta).is_some_and(|w| w.contains("annotation")));
+        meta.deletion_timestamp = Some(now());
+        assert_eq!(
+            cancel_reason(&meta).as_deref(),
+            Some("the assignment was deleted")
+        );
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_back_off_until_the_deadline() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(4),
+            deadline: Duration::from_secs(3600),
+        };
+        let locked = || {
+            AgentError::Restic(restic_wrapper::Error::Locked {
+                action: "back up",
+                holder: None,
+                message: String::new(),
+            })
+        };
+        // A lock that goes away after a few tries: success, and the note is cleared.
+        let notes = Mutex::new(Vec::new());
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let far = Instant::now() + policy.deadline;
+        let r = retrying(
+            policy,
+            far,
+            |n| lock(&notes).push(n),
+            || {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                async move { if n < 3 { Err(locked()) } else { Ok(n) } }
+            },
+        )
+        .await;
+        assert_eq!(r.ok(), Some(3));
+        let notes = lock(&notes).clone();
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        assert!(
+            notes[0]
+                .as_deref()
+                .is_some_and(|n| n.contains("locked") && n.contains("attempt 1"))
+        );
+        assert!(notes[2].as_deref().is_some_and(|n| n.contains("attempt 3")));
+        assert_eq!(notes[3], None);
+
+        // A permanent failure is not tried again.
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let r: Result<(), _> = retrying(
+            policy,
+            far,
+            |_| {},
+            || {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async {
+                    Err(AgentError::Restic(restic_wrapper::Error::WrongPassword {
+                        action: "back up",
+                    }))
+                }
+            },
+        )
+        .await;
+        let (e, attempts) = r.expect_err("fails");
+        assert_eq!((e.category(), attempts), ("wrong-password", 1));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        // Past the deadline, a retryable failure fails too.
+        let r: Result<(), _> =
+            retrying(policy, Instant::now(), |_| {}, || async { Err(locked()) }).await;
+        assert_eq!(r.expect_err("deadline").1, 1);
     }
 }

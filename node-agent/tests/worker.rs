@@ -16,7 +16,7 @@ use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
 use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::ReadMode;
 use stash_node_agent::locks::{Identity, JOURNAL_FILE, Journal, process_alive};
-use stash_node_agent::worker::{Assignment, WorkerConfig, run};
+use stash_node_agent::worker::{Assignment, RetryPolicy, WorkerConfig, run};
 
 type Result<T = ()> = anyhow::Result<T>;
 
@@ -238,6 +238,8 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         metrics: metrics.clone(),
         limit_upload_kib: None,
         read_concurrency: None,
+        retry: RetryPolicy::default(),
+        restic_timeout: Duration::from_secs(600),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(run(client.clone(), cfg, async move {
@@ -325,7 +327,7 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         "{text}"
     );
     assert!(
-        text.contains(r#"stash_agent_failures_total{category="internal"} 1"#),
+        text.contains(r#"stash_agent_failures_total{category="invalid-spec"} 1"#),
         "{text}"
     );
     assert!(text.contains("stash_agent_volumes_in_progress 0"), "{text}");
@@ -394,6 +396,8 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
         metrics: Default::default(),
         limit_upload_kib: None,
         read_concurrency: None,
+        retry: RetryPolicy::default(),
+        restic_timeout: Duration::from_secs(600),
     };
     // The first agent reads at 2 MiB/s, so it is surely mid-volume when it dies.
     let first = tokio::spawn(run(

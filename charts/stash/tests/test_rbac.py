@@ -25,12 +25,13 @@ def operator() -> Permissions:
 
 
 @pytest.mark.parametrize("kind", ASSIGNMENTS)
-def test_agent_reads_assignments_and_writes_only_their_status(agent: Permissions, kind: str) -> None:
-    for verb in ("get", "list", "watch"):
+def test_agent_reads_assignments_and_writes_only_their_status_and_finalizer(agent: Permissions, kind: str) -> None:
+    # patch: the agent's finalizer, by server-side apply (the spec is immutable).
+    for verb in ("get", "list", "watch", "patch"):
         assert agent.can(verb, kind, STASH)
     for verb in ("update", "patch"):
         assert agent.can(verb, f"{kind}/status", STASH)
-    for verb in ("create", "update", "patch", "delete", "deletecollection"):
+    for verb in ("create", "update", "delete", "deletecollection"):
         assert not agent.can(verb, kind, STASH, namespace="default"), verb
         assert not agent.can(verb, kind, STASH, namespace=NS), verb
 
