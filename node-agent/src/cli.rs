@@ -378,6 +378,13 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// `stash-node-agent backup` of a path that need not exist, with `extra` flags.
+    fn backup(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let base = ["stash-node-agent", "backup", "--repo", "/nonexistent/repo"];
+        let path = ["--path", "/nonexistent/volume"];
+        Cli::try_parse_from(base.iter().chain(&path).chain(extra))
+    }
+
     #[test]
     fn budgets_are_quantities_and_zero_is_refused() {
         assert_eq!(parse_bytes("50Mi"), Ok(50 << 20));
@@ -386,17 +393,18 @@ mod tests {
         assert!(parse_bytes("10 parsecs").is_err());
         assert_eq!(parse_count("100"), Ok(100));
         assert!(parse_count("0").is_err());
-        let parsed = Cli::try_parse_from([
-            "stash-node-agent",
-            "backup",
-            "--repo",
-            "/r",
-            "--path",
-            "/p",
-            "--io-budget",
-            "64K",
-        ]);
-        let err = parsed.expect_err("K is not a quantity suffix").to_string();
+        let err = backup(&["--io-budget", "64K"])
+            .expect_err("K is not a quantity suffix")
+            .to_string();
         assert!(err.contains("use k for 1000 or Ki for 1024"), "{err}");
+        assert!(backup(&["--iops", "0"]).is_err_and(|e| e.to_string().contains("zero")));
+        assert!(backup(&["--io-budget", "1.5Gi", "--iops", "100"]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn direct_mode_refuses_an_io_budget_it_cannot_keep() {
+        let cli = backup(&["--mode", "direct", "--io-budget", "20Mi"]).expect("parses");
+        let err = run(cli.command).await.expect_err("refused").to_string();
+        assert!(err.contains("stream mode only"), "{err}");
     }
 }

@@ -91,12 +91,12 @@ impl AgentError {
         match self {
             AgentError::Restic(e) => e.is_retryable(),
             AgentError::Kube { source, .. } => kube_retryable(source),
+            // A claim that is binding, or a read of the node's tree that failed. A volume
+            // missing or not mounted on this node stays so for this assignment: the pod runs
+            // elsewhere, or the plan is stale.
             AgentError::Resolve(e) => matches!(
                 e,
-                ResolveError::ClaimNotBound { .. }
-                    | ResolveError::NotFound { .. }
-                    | ResolveError::NotMounted { .. }
-                    | ResolveError::Io { .. }
+                ResolveError::ClaimNotBound { .. } | ResolveError::Io { .. }
             ),
             AgentError::ListSnapshots(e) => e.is_retryable(),
             AgentError::Io { source, .. } => matches!(
@@ -165,12 +165,11 @@ mod tests {
         assert!(!spec.is_retryable());
         assert_eq!(spec.category(), "invalid-spec");
         assert_eq!(spec.to_string(), "failed to accept the assignment: bad");
-        assert!(
-            AgentError::Resolve(ResolveError::NotMounted {
-                volume: "v".into(),
-                path: "p".into()
-            })
-            .is_retryable()
-        );
+        let unmounted = AgentError::Resolve(ResolveError::NotMounted {
+            volume: "v".into(),
+            path: "p".into(),
+        });
+        assert!(!unmounted.is_retryable());
+        assert_eq!(unmounted.category(), "resolve");
     }
 }

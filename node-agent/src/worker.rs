@@ -704,8 +704,17 @@ async fn process<K: Assignment>(
             return Err(e);
         }
     };
+    let deadline = Instant::now() + cfg.retry.deadline;
     // Held while the work runs: a deletion then waits until restic is stopped and cleaned up.
-    apply_finalizer(&writer.api, &writer.name, true).await?;
+    // An API server that does not answer is waited for, as any retryable failure.
+    retrying(
+        cfg.retry,
+        deadline,
+        |_| {},
+        || apply_finalizer(&writer.api, &writer.name, true),
+    )
+    .await
+    .map_err(|(e, _)| e)?;
     let state = Arc::new(WorkState {
         outcomes: Mutex::new(vec![VolumeOutcome::default(); specs.len()]),
         progress: specs.iter().map(|_| Arc::default()).collect(),
@@ -715,7 +724,14 @@ async fn process<K: Assignment>(
         restic: OnceLock::new(),
         changed: Notify::new(),
     });
-    writer.write(&specs, &[], &[], &Stage::Accepted).await?;
+    retrying(
+        cfg.retry,
+        deadline,
+        |_| {},
+        || writer.write(&specs, &[], &[], &Stage::Accepted),
+    )
+    .await
+    .map_err(|(e, _)| e)?;
 
     let ns = a.meta().namespace.clone().unwrap_or_default();
     let uid = a.meta().uid.clone().unwrap_or_default();
@@ -724,7 +740,6 @@ async fn process<K: Assignment>(
         journal: shared.journal.clone(),
         live,
     });
-    let deadline = Instant::now() + cfg.retry.deadline;
     let budget = cfg.budget.for_assignment(plan.own);
     let work = {
         let (state, processes, specs) = (state.clone(), processes.clone(), specs.clone());
@@ -866,17 +881,39 @@ async fn process<K: Assignment>(
     };
     let Some(why) = why else {
         let (outcomes, progress, _) = state.snapshot();
-        writer
-            .write(&specs, &outcomes, &progress, &Stage::Finished)
-            .await?;
-        return apply_finalizer(&writer.api, &writer.name, false).await;
+        // The result must reach the object: an API server that does not answer is waited
+        // for (a later deadline: the work itself is done).
+        let last = Instant::now() + cfg.retry.deadline;
+        retrying(
+            cfg.retry,
+            last,
+            |_| {},
+            || writer.write(&specs, &outcomes, &progress, &Stage::Finished),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+        return retrying(
+            cfg.retry,
+            last,
+            |_| {},
+            || apply_finalizer(&writer.api, &writer.name, false),
+        )
+        .await
+        .map_err(|(e, _)| e);
     };
     // Dropping the work interrupts every restic it runs (SIGINT, so restic removes its lock
     // and saves nothing); wait until they are gone before saying so.
     let (outcomes, progress, _) = state.snapshot();
     drop(work);
     tracing::info!(assignment = %writer.name, %why, "canceling");
-    processes.idle().await;
+    // restic gets its grace period after SIGINT, then SIGKILL: this ends, but never wait
+    // forever on it.
+    if tokio::time::timeout(Duration::from_secs(300), processes.idle())
+        .await
+        .is_err()
+    {
+        tracing::error!(assignment = %writer.name, "restic did not exit after the interrupt");
+    }
     if let (Some(restic), Operation::Backup { .. }) = (state.restic.get(), &plan.operation) {
         remove_partial_snapshots(restic, &specs, &outcomes).await;
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use stash_api::assignment::RestoreAssignment;
 use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
@@ -479,4 +479,480 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
     second.await??;
     sim.shutdown();
     Ok(())
+}
+
+impl Cluster {
+    /// An agent on node-a with a node budget (bytes/s) and a retry policy.
+    fn config(&self, pod: &str, budget: Option<u64>, retry: RetryPolicy) -> WorkerConfig {
+        WorkerConfig {
+            node_name: "node-a".into(),
+            pod_name: pod.into(),
+            kubelet_root: self.kubelet.clone(),
+            state_dir: self.dir.path().join("state"),
+            restic: restic_bin(),
+            budget: IoBudget::new(Limits {
+                bytes_per_second: budget,
+                iops: None,
+            }),
+            max_volumes: 2,
+            default_mode: ReadMode::Stream,
+            io_uring: true,
+            mountinfo: self.dir.path().join("mountinfo"),
+            progress_every: Duration::from_millis(200),
+            metrics: Default::default(),
+            limit_upload_kib: None,
+            read_concurrency: None,
+            retry,
+            restic_timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// Starts an agent; the sender stops it.
+    fn agent(&self, cfg: WorkerConfig) -> Agent {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(run(self.client.clone(), cfg, async move {
+            let _ = stopped.await;
+        }));
+        (stop, worker)
+    }
+}
+
+fn snapshots(repo: &Path, password: &str) -> Result<Vec<serde_json::Value>> {
+    let out = stock_restic(repo, password, &["snapshots", "--json"])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn check_clean(repo: &Path, password: &str) -> Result {
+    let check = stock_restic(repo, password, &["check"])?;
+    anyhow::ensure!(
+        check.status.success(),
+        "restic check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Ok(())
+}
+
+fn condition<'a>(
+    status: &'a stash_api::assignment::AssignmentStatus,
+    type_: &str,
+) -> Option<&'a stash_api::conditions::Condition> {
+    stash_api::conditions::find_condition(status.conditions.as_deref().unwrap_or_default(), type_)
+}
+
+/// Polls until `ready` holds for the assignment (a deadline so a broken worker fails the
+/// test instead of hanging it; not a performance threshold).
+async fn wait_for(
+    api: &Api<BackupAssignment>,
+    name: &str,
+    what: &str,
+    ready: impl Fn(&BackupAssignment) -> bool,
+) -> Result<BackupAssignment> {
+    for _ in 0..1200 {
+        let a = api.get(name).await?;
+        if ready(&a) {
+            return Ok(a);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("assignment {name}: {what} never happened")
+}
+
+/// A 16 MiB volume, an assignment for it and an agent reading at 2 MiB/s: returned once the
+/// agent has read some of it, so whatever the test does next happens mid-backup.
+async fn reading(
+    c: &Cluster,
+    name: &str,
+) -> Result<(Api<BackupAssignment>, Agent, BackupAssignment)> {
+    std::fs::write(c.volume.join("big"), vec![5u8; 16 << 20])?;
+    let assignments: Api<BackupAssignment> = Api::namespaced(c.client.clone(), "demo");
+    create(&assignments, assignment(name, "node-a", "app-0", &c.uid)).await?;
+    let agent = c.agent(c.config("agent-1", Some(2 << 20), RetryPolicy::default()));
+    let running = wait_for(&assignments, name, "reading", |a| {
+        a.status
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .and_then(|v| v.first())
+            .and_then(|v| v.bytes_done)
+            .is_some_and(|b| b > 0)
+    })
+    .await?;
+    Ok((assignments, agent, running))
+}
+
+/// What a user checks after an interrupted backup: no snapshot, no lock, a sound repository.
+fn nothing_left(repo: &Path, password: &str) -> Result {
+    assert_eq!(snapshots(repo, password)?, Vec::<serde_json::Value>::new());
+    assert_eq!(locks(repo, password)?, Vec::<String>::new());
+    check_clean(repo, password)
+}
+
+fn init_repository(repo: &Path, password: &str) -> Result {
+    let init = stock_restic(repo, password, &["init"])?;
+    anyhow::ensure!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    Ok(())
+}
+
+/// A running agent: its stop signal and its task.
+type Agent = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::result::Result<(), stash_node_agent::error::AgentError>>,
+);
+
+async fn finish(c: Cluster, (stop, worker): Agent) -> Result {
+    let _ = stop.send(());
+    worker.await??;
+    c.sim.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_deleted_mid_backup_is_canceled_and_leaves_no_snapshot_or_lock() -> Result {
+    let password = "cancel test";
+    let c = Cluster::start(password).await?;
+    // Every state the object goes through, as a watch delivers it.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        let api: Api<BackupAssignment> = Api::namespaced(c.client.clone(), "demo");
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let stream = kube::runtime::watcher(api, Default::default());
+            let mut stream = std::pin::pin!(stream);
+            // The watcher resumes by itself after an error.
+            while let Some(e) = stream.next().await {
+                if let Ok(kube::runtime::watcher::Event::Apply(a)) = e {
+                    seen.lock().unwrap().push(a);
+                }
+            }
+        })
+    };
+    // Deleted once it has read something, long before it is done.
+    let (assignments, agent, running) = reading(&c, "doomed").await?;
+    assert_eq!(
+        running.metadata.finalizers,
+        Some(vec![stash_api::labels::AGENT_FINALIZER.to_owned()]),
+        "held while restic runs"
+    );
+    let st = running.status.clone().unwrap_or_default();
+    assert_eq!(st.phase, Some(AssignmentPhase::Running));
+    assert!(condition(&st, "Accepted").is_some_and(|c| c.is_true()));
+    assert!(condition(&st, "Progressing").is_some_and(|c| c.is_true()));
+    assert_eq!(st.observed_generation, running.metadata.generation);
+    assert!(
+        !locks(&c.repo_path, password)?.is_empty(),
+        "restic holds its lock"
+    );
+
+    assignments
+        .delete("doomed", &kube::api::DeleteParams::default())
+        .await?;
+    // The object goes once the agent has cleaned up and let go of it.
+    let mut gone = false;
+    for _ in 0..1200 {
+        if assignments.get_opt("doomed").await?.is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the agent released its finalizer");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    let canceled = seen
+        .iter()
+        .filter_map(|a| a.status.clone())
+        .find(|s| s.phase == Some(AssignmentPhase::Canceled))
+        .expect("Canceled was recorded before the object went");
+    let volume = &canceled.volumes.clone().unwrap_or_default()[0];
+    assert_eq!(volume.phase, Some(VolumePhase::Canceled), "{canceled:?}");
+    assert_eq!(volume.snapshot_id, None);
+    let done = condition(&canceled, "Completed").expect("Completed");
+    assert!(done.is_true());
+    assert_eq!(done.reason.as_deref(), Some("Canceled"));
+    assert!(
+        done.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("deleted")
+    );
+    // What stays after the object: an Event on it.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(c.client.clone(), "demo");
+    let events = events.list(&Default::default()).await?.items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Canceled")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("doomed")),
+        "{events:?}"
+    );
+    // restic was interrupted: no snapshot, no lock, a sound repository.
+    nothing_left(&c.repo_path, password)?;
+    let journal: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        c.dir.path().join("state").join(JOURNAL_FILE),
+    )?)?;
+    assert_eq!(journal["entries"], json!([]), "every restic ended");
+    finish(c, agent).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canceled_assignment_stops_and_stays_canceled() -> Result {
+    let password = "annotation test";
+    let c = Cluster::start(password).await?;
+    let (assignments, agent, _) = reading(&c, "stopped").await?;
+    // What the operator does when the session is canceled.
+    assignments
+        .patch(
+            "stopped",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {stash_api::labels::CANCEL: "true"}}}),
+            ),
+        )
+        .await?;
+    let done = wait_final(&assignments, "stopped").await?;
+    let st = done.status.clone().unwrap_or_default();
+    assert_eq!(st.phase, Some(AssignmentPhase::Canceled), "{st:?}");
+    assert!(st.completion_time.is_some());
+    // The status is written first, then the finalizer goes.
+    wait_for(&assignments, "stopped", "the finalizer released", |a| {
+        a.metadata.finalizers.as_ref().is_none_or(Vec::is_empty)
+    })
+    .await?;
+    nothing_left(&c.repo_path, password)?;
+    finish(c, agent).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_locked_by_a_live_foreign_restic_is_waited_for() -> Result {
+    let password = "lock test";
+    let c = Cluster::start(password).await?;
+    std::fs::write(c.volume.join("data"), vec![8u8; 100_000])?;
+    init_repository(&c.repo_path, password)?;
+    // `restic key passwd` takes the repository's exclusive lock and then waits for the new
+    // password on stdin: a live restic that holds the lock as long as its stdin stays open.
+    let mut foreign = std::process::Command::new(restic_bin())
+        .args(["key", "passwd", "--no-cache"])
+        .env("RESTIC_REPOSITORY", &c.repo_path)
+        .env("RESTIC_PASSWORD", password)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        held = locks(&c.repo_path, password)?;
+        if !held.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held.len(), 1, "the foreign restic holds the lock");
+    let locked_at = std::time::Instant::now();
+
+    let assignments: Api<BackupAssignment> = Api::namespaced(c.client.clone(), "demo");
+    create(
+        &assignments,
+        assignment("patient", "node-a", "app-0", &c.uid),
+    )
+    .await?;
+    let retry = RetryPolicy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(4),
+        deadline: Duration::from_secs(600),
+    };
+    let agent = c.agent(c.config("agent-1", None, retry));
+    let waiting = wait_for(&assignments, "patient", "a retry", |a| {
+        a.status
+            .as_ref()
+            .and_then(|s| condition(s, "Progressing"))
+            .is_some_and(|c| c.reason.as_deref() == Some("Retrying"))
+    })
+    .await?;
+    let st = waiting.status.unwrap_or_default();
+    let message = condition(&st, "Progressing")
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("locked"), "{message}");
+    assert_eq!(st.phase, Some(AssignmentPhase::Running));
+    // The foreign restic keeps its lock for 20 s; the assignment waits all along.
+    let hold = Duration::from_secs(20).saturating_sub(locked_at.elapsed());
+    tokio::time::sleep(hold).await;
+    let still = assignments.get("patient").await?.status.unwrap_or_default();
+    assert_eq!(still.phase, Some(AssignmentPhase::Running), "{still:?}");
+    assert_eq!(
+        locks(&c.repo_path, password)?,
+        held,
+        "no one touched the foreign lock"
+    );
+    // The foreign restic ends (no new password: it gives up and removes its lock).
+    drop(foreign.stdin.take());
+    foreign.wait()?;
+
+    let done = wait_final(&assignments, "patient").await?;
+    let st = done.status.unwrap_or_default();
+    assert_eq!(st.phase, Some(AssignmentPhase::Succeeded), "{st:?}");
+    let p = condition(&st, "Progressing").expect("Progressing");
+    assert_eq!(p.reason.as_deref(), Some("Succeeded"));
+    assert_eq!(snapshots(&c.repo_path, password)?.len(), 1);
+    check_clean(&c.repo_path, password)?;
+    finish(c, agent).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_fails_at_once_with_a_permanent_reason() -> Result {
+    let c = Cluster::start("not the password").await?;
+    std::fs::write(c.volume.join("data"), vec![8u8; 1000])?;
+    init_repository(&c.repo_path, "the password")?;
+    let assignments: Api<BackupAssignment> = Api::namespaced(c.client.clone(), "demo");
+    create(&assignments, assignment("wrong", "node-a", "app-0", &c.uid)).await?;
+    // A retry policy that would wait for an hour: a permanent failure must not use it.
+    let retry = RetryPolicy {
+        initial: Duration::from_secs(3600),
+        max: Duration::from_secs(3600),
+        deadline: Duration::from_secs(7200),
+    };
+    let agent = c.agent(c.config("agent-1", None, retry));
+    let done = wait_final(&assignments, "wrong").await?;
+    let st = done.status.unwrap_or_default();
+    assert_eq!(st.phase, Some(AssignmentPhase::Failed));
+    let v = &st.volumes.clone().unwrap_or_default()[0];
+    assert_eq!(v.reason.as_deref(), Some("wrong-password"), "{v:?}");
+    let error = v.error.clone().unwrap_or_default();
+    assert!(error.contains("wrong password"), "{error}");
+    assert!(!error.contains("gave up after"), "tried once: {error}");
+    let completed = condition(&st, "Completed").expect("Completed");
+    assert_eq!(completed.reason.as_deref(), Some("Failed"));
+    assert!(
+        completed
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("wrong password")
+    );
+    finish(c, agent).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_refused_assignments_fail_alone_and_the_good_ones_run() -> Result {
+    let password = "spec test";
+    let c = Cluster::start(password).await?;
+    std::fs::write(c.volume.join("small"), b"small")?;
+    std::fs::write(c.volume.join("large"), vec![1u8; 100_000])?;
+    // A newer CRD (an upgrade rolls the CRDs first, then the agents) knows a source kind
+    // this agent does not.
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let name = "backupassignments.stash.appscode.com";
+    let mut crd = serde_json::to_value(crds.get(name).await?)?;
+    let kinds = crd
+        .pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/volumes/items/properties/sourceKind/enum")
+        .and_then(|e| e.as_array_mut())
+        .expect("the sourceKind enum");
+    kinds.push(json!("Image"));
+    crds.replace(name, &PostParams::default(), &serde_json::from_value(crd)?)
+        .await?;
+    let assignments: Api<BackupAssignment> = Api::namespaced(c.client.clone(), "demo");
+    let mut newer = assignment("newer", "node-a", "app-0", &c.uid);
+    newer["spec"]["volumes"][0]["sourceKind"] = json!("Image");
+    create(
+        &Api::<DynamicObject>::namespaced_with(
+            c.client.clone(),
+            "demo",
+            &ApiResource::erase::<BackupAssignment>(&()),
+        ),
+        newer,
+    )
+    .await?;
+    // Flags restic must not get from a spec, and a budget that is not a quantity.
+    let mut unsafe_args = assignment("unsafe-args", "node-a", "app-0", &c.uid);
+    unsafe_args["spec"]["readMode"] = json!("direct");
+    unsafe_args["spec"]["args"] = json!(["--password-command=sh -c id"]);
+    create(&assignments, unsafe_args).await?;
+    let mut bad_budget = assignment("bad-budget", "node-a", "app-0", &c.uid);
+    bad_budget["spec"]["ioBudget"] = json!({"bytesPerSecond": "fast"});
+    create(&assignments, bad_budget).await?;
+    // A known flag is passed as written: restic leaves out the file larger than 1 KiB.
+    let mut good = assignment("good", "node-a", "app-0", &c.uid);
+    good["spec"]["readMode"] = json!("direct");
+    good["spec"]["args"] = json!(["--exclude-larger-than=1k"]);
+    create(&assignments, good).await?;
+
+    let agent = c.agent(c.config("agent-1", None, RetryPolicy::default()));
+    let done = wait_final(&assignments, "good").await?;
+    let st = done.status.unwrap_or_default();
+    assert_eq!(st.phase, Some(AssignmentPhase::Succeeded), "{st:?}");
+    let snapshot = st.volumes.unwrap_or_default()[0]
+        .snapshot_id
+        .clone()
+        .expect("a snapshot");
+    let ls = stock_restic(&c.repo_path, password, &["ls", &snapshot])?;
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        listed.contains("/small") && !listed.contains("/large"),
+        "{listed}"
+    );
+
+    for (name, says) in [
+        (
+            "unsafe-args",
+            "\"--password-command=sh -c id\" is not a restic flag the agent passes on",
+        ),
+        ("bad-budget", "ioBudget.bytesPerSecond"),
+    ] {
+        let refused = wait_final(&assignments, name).await?;
+        let st = refused.status.unwrap_or_default();
+        assert_eq!(st.phase, Some(AssignmentPhase::Failed));
+        assert!(
+            st.error.as_deref().unwrap_or_default().contains(says),
+            "{name}: {st:?}"
+        );
+        let accepted = condition(&st, "Accepted").expect("Accepted");
+        assert!(!accepted.is_true());
+        assert_eq!(accepted.reason.as_deref(), Some("InvalidAssignment"));
+    }
+    // The one the agent cannot read carries the reason in its status.
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        "demo",
+        &ApiResource::erase::<BackupAssignment>(&()),
+    );
+    let mut reported = None;
+    for _ in 0..600 {
+        let o = dynamic.get("newer").await?;
+        if o.data.pointer("/status/phase").is_some() {
+            reported = Some(o);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reported = reported.expect("the malformed assignment was reported");
+    assert_eq!(
+        reported.data.pointer("/status/phase"),
+        Some(&json!("Failed"))
+    );
+    let error = reported
+        .data
+        .pointer("/status/error")
+        .and_then(|e| e.as_str())
+        .unwrap_or_default();
+    assert!(
+        error.contains("failed to read the backup assignment") && error.contains("Image"),
+        "{error}"
+    );
+    assert_eq!(
+        snapshots(&c.repo_path, password)?.len(),
+        1,
+        "only the good one ran"
+    );
+    finish(c, agent).await
 }
