@@ -256,6 +256,34 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
     assert_eq!((vol.bytes_total, vol.files_total), (Some(300_000), Some(1)));
     let snapshot = vol.snapshot_id.clone().expect("a snapshot id");
     assert!(status.start_time.is_some() && status.completion_time.is_some());
+    assert_eq!(status.observed_generation, done.metadata.generation);
+    for type_ in ["Accepted", "Completed"] {
+        let c = condition(&status, type_).expect(type_);
+        assert!(c.is_true(), "{c:?}");
+        assert_eq!(c.observed_generation, done.metadata.generation);
+    }
+    assert_eq!(
+        condition(&status, "Completed").and_then(|c| c.reason.as_deref()),
+        Some("Succeeded")
+    );
+    assert!(
+        done.metadata.finalizers.as_ref().is_none_or(Vec::is_empty),
+        "let go of once done"
+    );
+    // One field manager owns the status.
+    let managers: Vec<_> = done
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(
+        managers,
+        vec!["stash-node-agent".to_owned()],
+        "{managers:?}"
+    );
 
     let replaced = wait_final(&assignments, "replaced-pod").await?;
     let rs = replaced.status.unwrap_or_default();
@@ -668,6 +696,19 @@ async fn an_assignment_deleted_mid_backup_is_canceled_and_leaves_no_snapshot_or_
     tokio::time::sleep(Duration::from_millis(200)).await;
     recorder.abort();
     let seen = seen.lock().unwrap().clone();
+    let phases: Vec<_> = seen
+        .iter()
+        .filter_map(|a| a.status.as_ref().and_then(|s| s.phase))
+        .collect();
+    let first = |p| phases.iter().position(|x| *x == p);
+    let (accepted, running) = (
+        first(AssignmentPhase::Accepted),
+        first(AssignmentPhase::Running),
+    );
+    assert!(
+        accepted.is_some() && accepted < running,
+        "Accepted when taken, then Running: {phases:?}"
+    );
     let canceled = seen
         .iter()
         .filter_map(|a| a.status.clone())
@@ -725,10 +766,11 @@ async fn a_canceled_assignment_stops_and_stays_canceled() -> Result {
     assert_eq!(st.phase, Some(AssignmentPhase::Canceled), "{st:?}");
     assert!(st.completion_time.is_some());
     // The status is written first, then the finalizer goes.
-    wait_for(&assignments, "stopped", "the finalizer released", |a| {
+    let released = wait_for(&assignments, "stopped", "the finalizer released", |a| {
         a.metadata.finalizers.as_ref().is_none_or(Vec::is_empty)
     })
     .await?;
+    assert_eq!(released.status, done.status, "letting go kept the status");
     nothing_left(&c.repo_path, password)?;
     finish(c, agent).await
 }
