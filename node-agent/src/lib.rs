@@ -10,6 +10,7 @@ pub mod extract;
 pub mod hostpath;
 pub mod locks;
 pub mod metrics;
+pub mod pattern;
 pub mod pipe;
 pub mod repository;
 pub mod stream;
