@@ -319,6 +319,7 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 tags: a.tags,
                 key: a.key,
                 excludes: a.excludes,
+                paths: vec![],
                 budget,
                 read_concurrency: None,
                 limit_upload_kib: None,

@@ -16,4 +16,5 @@ pub mod repository;
 pub mod stream;
 pub mod tar;
 pub mod uring;
+pub mod walk;
 pub mod worker;

@@ -490,6 +490,7 @@ async fn run_volume(
                 tags: vec![],
                 key: Some(v.snapshot_key.clone()),
                 excludes,
+                paths: vec![],
                 budget,
                 read_concurrency: cfg.read_concurrency,
                 limit_upload_kib: cfg.limit_upload_kib,
