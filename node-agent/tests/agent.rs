@@ -9,7 +9,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use restic_wrapper::{Backend, Repository, Restic, Secrets};
+mod common;
+
+use common::{repo, restic_bin};
 use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest};
 use stash_node_agent::extract::{ExtractOptions, extract};
@@ -17,25 +19,6 @@ use stash_node_agent::stream::StreamError;
 use stash_node_agent::tar::{Entry, Kind, TarWriter};
 
 type Result<T = ()> = anyhow::Result<T>;
-
-fn restic_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic");
-    assert!(p.exists(), "restic is not installed: run `make setup`");
-    p
-}
-
-async fn repo(dir: &Path) -> Result<Restic> {
-    let repo = Repository::new(
-        Backend::Local {
-            path: dir.join("repo"),
-        },
-        Secrets::new().with("RESTIC_PASSWORD", "agent test"),
-        dir,
-    )?;
-    let restic = Restic::new(repo).with_program(restic_bin());
-    restic.init().await?;
-    Ok(restic)
-}
 
 fn request(path: &Path, mode: ReadMode) -> BackupRequest {
     BackupRequest {
