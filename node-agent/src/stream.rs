@@ -534,11 +534,12 @@ mod tests {
         }
     }
 
+    /// Both engines; io_uring's absence fails the test unless skipped deliberately (see
+    /// [`crate::uring::required_for_tests`]).
     fn engines() -> Vec<Box<dyn ReadEngine>> {
         let mut out: Vec<Box<dyn ReadEngine>> = vec![Box::new(PreadEngine::default())];
-        match crate::uring::UringEngine::probe() {
-            Ok(e) => out.push(Box::new(e)),
-            Err(e) => eprintln!("io_uring unavailable here ({e}); testing ordinary reads only"),
+        if let Some(e) = crate::uring::required_for_tests(crate::uring::UringEngine::probe) {
+            out.push(Box::new(e));
         }
         out
     }
@@ -617,16 +618,14 @@ mod tests {
         Ok(())
     }
 
-    /// The real engine, after the file it is about to read is truncated: a file that shrinks
-    /// between its map and its reads, without a race.
-    struct ShrinkFirst {
+    /// The real engine, after `act` has run once, just before the first read: a file that
+    /// shrinks or grows between its header and its reads, without a race.
+    struct BeforeFirstRead {
         inner: Box<dyn ReadEngine>,
-        path: PathBuf,
-        to: u64,
-        done: bool,
+        act: Option<Box<dyn FnOnce() -> io::Result<()> + Send>>,
     }
 
-    impl ReadEngine for ShrinkFirst {
+    impl ReadEngine for BeforeFirstRead {
         fn name(&self) -> &'static str {
             self.inner.name()
         }
@@ -639,14 +638,41 @@ mod tests {
             before_read: &mut dyn FnMut(u64),
             deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
         ) -> Result<u64, RangeError> {
-            if !std::mem::replace(&mut self.done, true) {
-                let f = std::fs::OpenOptions::new().write(true).open(&self.path);
-                f.and_then(|f| f.set_len(self.to))
-                    .map_err(RangeError::Read)?;
+            if let Some(act) = self.act.take() {
+                act().map_err(RangeError::Read)?;
             }
             self.inner
                 .read_range(file, offset, len, before_read, deliver)
         }
+    }
+
+    #[test]
+    fn a_file_growing_during_its_read_is_reported_and_stored_as_it_was() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        for inner in engines() {
+            let name = inner.name();
+            let v = dir.path().join(name);
+            std::fs::create_dir(&v)?;
+            let log = v.join("log");
+            std::fs::write(&log, vec![1u8; 3 << 20])?;
+            let grow = log.clone();
+            let engine = BeforeFirstRead {
+                inner,
+                act: Some(Box::new(move || {
+                    let mut f = std::fs::OpenOptions::new().append(true).open(&grow)?;
+                    f.write_all(b"more\n")
+                })),
+            };
+            let (report, tar) = reader(&v, Box::new(engine))
+                .run(Vec::new())
+                .map_err(io::Error::other)?;
+            assert_eq!(report.changed, vec!["log".to_owned()], "{name}");
+            let got = entries(&tar)?;
+            // The header's size holds: what was there when the entry was written.
+            assert_eq!(got[0].0.size(), 3 << 20, "{name}");
+            assert!(got[0].2 == vec![1u8; 3 << 20], "{name}");
+        }
+        Ok(())
     }
 
     #[test]
@@ -665,11 +691,14 @@ mod tests {
             )?;
             std::fs::write(v.join("then-this"), b"still in line")?;
             // Cut inside the second segment, so its read comes back short.
-            let engine = ShrinkFirst {
+            let engine = BeforeFirstRead {
                 inner,
-                path,
-                to: (4 << 20) + 1000,
-                done: false,
+                act: Some(Box::new(move || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)?
+                        .set_len((4 << 20) + 1000)
+                })),
             };
             let (report, tar) = reader(&v, Box::new(engine))
                 .run(Vec::new())
