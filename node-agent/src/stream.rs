@@ -675,6 +675,48 @@ mod tests {
         Ok(())
     }
 
+    /// A hard link whose first name the stream leaves out (excluded, outside `paths`) is
+    /// written as a file of its own: a link entry only ever names data the stream holds.
+    #[test]
+    fn a_link_never_names_a_file_left_out() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let v = dir.path();
+        std::fs::create_dir_all(v.join("a"))?;
+        std::fs::create_dir_all(v.join("b"))?;
+        std::fs::write(v.join("a/first"), b"shared data")?;
+        std::fs::hard_link(v.join("a/first"), v.join("b/second"))?;
+        std::fs::hard_link(v.join("a/first"), v.join("b/third"))?;
+        let cases: [(&[&str], &[&str]); 3] = [(&[], &[]), (&["/a"], &[]), (&[], &["b"])];
+        for (excludes, paths) in cases {
+            let mut r = reader(v, Box::new(PreadEngine::default()));
+            r.excludes = Patterns::new(excludes)?;
+            r.paths = paths.iter().map(PathBuf::from).collect();
+            let (_, tar) = r.run(Vec::new())?;
+            let got: Vec<_> = entries(&tar)?
+                .into_iter()
+                .filter(|(e, _, _)| !matches!(e.kind, Kind::Dir))
+                .map(|(e, _, data)| (String::from_utf8_lossy(&e.path).into_owned(), e.kind, data))
+                .collect();
+            let first = if excludes.is_empty() && paths.is_empty() {
+                "a/first"
+            } else {
+                "b/second"
+            };
+            assert_eq!(got[0].0, first, "{excludes:?} {paths:?}");
+            assert_eq!(got[0].2, b"shared data", "{excludes:?} {paths:?}");
+            for (name, kind, _) in &got[1..] {
+                assert_eq!(
+                    kind,
+                    &Kind::HardLink {
+                        target: first.as_bytes().to_vec()
+                    },
+                    "{name}: {excludes:?} {paths:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_file_shrinking_after_its_map_is_padded_and_reported() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
