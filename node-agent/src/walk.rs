@@ -773,6 +773,45 @@ mod tests {
         IoBudget::new(Limits::default()).for_assignment(Limits::default())
     }
 
+    /// A clock that never moves: the budget's debt then counts every operation charged.
+    #[derive(Debug)]
+    struct Stopped(std::time::Instant);
+
+    impl crate::budget::Clock for Stopped {
+        fn now(&self) -> std::time::Instant {
+            self.0
+        }
+    }
+
+    /// The metadata walk costs one operation per file and directory, as the reader's reads
+    /// do: change detection on a huge tree cannot run past the node's IO budget.
+    #[test]
+    fn the_metadata_walk_is_charged_one_operation_per_entry() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let v = dir.path();
+        for d in 0..3 {
+            std::fs::create_dir(v.join(format!("d{d}")))?;
+            for f in 0..4 {
+                std::fs::write(v.join(format!("d{d}/f{f}")), b"x")?;
+            }
+        }
+        const RATE: u64 = 1_000_000;
+        let node = IoBudget::with_clock(
+            Limits {
+                bytes_per_second: None,
+                iops: Some(RATE),
+            },
+            Arc::new(Stopped(std::time::Instant::now())),
+        );
+        let budget = node.for_assignment(Limits::default());
+        let vol = Volume::open(v, &Patterns::default(), &[])?;
+        vol.walk(&budget, false, &mut Manifest::default())?;
+        // The bucket starts empty; the next operation waits for all the walk took, plus one.
+        let waited = budget.charge(0, 1).as_secs_f64() * RATE as f64;
+        assert_eq!(waited.round() as u64, 3 + 3 * 4 + 1);
+        Ok(())
+    }
+
     #[test]
     fn paths_are_checked_and_made_relative() {
         assert_eq!(
