@@ -438,6 +438,8 @@ async fn read_into_sink(dir: &Path, budget: AssignmentBudget) -> anyhow::Result<
             engine,
             progress: Default::default(),
             skip_unreadable: false,
+            excludes: Default::default(),
+            paths: vec![],
         };
         let (report, _) = reader.run(std::io::sink())?;
         Ok(report.seconds)

@@ -1,6 +1,7 @@
 //! One volume's backup or restore, in either read mode. Shared by the standalone commands and
 //! the assignment worker.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,8 +15,10 @@ use sha2::{Digest, Sha256};
 
 use crate::budget::AssignmentBudget;
 use crate::extract::ExtractOptions;
+use crate::pattern::Patterns;
 use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
 use crate::stream::{Progress, ReadReport, StreamError, VolumeReader};
+use crate::walk::{Manifest, Volume, volume_paths};
 
 /// The file name of the tar stream inside a stream-mode snapshot.
 pub const STREAM_FILE: &str = "volume.tar";
@@ -47,6 +50,8 @@ pub struct BackupRequest {
     pub tags: Vec<String>,
     /// Stable identity of the volume (PVC UID or namespace/workload/volume).
     pub key: Option<String>,
+    /// restic `--exclude` patterns, applied in both modes with restic's matching rules; a
+    /// leading `/` anchors a pattern at the volume root.
     pub excludes: Vec<String>,
     /// Sub-directories of the volume to back up (relative to it); all of it when empty.
     pub paths: Vec<PathBuf>,
@@ -223,99 +228,22 @@ pub async fn latest(
     last_snapshot(restic, Some(host), Some(key), None).await
 }
 
-/// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
-/// targets): equal digests mean a stream backup would produce the same tar. The same walk
-/// counts the regular files and the bytes the reader will read of them (a sparse file's
-/// holes are not read), the totals progress is reported against.
+/// A digest of everything a stream backup would carry of the volume (see
+/// [`crate::walk::Manifest`]): equal digests mean the stream would be the same. The walk is
+/// the reader's own, so both see the same entries, left out and selected alike; it counts the
+/// regular files and the bytes the reader will read of them (a sparse file's holes are not
+/// read), the totals progress is reported against. Each entry costs one IO operation.
 /// With `skip_denied`, what may not be read counts as one more name in the digest, as the
 /// reader will leave it out; otherwise it fails the scan.
-pub fn manifest_digest(root: &Path, skip_denied: bool) -> Result<(String, u64, u64), AgentError> {
-    struct Walk {
-        h: Sha256,
-        totals: (u64, u64),
-        skip_denied: bool,
-    }
-    impl Walk {
-        fn denied(&mut self, rel: &Path, path: &Path, e: std::io::Error) -> Result<(), AgentError> {
-            use std::os::unix::ffi::OsStrExt;
-            if self.skip_denied && e.kind() == std::io::ErrorKind::PermissionDenied {
-                self.h.update(b"\0unreadable\0");
-                self.h.update(rel.as_os_str().as_bytes());
-                return Ok(());
-            }
-            Err(AgentError::Stream(StreamError::Read {
-                path: path.display().to_string(),
-                source: e,
-            }))
-        }
-    }
-    fn walk(w: &mut Walk, dir: &Path, rel: &Path) -> Result<(), AgentError> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::MetadataExt;
-        let listed: std::io::Result<Vec<_>> = std::fs::read_dir(dir)
-            .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect());
-        let mut names = match listed {
-            Ok(n) => n,
-            Err(e) if rel.as_os_str().is_empty() => return w.denied(Path::new("."), dir, e),
-            Err(e) => return w.denied(rel, dir, e),
-        };
-        names.sort();
-        for name in names {
-            let path = dir.join(&name);
-            let child = rel.join(&name);
-            let m = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                // Gone since the listing: the reader will say so; nothing to count.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    w.denied(&child, &path, e)?;
-                    continue;
-                }
-            };
-            let h = &mut w.h;
-            h.update(child.as_os_str().as_bytes());
-            h.update([0]);
-            for v in [
-                u64::from(m.mode()),
-                m.size(),
-                m.mtime() as u64,
-                m.mtime_nsec() as u64,
-                u64::from(m.uid()),
-                u64::from(m.gid()),
-                m.nlink(),
-            ] {
-                h.update(v.to_le_bytes());
-            }
-            if m.file_type().is_symlink() {
-                match std::fs::read_link(&path) {
-                    Ok(target) => h.update(target.as_os_str().as_bytes()),
-                    Err(e) => w.denied(&child, &path, e)?,
-                }
-            }
-            if m.is_file() {
-                w.totals.0 += crate::stream::bytes_to_read(&m);
-                w.totals.1 += 1;
-            }
-            if m.is_dir() {
-                walk(w, &path, &child)?;
-            }
-        }
-        Ok(())
-    }
-    let mut w = Walk {
-        h: Sha256::new(),
-        totals: (0, 0),
-        skip_denied,
-    };
-    walk(&mut w, root, Path::new(""))?;
-    let totals = w.totals;
-    let digest =
-        w.h.finalize()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect();
-    Ok((digest, totals.0, totals.1))
+pub fn manifest_digest(
+    volume: &Volume,
+    budget: &AssignmentBudget,
+    skip_denied: bool,
+) -> Result<(String, u64, u64), AgentError> {
+    let mut manifest = Manifest::default();
+    volume.walk(budget, skip_denied, &mut manifest)?;
+    let (bytes, files) = (manifest.bytes, manifest.files);
+    Ok((manifest.digest(), bytes, files))
 }
 
 pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult, AgentError> {
@@ -324,6 +252,9 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     if let Some(k) = &req.key {
         tags.push(key_tag(k));
     }
+    // Bad patterns or paths fail the backup before anything is read.
+    let excludes = Patterns::new(&req.excludes)?;
+    let paths = volume_paths(&req.paths)?;
     let mut result = match req.mode {
         ReadMode::Stream if is_block_device(&req.path) => {
             // A raw device has no metadata to compare: it is read every time.
@@ -337,10 +268,14 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             });
         }
         ReadMode::Stream => {
-            // The statx walk and the snapshot lookup (which may derive the key) overlap.
+            // The metadata walk and the snapshot lookup (which may derive the key) overlap.
             let path = req.path.clone();
             let skip = req.on_unreadable == UnreadablePolicy::Warn;
-            let walk = tokio::task::spawn_blocking(move || manifest_digest(&path, skip));
+            let budget = req.budget.clone();
+            let walk = tokio::task::spawn_blocking(move || {
+                let volume = Volume::open(&path, &excludes, &paths)?;
+                manifest_digest(&volume, &budget, skip)
+            });
             let prev = last_snapshot(
                 restic,
                 req.host.as_deref(),
@@ -385,10 +320,16 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 Some(TAG_DIRECT),
             )
             .await?;
+            // restic starts inside the volume through the root's descriptor, never by a path
+            // a tenant could change, and matches excludes against host paths: they are
+            // anchored beneath the host path restic will see (see `Patterns::beneath`).
+            let volume = Volume::open(&req.path, &excludes, &paths)?;
+            let targets = direct_targets(&paths)?;
+            let cwd = PathBuf::from(format!("/proc/self/fd/{}", volume.root_fd().as_raw_fd()));
             let opts = BackupOptions {
                 host: req.host.clone(),
                 tags,
-                excludes: req.excludes.clone(),
+                excludes: excludes.beneath(volume.host_path())?,
                 // Explicit, because restic's own choice keys on the path, which holds the
                 // pod UID and changes with every new pod.
                 parent: parent.as_ref().map(|p| p.id.clone()),
@@ -398,7 +339,10 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 extra_args: req.restic_args.clone(),
                 ..BackupOptions::default()
             };
-            let mut run = restic.backup(&[PathBuf::from(".")], Some(&req.path), &opts)?;
+            let mut run = restic.backup(&targets, Some(&cwd), &opts)?;
+            // restic has its working directory; the descriptor has served.
+            let host_path = volume.host_path().to_path_buf();
+            drop(volume);
             // restic reports its own progress in direct mode; mirror it for status reports.
             let mirror = run.messages().map(|mut messages| {
                 let progress = req.progress.clone();
@@ -437,7 +381,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                     snapshot_id: Some(id),
                     unreadable,
                 }) => {
-                    let unreadable = volume_relative(&req.path, unreadable);
+                    let unreadable = volume_relative(&host_path, unreadable);
                     let kept =
                         incomplete_snapshot(restic, &id, &unreadable, req.on_unreadable).await?;
                     // The summary went with the exit status; restic's last progress
@@ -466,6 +410,25 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     result.mode = Some(req.mode);
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
+}
+
+/// What restic backs up in direct mode, relative to the volume it starts in. restic itself
+/// resolves a nested path (`a/b`), through whatever `a` is by then, so only paths of one
+/// component are given to it: restic `lstat`s a target and never follows it.
+fn direct_targets(paths: &[PathBuf]) -> Result<Vec<PathBuf>, AgentError> {
+    if paths.is_empty() {
+        return Ok(vec![PathBuf::from(".")]);
+    }
+    for p in paths {
+        if p.components().count() > 1 {
+            return Err(AgentError::Stream(StreamError::BadPath {
+                path: p.display().to_string(),
+                reason: "direct mode takes only top-level directories of the volume \
+                         (restic would resolve a nested path itself); use stream mode",
+            }));
+        }
+    }
+    Ok(paths.to_vec())
 }
 
 /// restic names an unreadable item twice, once from its scanner (relative to where it
@@ -539,6 +502,8 @@ async fn backup_stream(
         engine,
         progress: progress.clone(),
         skip_unreadable: req.on_unreadable == UnreadablePolicy::Warn,
+        excludes: Patterns::new(&req.excludes)?,
+        paths: volume_paths(&req.paths)?,
     };
     let error_tx = tx.clone();
     let thread = std::thread::Builder::new()

@@ -2,6 +2,7 @@
 //! category (metric label, condition reason) and whether trying again later can help.
 
 use crate::hostpath::ResolveError;
+use crate::pattern::PatternError;
 use crate::stream::StreamError;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,9 @@ pub enum AgentError {
     },
     #[error("snapshot {0} not found")]
     NoSnapshot(String),
+    /// An include or exclude pattern that cannot be parsed or can match nothing.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
 }
 
 impl AgentError {
@@ -80,6 +84,7 @@ impl AgentError {
             AgentError::Io { .. } => "io",
             AgentError::Other { .. } => "internal",
             AgentError::NoSnapshot(_) => "not-found",
+            AgentError::Pattern(e) => e.category(),
         }
     }
 
@@ -110,6 +115,7 @@ impl AgentError {
             | AgentError::InvalidRepository { .. }
             | AgentError::Other { .. }
             | AgentError::NoSnapshot(_) => false,
+            AgentError::Pattern(e) => e.is_retryable(),
         }
     }
 }

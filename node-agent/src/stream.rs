@@ -3,23 +3,21 @@
 //! only. The way back is `extract`.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::budget::AssignmentBudget;
+use crate::pattern::Patterns;
 use crate::tar::{Entry, Kind, MAX_SEGMENTS, Segment, TarWriter};
+use crate::walk::{Found, Item, Meta, Skipped, Visitor, Volume};
 
 /// Size of one read: large enough for sequential throughput, small enough to pace smoothly.
 pub const CHUNK: usize = 1 << 20;
-/// Holes a file must have, in bytes, before it is stored sparse: below one read they save
-/// nothing worth a map.
-const SPARSE_MIN_HOLES: u64 = CHUNK as u64;
 /// Zeros for what a file that shrank during its read can no longer supply.
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 /// The name of a raw block volume's content inside the stream.
@@ -39,6 +37,8 @@ pub enum StreamError {
     Restore { path: String, source: io::Error },
     #[error("failed to read the stream: {0}")]
     Decode(io::Error),
+    #[error("failed to back up path {path:?}: {reason}")]
+    BadPath { path: String, reason: &'static str },
 }
 
 /// Counters the reader updates as it goes, for progress reports.
@@ -135,27 +135,6 @@ impl ReadEngine for PreadEngine {
     }
 }
 
-/// Whether a file's allocated blocks fall clearly short of its size, so that looking for
-/// its holes is worth it.
-fn looks_sparse(meta: &std::fs::Metadata) -> bool {
-    meta.file_type().is_file()
-        && meta
-            .blocks()
-            .saturating_mul(512)
-            .saturating_add(SPARSE_MIN_HOLES)
-            <= meta.len()
-}
-
-/// The bytes a stream backup reads of a file: its size, or about its allocated bytes when
-/// it is sparse. Progress is reported against the sum of these.
-pub fn bytes_to_read(meta: &std::fs::Metadata) -> u64 {
-    if looks_sparse(meta) {
-        meta.blocks().saturating_mul(512)
-    } else {
-        meta.len()
-    }
-}
-
 /// The data segments of the first `size` bytes of a file, as the filesystem reports them
 /// (`SEEK_DATA`/`SEEK_HOLE`), ending with an empty segment at `size` when the file ends in a
 /// hole. `None` when the filesystem cannot tell or the map would be too long: the file is
@@ -210,41 +189,17 @@ fn rel_name(rel: &Path) -> String {
     String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned()
 }
 
-fn entry_for(
-    rel: &Path,
-    meta: &std::fs::Metadata,
-    kind: Kind,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-) -> Entry {
+fn entry_for(rel: &Path, meta: &Meta, kind: Kind, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Entry {
     Entry {
         path: rel.as_os_str().as_bytes().to_vec(),
         kind,
-        mode: meta.mode() & 0o7777,
-        uid: u64::from(meta.uid()),
-        gid: u64::from(meta.gid()),
-        mtime_secs: meta.mtime(),
-        mtime_nanos: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        mode: meta.mode & 0o7777,
+        uid: u64::from(meta.uid),
+        gid: u64::from(meta.gid),
+        mtime_secs: meta.mtime,
+        mtime_nanos: meta.mtime_nsec,
         xattrs,
     }
-}
-
-/// Extended attributes of a path, where the filesystem has and allows them.
-fn read_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut names = vec![0u8; 4096];
-    let Ok(n) = rustix::fs::llistxattr(path, &mut names) else {
-        return vec![];
-    };
-    names[..n]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .filter_map(|name| {
-            let name_os = OsStr::from_bytes(name);
-            let mut value = vec![0u8; 65536];
-            let len = rustix::fs::lgetxattr(path, name_os, &mut value).ok()?;
-            value.truncate(len);
-            Some((name.to_vec(), value))
-        })
-        .collect()
 }
 
 /// Reads a volume into a tar stream written to `out`.
@@ -255,6 +210,10 @@ pub struct VolumeReader<'a> {
     pub progress: Arc<Progress>,
     /// Leave out what may not be read (permission denied) instead of failing.
     pub skip_unreadable: bool,
+    /// restic's exclude patterns (see `pattern`): matching entries are not in the stream.
+    pub excludes: Patterns,
+    /// Only these sub-directories of the volume (relative to it; empty: all of it).
+    pub paths: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for VolumeReader<'_> {
@@ -266,176 +225,154 @@ impl std::fmt::Debug for VolumeReader<'_> {
     }
 }
 
-/// Whether an error means "not permitted" (EACCES or EPERM), as opposed to a failing device.
-fn is_denied(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::PermissionDenied
+/// The walk's entries written as tar entries.
+struct TarVisitor<'r, 'a, W: Write> {
+    reader: &'r mut VolumeReader<'a>,
+    tar: &'r mut TarWriter<W>,
+    report: &'r mut ReadReport,
+    /// The first name of each multiply linked file whose data is in the stream: a later
+    /// name becomes a link to it, and only to a file this stream holds.
+    links: HashMap<(u64, u64), Vec<u8>>,
+}
+
+fn push_once(list: &mut Vec<String>, name: String) {
+    if list.last() != Some(&name) {
+        list.push(name);
+    }
+}
+
+impl<W: Write> Visitor for TarVisitor<'_, '_, W> {
+    const OPENS_FILES: bool = true;
+
+    fn item(&mut self, item: Item<'_>) -> Result<(), StreamError> {
+        let Item {
+            rel,
+            meta,
+            xattrs,
+            found,
+        } = item;
+        let kind = match found {
+            Found::File(Some(file)) => {
+                let key = (meta.dev, meta.ino);
+                if meta.nlink > 1
+                    && let Some(first) = self.links.get(&key)
+                {
+                    let kind = Kind::HardLink {
+                        target: first.clone(),
+                    };
+                    return self
+                        .tar
+                        .append_header(&entry_for(rel, &meta, kind, xattrs))
+                        .map_err(StreamError::Write);
+                }
+                self.reader
+                    .file(&file, meta, rel, xattrs, self.tar, self.report)?;
+                if meta.nlink > 1 {
+                    self.links.insert(key, rel.as_os_str().as_bytes().to_vec());
+                }
+                return Ok(());
+            }
+            // Not opened: the walk opens every file for a reader.
+            Found::File(None) => return Ok(()),
+            Found::Dir => Kind::Dir,
+            Found::Symlink(target) => Kind::Symlink { target },
+            Found::Fifo => Kind::Fifo,
+            Found::CharDevice | Found::BlockDevice => {
+                let (major, minor) = (rustix::fs::major(meta.rdev), rustix::fs::minor(meta.rdev));
+                if matches!(found, Found::CharDevice) {
+                    Kind::CharDevice { major, minor }
+                } else {
+                    Kind::BlockDevice { major, minor }
+                }
+            }
+            // Sockets cannot be archived; they are recreated by their owner.
+            Found::Socket => return Ok(()),
+        };
+        self.tar
+            .append_header(&entry_for(rel, &meta, kind, xattrs))
+            .map_err(StreamError::Write)
+    }
+
+    fn skipped(&mut self, rel: &Path, why: Skipped) {
+        let name = rel_name(rel);
+        match why {
+            Skipped::Changed => push_once(&mut self.report.changed, name),
+            Skipped::Vanished => push_once(&mut self.report.vanished, name),
+            Skipped::Unreadable => {
+                tracing::warn!(path = %rel.display(), "left out: not readable");
+                push_once(&mut self.report.unreadable, name);
+            }
+        }
+    }
 }
 
 impl VolumeReader<'_> {
-    /// A path that may not be read: left out and recorded when the reader skips such paths,
-    /// the read's error otherwise.
-    fn denied(
-        &self,
-        report: &mut ReadReport,
-        rel: &Path,
-        path: &Path,
-        source: io::Error,
-    ) -> Result<(), StreamError> {
-        if self.skip_unreadable && is_denied(&source) && !rel.as_os_str().is_empty() {
-            tracing::warn!(path = %rel.display(), error = %source, "left out: not readable");
-            report.unreadable.push(rel_name(rel));
-            return Ok(());
-        }
-        Err(StreamError::Read {
-            path: path.display().to_string(),
-            source,
-        })
-    }
-
     pub fn run<W: Write>(mut self, out: W) -> Result<(ReadReport, W), StreamError> {
         let started = std::time::Instant::now();
         let mut tar = TarWriter::new(out);
         let mut report = ReadReport::default();
-        let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-        let root_meta = std::fs::metadata(&self.root).map_err(|source| StreamError::Read {
+        let read_err = |source| StreamError::Read {
             path: self.root.display().to_string(),
             source,
-        })?;
+        };
+        let root_meta = std::fs::metadata(&self.root).map_err(read_err)?;
         if root_meta.file_type().is_block_device() {
             // A raw block volume is one file in the stream, as large as the device; one that
-            // cannot be read leaves nothing to back up.
-            self.skip_unreadable = false;
-            let root = self.root.clone();
-            self.file(&root, Path::new(BLOCK_FILE), vec![], &mut tar, &mut report)?;
+            // cannot be read leaves nothing to back up. Its path is the kubelet's.
+            let device = File::open(&self.root).map_err(read_err)?;
+            let meta = Meta::of(&device).map_err(read_err)?;
+            self.file(
+                &device,
+                meta,
+                Path::new(BLOCK_FILE),
+                vec![],
+                &mut tar,
+                &mut report,
+            )?;
         } else {
-            self.walk(Path::new(""), &mut tar, &mut report, &mut links)?;
+            let volume = Volume::open(&self.root, &self.excludes, &self.paths)?;
+            let budget = self.budget.clone();
+            let skip = self.skip_unreadable;
+            let mut visitor = TarVisitor {
+                reader: &mut self,
+                tar: &mut tar,
+                report: &mut report,
+                links: HashMap::new(),
+            };
+            volume.walk(&budget, skip, &mut visitor)?;
         }
         let out = tar.finish().map_err(StreamError::Write)?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok((report, out))
     }
 
-    fn walk<W: Write>(
-        &mut self,
-        rel: &Path,
-        tar: &mut TarWriter<W>,
-        report: &mut ReadReport,
-        links: &mut HashMap<(u64, u64), Vec<u8>>,
-    ) -> Result<(), StreamError> {
-        let dir = self.root.join(rel);
-        // Sorted, so the same volume makes the same stream and restic deduplicates well.
-        let listed: io::Result<Vec<_>> = std::fs::read_dir(&dir)
-            .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect());
-        let mut names = match listed {
-            Ok(names) => names,
-            // The directory's own entry is in the stream already; it stays, empty.
-            Err(e) => return self.denied(report, rel, &dir, e),
-        };
-        names.sort();
-        // One IO operation per directory listing.
-        self.budget.acquire_blocking(0, 1);
-        for name in names {
-            let child_rel = rel.join(&name);
-            let path = self.root.join(&child_rel);
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    report.vanished.push(rel_name(&child_rel));
-                    continue;
-                }
-                Err(e) => {
-                    self.denied(report, &child_rel, &path, e)?;
-                    continue;
-                }
-            };
-            let ft = meta.file_type();
-            let xattrs = read_xattrs(&path);
-            if ft.is_dir() {
-                let e = entry_for(&child_rel, &meta, Kind::Dir, xattrs);
-                tar.append_header(&e).map_err(StreamError::Write)?;
-                self.walk(&child_rel, tar, report, links)?;
-            } else if ft.is_symlink() {
-                let target = match std::fs::read_link(&path) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        self.denied(report, &child_rel, &path, e)?;
-                        continue;
-                    }
-                };
-                let kind = Kind::Symlink {
-                    target: target.as_os_str().as_bytes().to_vec(),
-                };
-                tar.append_header(&entry_for(&child_rel, &meta, kind, xattrs))
-                    .map_err(StreamError::Write)?;
-            } else if ft.is_file() {
-                let key = (meta.dev(), meta.ino());
-                if meta.nlink() > 1 {
-                    if let Some(first) = links.get(&key) {
-                        let kind = Kind::HardLink {
-                            target: first.clone(),
-                        };
-                        tar.append_header(&entry_for(&child_rel, &meta, kind, xattrs))
-                            .map_err(StreamError::Write)?;
-                        continue;
-                    }
-                    links.insert(key, child_rel.as_os_str().as_bytes().to_vec());
-                }
-                self.file(&path, &child_rel, xattrs, tar, report)?;
-            } else {
-                let rdev = meta.rdev();
-                let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
-                let kind = if ft.is_fifo() {
-                    Kind::Fifo
-                } else if ft.is_char_device() {
-                    Kind::CharDevice { major, minor }
-                } else if ft.is_block_device() {
-                    Kind::BlockDevice { major, minor }
-                } else {
-                    // Sockets cannot be archived; they are recreated by their owner.
-                    continue;
-                };
-                tar.append_header(&entry_for(&child_rel, &meta, kind, xattrs))
-                    .map_err(StreamError::Write)?;
-            }
-        }
-        Ok(())
-    }
-
     fn file<W: Write>(
         &mut self,
-        path: &Path,
+        file: &File,
+        before: Meta,
         rel: &Path,
         xattrs: Vec<(Vec<u8>, Vec<u8>)>,
         tar: &mut TarWriter<W>,
         report: &mut ReadReport,
     ) -> Result<(), StreamError> {
         let read_err = |source| StreamError::Read {
-            path: path.display().to_string(),
+            path: rel.display().to_string(),
             source,
         };
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                report.vanished.push(rel_name(rel));
-                return Ok(());
-            }
-            Err(e) => return self.denied(report, rel, path, e),
-        };
-        let before = file.metadata().map_err(read_err)?;
-        let size = if before.file_type().is_block_device() {
+        let size = if before.file_type() == rustix::fs::FileType::BlockDevice {
             // A device's size is where its end is, not what stat says.
-            io::Seek::seek(&mut &file, io::SeekFrom::End(0)).map_err(read_err)?
+            io::Seek::seek(&mut &*file, io::SeekFrom::End(0)).map_err(read_err)?
         } else {
-            before.len()
+            before.size
         };
         let whole = [Segment {
             offset: 0,
             len: size,
         }];
-        let sparse = if looks_sparse(&before) {
+        let sparse = if before.looks_sparse() {
             // Finding the holes costs extent lookups: one operation.
             self.budget.acquire_blocking(0, 1);
-            data_segments(&file, size).filter(|map| map[..] != whole[..])
+            data_segments(file, size).filter(|map| map[..] != whole[..])
         } else {
             None
         };
@@ -457,7 +394,7 @@ impl VolumeReader<'_> {
         let mut short = false;
         for segment in segments.iter().filter(|s| s.len > 0) {
             let got = self
-                .read_segment(&file, *segment, tar)
+                .read_segment(file, *segment, tar)
                 .map_err(|e| match e {
                     RangeError::Read(source) => read_err(source),
                     RangeError::Deliver(e) => StreamError::Write(e),
@@ -468,15 +405,14 @@ impl VolumeReader<'_> {
             }
         }
         tar.finish_entry(data_len).map_err(StreamError::Write)?;
-        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
-        let after = file.metadata().map_err(read_err)?;
-        let block = after.file_type().is_block_device();
+        let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
+        let after = Meta::of(file).map_err(read_err)?;
+        let block = after.file_type() == rustix::fs::FileType::BlockDevice;
         if short
-            || (!block && after.len() != size)
-            || after.mtime() != before.mtime()
-            || after.mtime_nsec() != before.mtime_nsec()
+            || (!block && after.size != size)
+            || (after.mtime, after.mtime_nsec) != (before.mtime, before.mtime_nsec)
         {
-            report.changed.push(rel_name(rel));
+            push_once(&mut report.changed, rel_name(rel));
         }
         report.bytes += size;
         report.files += 1;
@@ -593,14 +529,17 @@ mod tests {
             engine,
             progress: Arc::default(),
             skip_unreadable: false,
+            excludes: Patterns::default(),
+            paths: vec![],
         }
     }
 
+    /// Both engines; io_uring's absence fails the test unless skipped deliberately (see
+    /// [`crate::uring::required_for_tests`]).
     fn engines() -> Vec<Box<dyn ReadEngine>> {
         let mut out: Vec<Box<dyn ReadEngine>> = vec![Box::new(PreadEngine::default())];
-        match crate::uring::UringEngine::probe() {
-            Ok(e) => out.push(Box::new(e)),
-            Err(e) => eprintln!("io_uring unavailable here ({e}); testing ordinary reads only"),
+        if let Some(e) = crate::uring::required_for_tests(crate::uring::UringEngine::probe) {
+            out.push(Box::new(e));
         }
         out
     }
@@ -679,16 +618,14 @@ mod tests {
         Ok(())
     }
 
-    /// The real engine, after the file it is about to read is truncated: a file that shrinks
-    /// between its map and its reads, without a race.
-    struct ShrinkFirst {
+    /// The real engine, after `act` has run once, just before the first read: a file that
+    /// shrinks or grows between its header and its reads, without a race.
+    struct BeforeFirstRead {
         inner: Box<dyn ReadEngine>,
-        path: PathBuf,
-        to: u64,
-        done: bool,
+        act: Option<Box<dyn FnOnce() -> io::Result<()> + Send>>,
     }
 
-    impl ReadEngine for ShrinkFirst {
+    impl ReadEngine for BeforeFirstRead {
         fn name(&self) -> &'static str {
             self.inner.name()
         }
@@ -701,14 +638,83 @@ mod tests {
             before_read: &mut dyn FnMut(u64),
             deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
         ) -> Result<u64, RangeError> {
-            if !std::mem::replace(&mut self.done, true) {
-                let f = std::fs::OpenOptions::new().write(true).open(&self.path);
-                f.and_then(|f| f.set_len(self.to))
-                    .map_err(RangeError::Read)?;
+            if let Some(act) = self.act.take() {
+                act().map_err(RangeError::Read)?;
             }
             self.inner
                 .read_range(file, offset, len, before_read, deliver)
         }
+    }
+
+    #[test]
+    fn a_file_growing_during_its_read_is_reported_and_stored_as_it_was() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        for inner in engines() {
+            let name = inner.name();
+            let v = dir.path().join(name);
+            std::fs::create_dir(&v)?;
+            let log = v.join("log");
+            std::fs::write(&log, vec![1u8; 3 << 20])?;
+            let grow = log.clone();
+            let engine = BeforeFirstRead {
+                inner,
+                act: Some(Box::new(move || {
+                    let mut f = std::fs::OpenOptions::new().append(true).open(&grow)?;
+                    f.write_all(b"more\n")
+                })),
+            };
+            let (report, tar) = reader(&v, Box::new(engine))
+                .run(Vec::new())
+                .map_err(io::Error::other)?;
+            assert_eq!(report.changed, vec!["log".to_owned()], "{name}");
+            let got = entries(&tar)?;
+            // The header's size holds: what was there when the entry was written.
+            assert_eq!(got[0].0.size(), 3 << 20, "{name}");
+            assert!(got[0].2 == vec![1u8; 3 << 20], "{name}");
+        }
+        Ok(())
+    }
+
+    /// A hard link whose first name the stream leaves out (excluded, outside `paths`) is
+    /// written as a file of its own: a link entry only ever names data the stream holds.
+    #[test]
+    fn a_link_never_names_a_file_left_out() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let v = dir.path();
+        std::fs::create_dir_all(v.join("a"))?;
+        std::fs::create_dir_all(v.join("b"))?;
+        std::fs::write(v.join("a/first"), b"shared data")?;
+        std::fs::hard_link(v.join("a/first"), v.join("b/second"))?;
+        std::fs::hard_link(v.join("a/first"), v.join("b/third"))?;
+        let cases: [(&[&str], &[&str]); 3] = [(&[], &[]), (&["/a"], &[]), (&[], &["b"])];
+        for (excludes, paths) in cases {
+            let mut r = reader(v, Box::new(PreadEngine::default()));
+            r.excludes = Patterns::new(excludes)?;
+            r.paths = paths.iter().map(PathBuf::from).collect();
+            let (_, tar) = r.run(Vec::new())?;
+            let got: Vec<_> = entries(&tar)?
+                .into_iter()
+                .filter(|(e, _, _)| !matches!(e.kind, Kind::Dir))
+                .map(|(e, _, data)| (String::from_utf8_lossy(&e.path).into_owned(), e.kind, data))
+                .collect();
+            let first = if excludes.is_empty() && paths.is_empty() {
+                "a/first"
+            } else {
+                "b/second"
+            };
+            assert_eq!(got[0].0, first, "{excludes:?} {paths:?}");
+            assert_eq!(got[0].2, b"shared data", "{excludes:?} {paths:?}");
+            for (name, kind, _) in &got[1..] {
+                assert_eq!(
+                    kind,
+                    &Kind::HardLink {
+                        target: first.as_bytes().to_vec()
+                    },
+                    "{name}: {excludes:?} {paths:?}"
+                );
+            }
+        }
+        Ok(())
     }
 
     #[test]
@@ -727,11 +733,14 @@ mod tests {
             )?;
             std::fs::write(v.join("then-this"), b"still in line")?;
             // Cut inside the second segment, so its read comes back short.
-            let engine = ShrinkFirst {
+            let engine = BeforeFirstRead {
                 inner,
-                path,
-                to: (4 << 20) + 1000,
-                done: false,
+                act: Some(Box::new(move || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)?
+                        .set_len((4 << 20) + 1000)
+                })),
             };
             let (report, tar) = reader(&v, Box::new(engine))
                 .run(Vec::new())
@@ -787,7 +796,7 @@ mod tests {
         let restored = target.join("s");
         assert!(std::fs::read(&restored)? == std::fs::read(src.join("s"))?);
         assert!(
-            std::fs::metadata(&restored)?.blocks() * 512 < 1 << 20,
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&restored)?) * 512 < 1 << 20,
             "restored dense"
         );
         // A block image must not arrive sparse: a device has no holes to restore.

@@ -353,6 +353,28 @@ pub fn choose(allow_uring: bool) -> (Box<dyn ReadEngine>, Option<String>) {
     }
 }
 
+/// For tests: the io_uring engine `make` builds. CI has io_uring, so its absence fails the
+/// test (a test that passes with "nothing to test" cannot fail). On a machine without it,
+/// skip the io_uring cases deliberately with `STASH_SKIP_IO_URING=1`: they are then left out,
+/// saying so, and the ordinary-read cases still run.
+#[cfg(test)]
+#[allow(clippy::panic)]
+pub(crate) fn required_for_tests(
+    make: impl FnOnce() -> io::Result<UringEngine>,
+) -> Option<UringEngine> {
+    match make() {
+        Ok(engine) => Some(engine),
+        Err(e) if std::env::var_os("STASH_SKIP_IO_URING").is_some_and(|v| v == "1") => {
+            eprintln!("io_uring unavailable ({e}); skipped as STASH_SKIP_IO_URING=1 asks");
+            None
+        }
+        Err(e) => panic!(
+            "io_uring is unavailable here ({e}); set STASH_SKIP_IO_URING=1 to skip the \
+             io_uring cases deliberately on a machine without it"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,20 +388,16 @@ mod tests {
             Box::new(PreadEngine::default()),
             CHUNK as u64,
         )];
-        match UringEngine::probe() {
-            Ok(engine) => {
-                out.push(("io_uring".into(), Box::new(engine), CHUNK as u64));
-                for (depth, chunk) in [(2, 4096), (DEPTH, 4096), (3, 1000)] {
-                    let engine = UringEngine::with_depth(depth, chunk).expect("a second ring");
-                    out.push((
-                        format!("io_uring {depth}x{chunk}"),
-                        Box::new(engine),
-                        chunk as u64,
-                    ));
-                }
+        if let Some(engine) = required_for_tests(UringEngine::probe) {
+            out.push(("io_uring".into(), Box::new(engine), CHUNK as u64));
+            for (depth, chunk) in [(2, 4096), (DEPTH, 4096), (3, 1000)] {
+                let engine = UringEngine::with_depth(depth, chunk).expect("a second ring");
+                out.push((
+                    format!("io_uring {depth}x{chunk}"),
+                    Box::new(engine),
+                    chunk as u64,
+                ));
             }
-            // Where io_uring is forbidden, the fallback is what runs; it is tested above.
-            Err(e) => eprintln!("io_uring unavailable here ({e}); testing ordinary reads only"),
         }
         out
     }
@@ -574,8 +592,7 @@ mod tests {
 
     #[test]
     fn a_panicking_consumer_leaves_no_read_in_flight() -> io::Result<()> {
-        let Ok(mut engine) = UringEngine::with_depth(DEPTH, 4096) else {
-            eprintln!("io_uring unavailable here; nothing to test");
+        let Some(mut engine) = required_for_tests(|| UringEngine::with_depth(DEPTH, 4096)) else {
             return Ok(());
         };
         let dir = tempfile::tempdir()?;
@@ -598,6 +615,17 @@ mod tests {
         assert_eq!(engine.in_flight, 0);
         assert!(engine.slots.iter().all(|s| s.state == State::Idle));
         Ok(())
+    }
+
+    #[test]
+    fn io_uring_missing_fails_a_test_unless_skipped_deliberately() {
+        let missing = || Err(io::Error::from(io::ErrorKind::Unsupported));
+        let outcome = std::panic::catch_unwind(|| required_for_tests(missing).is_none());
+        if std::env::var_os("STASH_SKIP_IO_URING").is_some_and(|v| v == "1") {
+            assert!(matches!(outcome, Ok(true)));
+        } else {
+            assert!(outcome.is_err(), "a missing io_uring passed silently");
+        }
     }
 
     #[test]

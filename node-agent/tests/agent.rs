@@ -7,35 +7,16 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use restic_wrapper::{Backend, Repository, Restic, Secrets};
-use stash_node_agent::budget::{IoBudget, Limits};
+mod common;
+
+use common::{repo, restic_bin};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest};
 use stash_node_agent::extract::{ExtractOptions, extract};
 use stash_node_agent::stream::StreamError;
 use stash_node_agent::tar::{Entry, Kind, TarWriter};
 
 type Result<T = ()> = anyhow::Result<T>;
-
-fn restic_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic");
-    assert!(p.exists(), "restic is not installed: run `make setup`");
-    p
-}
-
-async fn repo(dir: &Path) -> Result<Restic> {
-    let repo = Repository::new(
-        Backend::Local {
-            path: dir.join("repo"),
-        },
-        Secrets::new().with("RESTIC_PASSWORD", "agent test"),
-        dir,
-    )?;
-    let restic = Restic::new(repo).with_program(restic_bin());
-    restic.init().await?;
-    Ok(restic)
-}
 
 fn request(path: &Path, mode: ReadMode) -> BackupRequest {
     BackupRequest {
@@ -294,44 +275,6 @@ async fn an_unchanged_volume_is_recognised_without_reading_it() -> Result {
     std::fs::write(volume.join("empty"), b"now with data")?;
     let third = engine::backup(&restic, request(&volume, ReadMode::Stream)).await?;
     assert!(!third.unchanged);
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_file_growing_during_the_read_is_reported() -> Result {
-    let dir = tempfile::tempdir()?;
-    let restic = repo(dir.path()).await?;
-    let volume = dir.path().join("growing");
-    std::fs::create_dir_all(&volume)?;
-    std::fs::write(volume.join("log"), pattern(3 << 20))?;
-    let mut req = request(&volume, ReadMode::Stream);
-    // 1 MiB/s: the read takes a few seconds, while a writer appends.
-    req.budget = IoBudget::new(Limits {
-        bytes_per_second: Some(1 << 20),
-        iops: None,
-    })
-    .for_assignment(Limits::default());
-    let log = volume.join("log");
-    let writer = std::thread::spawn(move || {
-        for _ in 0..20 {
-            std::thread::sleep(Duration::from_millis(100));
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&log)
-                .expect("open");
-            std::io::Write::write_all(&mut f, b"more\n").expect("append");
-        }
-    });
-    let result = engine::backup(&restic, req).await?;
-    writer
-        .join()
-        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
-    assert_eq!(
-        result.changed_during_read,
-        vec!["log".to_owned()],
-        "{result:?}"
-    );
-    assert!(result.snapshot_id.is_some());
     Ok(())
 }
 
