@@ -114,6 +114,10 @@ async fn get(sim: &KubeSim, path: &str, accept: &str) -> (u16, Value) {
         tokio::spawn(conn);
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, sim.addr().to_string())
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", kube_sim::ADMIN_TOKEN),
+            )
             .header(hyper::header::ACCEPT, accept)
             .body(Full::new(Bytes::new()))
             .unwrap();
