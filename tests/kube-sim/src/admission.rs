@@ -589,11 +589,16 @@ pub async fn aggregated_apis(core: &Arc<Core>, fetch: bool) -> Vec<crate::discov
             let ep = target.endpoint.clone();
             let path = format!("/apis/{group}/{version}");
             let fut = async move {
+                // The aggregator's own discovery user.
                 let req = http::Request::get(path)
                     .header(http::header::ACCEPT, "application/json")
+                    .header("X-Remote-User", "system:kube-aggregator")
+                    .header("X-Remote-Group", crate::auth::MASTERS)
                     .body(Full::new(Bytes::new()))
                     .ok()?;
-                let resp = send(&ep, req).await.ok()?;
+                let resp = send_as(&ep, req, Some(&core.auth.front_proxy_client))
+                    .await
+                    .ok()?;
                 let bytes = resp.into_body().collect().await.ok()?.to_bytes();
                 serde_json::from_slice::<Value>(&bytes).ok()
             };
