@@ -352,6 +352,8 @@ async fn sync(client: &Client, job: &Job, all_pods: &[Pod]) -> Result<()> {
         })
     });
     if differs {
+        // A merge patch of `{}` would keep the old lists; null removes them.
+        status["uncountedTerminatedPods"] = json!({"succeeded": null, "failed": null});
         util::patch_status(&api, &name, status, &what).await?;
     }
     Ok(())
