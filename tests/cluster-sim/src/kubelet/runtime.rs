@@ -127,7 +127,7 @@ pub fn container_init(spec: &InitSpec) -> Result<std::convert::Infallible> {
     let root = &spec.rootfs;
     std::fs::create_dir_all(root).map_err(Error::io("create the root", root))?;
     // The host's system directories, read-only; merged-/usr symlinks kept as links.
-    for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc"] {
+    for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
         let host = Path::new("/").join(top);
         let target = root.join(top);
         match std::fs::symlink_metadata(&host) {
@@ -140,6 +140,29 @@ pub fn container_init(spec: &InitSpec) -> Result<std::convert::Infallible> {
             }
             Ok(m) if m.is_dir() => bind_ro(&host, &target, true)?,
             _ => {}
+        }
+    }
+    // /etc in the writable layer (files copied, directories bound read-only), so a
+    // container can mount volumes under it as images with their own /etc allow.
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc).map_err(Error::io("create", etc.clone()))?;
+    for entry in std::fs::read_dir("/etc")
+        .map_err(Error::io("read", "/etc"))?
+        .flatten()
+    {
+        let target = etc.join(entry.file_name());
+        let ft = entry.file_type().map_err(Error::io("stat", entry.path()))?;
+        if std::fs::symlink_metadata(&target).is_ok() {
+            continue;
+        }
+        if ft.is_symlink() {
+            let to = std::fs::read_link(entry.path()).map_err(Error::io("read", entry.path()))?;
+            std::os::unix::fs::symlink(to, &target).map_err(Error::io("link", target.clone()))?;
+        } else if ft.is_dir() {
+            bind_ro(&entry.path(), &target, true)?;
+        } else if ft.is_file() {
+            // Unreadable files (shadow for a non-root runtime) are left out.
+            let _ = std::fs::copy(entry.path(), &target);
         }
     }
     let usr = root.join("usr");
@@ -186,9 +209,10 @@ pub fn container_init(spec: &InitSpec) -> Result<std::convert::Infallible> {
     )
     .map_err(errno("mount proc on", &root.join("proc")))?;
     let hosts = root.join("etc/hosts");
-    if hosts.exists() {
-        mount_bind(&spec.etc_hosts, &hosts).map_err(errno("bind-mount", &hosts))?;
-    }
+    mount_point(&hosts, false)?;
+    mount_bind(&spec.etc_hosts, &hosts).map_err(errno("bind-mount", &hosts))?;
+    std::fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname))
+        .map_err(Error::io("write", root.join("etc/hostname")))?;
     for (path, host) in &spec.image_files {
         bind_ro(host, &inside(root, path), false)?;
     }
