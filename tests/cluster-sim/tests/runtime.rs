@@ -67,17 +67,8 @@ spec:
         - {{name: COMBINED, value: "$(GREETING)-world"}}
       volumeMounts:
         - {{name: creds, mountPath: /etc/creds, readOnly: true}}
-        - {{name: kube-api-access-x7k2p, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}}
   volumes:
     - {{name: creds, secret: {{secretName: creds}}}}
-    # What the ServiceAccount admission plugin adds (kube-sim does not add it yet).
-    - name: kube-api-access-x7k2p
-      projected:
-        defaultMode: 420
-        sources:
-          - serviceAccountToken: {{expirationSeconds: 3607, path: token}}
-          - configMap: {{name: kube-root-ca.crt, items: [{{key: ca.crt, path: ca.crt}}]}}
-          - downwardAPI: {{items: [{{path: namespace, fieldRef: {{apiVersion: v1, fieldPath: metadata.namespace}}}}]}}
 "#
     )
 }
@@ -124,6 +115,15 @@ async fn a_pod_of_a_known_image_runs_with_what_it_declared() -> Result<()> {
     };
     let one = running("one").await?;
     let two = running("two").await?;
+    // Admission gave the pod its ServiceAccount token volume, mounted where kube-rs looks.
+    let vols = one["spec"]["volumes"].as_array().unwrap();
+    assert!(
+        vols.iter().any(
+            |v| v["name"].as_str().unwrap().starts_with("kube-api-access-")
+                && v["projected"].is_object()
+        ),
+        "{vols:?}"
+    );
     let ip = one["status"]["podIP"].as_str().unwrap().to_owned();
     let ip2 = two["status"]["podIP"].as_str().unwrap().to_owned();
     assert_ne!(ip, ip2);
