@@ -205,3 +205,59 @@ async fn a_pod_of_a_known_image_runs_with_what_it_declared() -> Result<()> {
     sim.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_container_is_restarted_after_a_back_off() -> Result<()> {
+    let sim = Sim::start_with(1, images()).await?;
+    sim.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: crashy, namespace: default}
+spec:
+  containers: [{name: app, image: sim-test-server}]
+"#,
+    )
+    .await?;
+    sim.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/crashy",
+        "--timeout=120s",
+    ])
+    .await?;
+    let ip = sim.json(&["get", "pod", "crashy"]).await?["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.until("the server", || async {
+        Ok(http_get(&ip, "/env").await.ok())
+    })
+    .await?;
+    http_get(&ip, "/exit?3").await?;
+    let waiting = sim
+        .until("CrashLoopBackOff", || async {
+            let p = sim.json(&["get", "pod", "crashy"]).await?;
+            let cs = p["status"]["containerStatuses"][0].clone();
+            Ok((cs["state"]["waiting"]["reason"] == "CrashLoopBackOff").then_some(cs))
+        })
+        .await?;
+    assert_eq!(waiting["restartCount"], 1);
+    assert_eq!(waiting["lastState"]["terminated"]["exitCode"], 3);
+    assert_eq!(waiting["lastState"]["terminated"]["reason"], "Error");
+    assert_eq!(waiting["ready"], false);
+    // After the back-off the container runs again, with a new container ID.
+    sim.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/crashy",
+        "--timeout=120s",
+    ])
+    .await?;
+    let cs = sim.json(&["get", "pod", "crashy"]).await?["status"]["containerStatuses"][0].clone();
+    assert_eq!(cs["restartCount"], 1);
+    assert!(cs["state"]["running"].is_object());
+    assert_ne!(cs["containerID"], waiting["containerID"]);
+    sim.stop().await;
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! A test image for the simulated cluster: an HTTP server on :8080 that shows the pod
 //! from inside. `/readyz` answers 503 until `/ready-now` was called; `/env` is the
-//! environment, `/file?<path>` a file's content, `/whoami` the pod read from the API server
+//! environment, `/exit?<code>` ends the process, `/file?<path>` a file's content, `/whoami` the pod read from the API server
 //! with the in-cluster configuration (the mounted token, CA and KUBERNETES_SERVICE_*).
 
 use anyhow::Context;
@@ -48,6 +48,14 @@ async fn answer(target: &str, ready: &AtomicBool) -> (u16, String) {
             Ok(s) => (200, s),
             Err(e) => (404, e.to_string()),
         },
+        ("/exit", code) => {
+            let code: i32 = code.parse().unwrap_or(1);
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                std::process::exit(code);
+            });
+            (200, "bye".into())
+        }
         ("/whoami", _) => match whoami().await {
             Ok(s) => (200, s),
             Err(e) => (500, format!("{e:#}")),
