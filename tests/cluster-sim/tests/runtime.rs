@@ -94,6 +94,13 @@ kind: RoleBinding
 metadata: {name: read-pods, namespace: default}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: read-pods}
 subjects: [{kind: ServiceAccount, name: default, namespace: default}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: probe, namespace: default}
+spec:
+  selector: {app: probe}
+  ports: [{name: web, port: 80, targetPort: http}]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,8 +202,7 @@ async fn a_pod_of_a_known_image_runs_with_what_it_declared() -> Result<()> {
     );
     // Ready once the probe passes.
     http_get(&ip, "/ready-now").await?;
-    sim.kubectl(&["wait", "--for=condition=Ready", "pod/one", "--timeout=120s"])
-        .await?;
+    sim.wait_ready("one").await?;
     let p = sim.json(&["get", "pod", "two"]).await?;
     assert_eq!(
         p["status"]["containerStatuses"][0]["ready"], false,
@@ -219,13 +225,7 @@ spec:
 "#,
     )
     .await?;
-    sim.kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod/crashy",
-        "--timeout=120s",
-    ])
-    .await?;
+    sim.wait_ready("crashy").await?;
     let ip = sim.json(&["get", "pod", "crashy"]).await?["status"]["podIP"]
         .as_str()
         .unwrap()
@@ -247,13 +247,7 @@ spec:
     assert_eq!(waiting["lastState"]["terminated"]["reason"], "Error");
     assert_eq!(waiting["ready"], false);
     // After the back-off the container runs again, with a new container ID.
-    sim.kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod/crashy",
-        "--timeout=120s",
-    ])
-    .await?;
+    sim.wait_ready("crashy").await?;
     let cs = sim.json(&["get", "pod", "crashy"]).await?["status"]["containerStatuses"][0].clone();
     assert_eq!(cs["restartCount"], 1);
     assert!(cs["state"]["running"].is_object());

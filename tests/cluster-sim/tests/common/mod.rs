@@ -119,6 +119,14 @@ impl Sim {
         bail!("gave up waiting for {what}")
     }
 
+    /// `kubectl wait --for=condition=Ready pod/<name>` in the default namespace.
+    pub async fn wait_ready(&self, pod: &str) -> Result<()> {
+        let target = format!("pod/{pod}");
+        self.kubectl(&["wait", "--for=condition=Ready", &target, "--timeout=120s"])
+            .await?;
+        Ok(())
+    }
+
     pub async fn stop(mut self) {
         if let Some(c) = self.cluster.take() {
             c.stop().await;
