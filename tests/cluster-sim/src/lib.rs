@@ -68,6 +68,7 @@ pub struct Cluster {
     sim: Arc<kube_sim::KubeSim>,
     client: Client,
     tasks: Vec<JoinHandle<()>>,
+    kubelet_tasks: std::collections::BTreeMap<String, JoinHandle<()>>,
     kubelets: Vec<Arc<Kubelet>>,
     net: Arc<ClusterNet>,
     kubeconfig: PathBuf,
@@ -185,6 +186,12 @@ impl Cluster {
             |c: Client| async move { controllers::cronjob::pass(&c).await }
         );
         control!(
+            "nodelifecycle",
+            ["nodes"],
+            Duration::from_secs(5),
+            |c: Client| async move { controllers::nodelifecycle::pass(&c).await }
+        );
+        control!(
             "scheduler",
             [
                 "pods",
@@ -235,6 +242,7 @@ impl Cluster {
         }
         let images = Arc::new(opts.images.clone());
         let mut kubelets = Vec::new();
+        let mut kubelet_tasks = std::collections::BTreeMap::new();
         for i in 0..opts.nodes {
             let name = format!("node-{}", i + 1);
             let cfg = KubeletConfig {
@@ -253,13 +261,14 @@ impl Cluster {
             };
             let k = Kubelet::new(client.clone(), cfg, net.clone()).await?;
             let nudge = bus.subscribe(&["pods"]);
-            tasks.push(tokio::spawn(k.clone().run(nudge)));
+            kubelet_tasks.insert(k.cfg.node_name.clone(), tokio::spawn(k.clone().run(nudge)));
             kubelets.push(k);
         }
         Ok(Self {
             sim,
             client,
             tasks,
+            kubelet_tasks,
             kubelets,
             net,
             kubeconfig,
@@ -289,12 +298,26 @@ impl Cluster {
             .collect()
     }
 
+    /// Stops one node's kubelet as a node that dies would: its containers are killed and
+    /// it no longer renews its Lease (the node lifecycle controller then marks it Unknown).
+    pub async fn stop_node(&mut self, name: &str) {
+        if let Some(i) = self.kubelets.iter().position(|k| k.cfg.node_name == name) {
+            let k = self.kubelets.remove(i);
+            if let Some(t) = self.kubelet_tasks.remove(name) {
+                t.abort();
+                let _ = t.await;
+            }
+            k.mounts.unmount_all();
+        }
+    }
+
     /// Stops every loop and waits until their processes, sandboxes and mounts are gone.
     pub async fn stop(mut self) {
-        for t in &self.tasks {
+        let kubelet_tasks = std::mem::take(&mut self.kubelet_tasks);
+        for t in self.tasks.iter().chain(kubelet_tasks.values()) {
             t.abort();
         }
-        for t in self.tasks.drain(..) {
+        for t in self.tasks.drain(..).chain(kubelet_tasks.into_values()) {
             let _ = t.await;
         }
         for k in &self.kubelets {
@@ -307,7 +330,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(self.kubelet_tasks.values()) {
             t.abort();
         }
         for k in &self.kubelets {

@@ -228,3 +228,45 @@ spec: {accessModes: [ReadWriteOnce], storageClassName: local, resources: {reques
     sim.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_kubelet_stops_becomes_unknown_and_tainted() -> Result<()> {
+    let mut sim = Sim::start(2).await?;
+    sim.cluster.as_mut().unwrap().stop_node("node-2").await;
+    let node = sim
+        .until("node-2 to be Unknown", || async {
+            let n = sim.json(&["get", "node", "node-2"]).await?;
+            let unknown = n["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
+            });
+            Ok(unknown.then_some(n))
+        })
+        .await?;
+    let ready = node["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready["reason"], "NodeStatusUnknown");
+    assert_eq!(ready["message"], "Kubelet stopped posting node status.");
+    assert!(
+        node["spec"]["taints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute")
+    );
+    let other = sim.json(&["get", "node", "node-1"]).await?;
+    assert!(
+        other["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    );
+    sim.stop().await;
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod job;
 pub mod namespace;
+pub mod nodelifecycle;
 pub mod replicaset;
 pub mod statefulset;
 pub mod volume;

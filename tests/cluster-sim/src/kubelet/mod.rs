@@ -242,6 +242,11 @@ impl Kubelet {
                 if let Err(error) = node::renew_lease(&self.client, &self.cfg.node_name).await {
                     tracing::debug!(%error, "lease renewal failed");
                 }
+                if let Err(error) =
+                    node::repost_if_not_ready(&self.client, &self.cfg.node_name, self.node_ip).await
+                {
+                    tracing::debug!(%error, "node status failed");
+                }
                 next_lease = Instant::now() + Duration::from_secs(10);
             }
             if Instant::now() >= next_status {

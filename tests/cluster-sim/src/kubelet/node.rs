@@ -134,3 +134,18 @@ pub async fn heartbeat(client: &Client, name: &str) -> Result<()> {
     .map_err(Error::kube(format!("post the status of Node {name}")))?;
     Ok(())
 }
+
+/// Posts the full status again when the node is not Ready (the node lifecycle controller
+/// marked it Unknown while this kubelet was away), as a status change is posted at once.
+pub async fn repost_if_not_ready(client: &Client, name: &str, ip: Ipv4Addr) -> Result<()> {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = api
+        .get(name)
+        .await
+        .map_err(Error::kube(format!("read Node {name}")))?;
+    if util::node_is_ready(&node) {
+        return Ok(());
+    }
+    util::patch_status(&api, name, node_status(name, ip), &format!("Node {name}")).await?;
+    Ok(())
+}
