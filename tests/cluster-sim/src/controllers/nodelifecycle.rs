@@ -30,16 +30,44 @@ pub async fn pass(client: &Client) -> Result<()> {
             .iter()
             .find(|l| l.name_any() == name)
             .and_then(|l| l.spec.as_ref()?.renew_time.as_ref().map(|t| t.0));
-        let stale =
-            renewed.is_none_or(|t| t + jiff::SignedDuration::from_secs(GRACE_SECONDS) < now.0);
         let conditions = node
             .status
             .as_ref()
             .and_then(|s| s.conditions.clone())
             .unwrap_or_default();
+        // The last sign of life: the Lease, the Ready heartbeat, or the node's creation (a
+        // node that just registered has no Lease yet).
+        let heartbeat = conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .and_then(|c| c.last_heartbeat_time.as_ref().map(|t| t.0));
+        let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let last = [renewed, heartbeat, created].into_iter().flatten().max();
+        let stale = last.is_none_or(|t| t + jiff::SignedDuration::from_secs(GRACE_SECONDS) < now.0);
         let already = conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "Unknown");
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        if !stale && util::node_is_ready(&node) && taints.iter().any(|t| t.key == UNREACHABLE_TAINT)
+        {
+            // Back: the kubelet posted Ready again, so the taint goes.
+            let kept: Vec<_> = taints
+                .into_iter()
+                .filter(|t| t.key != UNREACHABLE_TAINT)
+                .collect();
+            util::merge_patch(
+                &api,
+                &name,
+                json!({"spec": {"taints": kept}}),
+                &format!("Node {name}"),
+            )
+            .await?;
+            continue;
+        }
         if !stale || already {
             continue;
         }
@@ -64,11 +92,7 @@ pub async fn pass(client: &Client) -> Result<()> {
             &format!("Node {name}"),
         )
         .await?;
-        let mut taints = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.clone())
-            .unwrap_or_default();
+        let mut taints = taints;
         if !taints.iter().any(|t| t.key == UNREACHABLE_TAINT) {
             taints.push(k8s_openapi::api::core::v1::Taint {
                 key: UNREACHABLE_TAINT.into(),
