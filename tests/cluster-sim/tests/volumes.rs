@@ -240,7 +240,11 @@ async fn a_node_whose_kubelet_stops_becomes_unknown_and_tainted() -> Result<()> 
                 cs.iter()
                     .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
             });
-            Ok(unknown.then_some(n))
+            // The condition and the taint are two writes; wait for both.
+            let tainted = n["spec"]["taints"]
+                .as_array()
+                .is_some_and(|ts| !ts.is_empty());
+            Ok((unknown && tainted).then_some(n))
         })
         .await?;
     let ready = node["status"]["conditions"]
