@@ -64,6 +64,28 @@ image:
 	DOCKER_BUILDKIT=1 docker build --target stash-operator -t $(REGISTRY)/stash-operator:$(TAG) .
 	DOCKER_BUILDKIT=1 docker build --target stash-node-agent -t $(REGISTRY)/stash-node-agent:$(TAG) .
 
+## cluster: a simulated cluster (kube-sim, NODES nodes whose kubelets run this checkout's
+## images as processes, a pushgateway) until Ctrl-C or `make cluster-down`; needs root
+NODES ?= 2
+CLUSTER_STATE ?= target/cluster
+PUSHGATEWAY_ADDR ?= 127.0.0.1:9091
+.PHONY: cluster cluster-down
+cluster: setup
+	$(CARGO) build --quiet --locked -p cluster-sim -p stash-node-agent -p stash-controller
+	@bin=$${CARGO_TARGET_DIR:-target}/debug; mkdir -p $(CLUSTER_STATE); \
+	.tools/bin/pushgateway --web.listen-address=$(PUSHGATEWAY_ADDR) \
+	  --persistence.file=$(CLUSTER_STATE)/pushgateway.dat >$(CLUSTER_STATE)/pushgateway.log 2>&1 & pg=$$!; \
+	trap 'kill $$pg 2>/dev/null' EXIT; \
+	echo "pushgateway: http://$(PUSHGATEWAY_ADDR) (log $(CLUSTER_STATE)/pushgateway.log)"; \
+	"$$bin/cluster-sim" up --state $(CLUSTER_STATE) --nodes $(NODES) \
+	  --image-binary stash-node-agent=$$bin/stash-node-agent,stash-operator=$$bin/stash-operator \
+	  --image-file /usr/local/bin/restic=.tools/bin/restic
+
+## cluster-down: stop the cluster `make cluster` started
+cluster-down:
+	@if [[ -f $(CLUSTER_STATE)/cluster-sim.pid ]]; then kill "$$(cat $(CLUSTER_STATE)/cluster-sim.pid)" && echo "stopping the cluster"; \
+	else echo "no cluster is running (no $(CLUSTER_STATE)/cluster-sim.pid)"; fi
+
 ## bench: benchmarks (ours and the baseline alternately), figures to bench/results/latest.json
 .PHONY: bench
 bench: setup

@@ -8,7 +8,8 @@
 #   garage       Garage S3 server, built from crates.io with cargo (slow: 15-30 minutes once)
 #   kubectl      the kubectl already on PATH if it works, else Debian trixie's kubectl package
 #   helm         helm-python-sdk (Helm v4's Go SDK as libhelm_c.so, used through ctypes) with
-#                pyyaml and pytest, in a venv; run it as .tools/bin/python-helm
+#                pyyaml and pytest, in a venv; run it as .tools/bin/python-helm, and
+#                .tools/bin/helm: the helm command line on that engine (tests/cluster-sim/helm.py)
 #
 # Where things go: a per-user cache outside the checkout, so every clone on the machine shares
 # one install and `git clean` does not throw away a 30-minute garage build:
@@ -390,6 +391,22 @@ exec "$here/../helm-venv/bin/python" "$@"'
     if [[ ! -f $BIN/python-helm || -L $BIN/python-helm || $(<"$BIN/python-helm") != "$wrapper" ]]; then
         printf '%s\n' "$wrapper" >"$WORK/python-helm"
         install_exe "$WORK/python-helm" "$BIN/python-helm"
+    fi
+    # `helm` itself: the command-line front end kept in the checkout, copied into the cache
+    # (the cache outlives checkouts), run by python-helm.
+    local cli=$REPO_ROOT/tests/cluster-sim/helm.py
+    if [[ ! -f $CACHE/helm-cli.py ]] || ! cmp -s "$cli" "$CACHE/helm-cli.py"; then
+        install -m 0644 "$cli" "$WORK/helm-cli.py"
+        mv -f "$WORK/helm-cli.py" "$CACHE/helm-cli.py"
+    fi
+    # shellcheck disable=SC2016  # the $ expressions belong to the wrapper
+    local helm_wrapper='#!/bin/sh
+# Written by scripts/setup.sh: helm on Helm'"'"'s own engine (helm-python-sdk).
+here=$(dirname "$(readlink -f "$0")")
+exec "$here/python-helm" "$here/../helm-cli.py" "$@"'
+    if [[ ! -f $BIN/helm || -L $BIN/helm || $(<"$BIN/helm") != "$helm_wrapper" ]]; then
+        printf '%s\n' "$helm_wrapper" >"$WORK/helm"
+        install_exe "$WORK/helm" "$BIN/helm"
     fi
 
     local v

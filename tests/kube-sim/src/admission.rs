@@ -135,13 +135,27 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    send_as(ep, req, None).await
+}
+
+/// Like [`send`], presenting `cert` if the server asks for a client certificate.
+pub async fn send_as<B>(
+    ep: &Endpoint,
+    req: http::Request<B>,
+    cert: Option<&crate::tls::ClientCert>,
+) -> Result<Response<hyper::body::Incoming>, CallError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(&ep.connect)
         .await
         .map_err(|source| CallError::Connect {
             addr: ep.connect.clone(),
             source,
         })?;
-    let cfg = crate::tls::client_config(&ep.ca_pem, ep.insecure)?;
+    let cfg = crate::tls::client_config_with_cert(&ep.ca_pem, ep.insecure, cert)?;
     let name = crate::tls::server_name(&ep.server_name)?;
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
@@ -362,7 +376,7 @@ pub async fn admit(
             let mut request = json!({
                 "uid": uid, "kind": gvk, "resource": gvr, "requestKind": gvk, "requestResource": gvr,
                 "name": name_of_req, "operation": op,
-                "userInfo": {"username": "kube-sim-admin", "groups": ["system:masters", "system:authenticated"]},
+                "userInfo": cx.user.to_json(),
                 "object": obj.clone().unwrap_or(Value::Null),
                 "oldObject": old.cloned().unwrap_or(Value::Null),
                 "dryRun": cx.query.get("dryRun").is_some_and(|d| d == "All"),
@@ -466,13 +480,15 @@ fn target_of(core: &Core, svc: &Value) -> Option<Target> {
     Some(Target { endpoint: ep })
 }
 
-/// Forwards a request to an aggregated API server and streams its answer back.
+/// Forwards a request to an aggregated API server and streams its answer back. The
+/// aggregator presents the front-proxy client certificate and says who the caller is in
+/// `X-Remote-*` headers (whatever such headers the caller sent are dropped).
 pub async fn proxy(
     core: &Arc<Core>,
     target: Target,
     req: http::Request<hyper::body::Incoming>,
+    user: &crate::auth::UserInfo,
 ) -> Response<Body> {
-    let _ = core;
     let ep = target.endpoint;
     if ep.connect.is_empty() {
         return error_response(&ApiError::new(
@@ -492,8 +508,16 @@ pub async fn proxy(
                 .unwrap_or_else(|| "/".into()),
         )
         .header(http::header::HOST, ep.server_name.clone())
-        .header("X-Remote-User", "kube-sim-admin")
-        .header("X-Remote-Group", "system:masters");
+        .header("X-Remote-User", user.name.as_str());
+    for g in &user.groups {
+        builder = builder.header("X-Remote-Group", g.as_str());
+    }
+    for (k, vs) in &user.extra {
+        let name = format!("X-Remote-Extra-{}", header_key_escape(k));
+        for v in vs {
+            builder = builder.header(name.as_str(), v.as_str());
+        }
+    }
     for (k, v) in parts.headers.iter() {
         if matches!(
             k.as_str(),
@@ -506,7 +530,7 @@ pub async fn proxy(
         Ok(r) => r,
         Err(e) => return error_response(&ApiError::internal(e.to_string())),
     };
-    match send(&ep, req).await {
+    match send_as(&ep, req, Some(&core.auth.front_proxy_client)).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             Response::from_parts(parts, body.map_err(|e| Box::new(e) as BodyError).boxed())
@@ -517,6 +541,21 @@ pub async fn proxy(
             format!("error trying to reach service: {e}"),
         )),
     }
+}
+
+/// Escapes an extra key for a header name as client-go does: bytes that are not header token
+/// characters (and `%` itself) become `%XX`.
+fn header_key_escape(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        let token = b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b);
+        if token {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Group/versions served by aggregated API servers; with `fetch`, their resource lists too.
@@ -550,11 +589,16 @@ pub async fn aggregated_apis(core: &Arc<Core>, fetch: bool) -> Vec<crate::discov
             let ep = target.endpoint.clone();
             let path = format!("/apis/{group}/{version}");
             let fut = async move {
+                // The aggregator's own discovery user.
                 let req = http::Request::get(path)
                     .header(http::header::ACCEPT, "application/json")
+                    .header("X-Remote-User", "system:kube-aggregator")
+                    .header("X-Remote-Group", crate::auth::MASTERS)
                     .body(Full::new(Bytes::new()))
                     .ok()?;
-                let resp = send(&ep, req).await.ok()?;
+                let resp = send_as(&ep, req, Some(&core.auth.front_proxy_client))
+                    .await
+                    .ok()?;
                 let bytes = resp.into_body().collect().await.ok()?.to_bytes();
                 serde_json::from_slice::<Value>(&bytes).ok()
             };

@@ -141,7 +141,18 @@ fn legacy_resources(d: &ResourceDef) -> Vec<Value> {
             "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"],
         }));
     }
+    if has_token(d) {
+        out.push(json!({
+            "name": "serviceaccounts/token", "singularName": "", "namespaced": true,
+            "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"],
+        }));
+    }
     out
+}
+
+/// ServiceAccounts have the TokenRequest subresource.
+fn has_token(d: &ResourceDef) -> bool {
+    d.group.is_empty() && d.plural == "serviceaccounts" && d.crd.is_none()
 }
 
 pub fn resource_list(defs: &[Arc<ResourceDef>], group: &str, version: &str) -> Value {
@@ -168,6 +179,13 @@ fn aggregated_resource(d: &ResourceDef) -> Value {
             "subresource": "scale",
             "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
             "verbs": ["get", "patch", "update"],
+        }));
+    }
+    if has_token(d) {
+        subs.push(json!({
+            "subresource": "token",
+            "responseKind": {"group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest"},
+            "verbs": ["create"],
         }));
     }
     let mut r = json!({

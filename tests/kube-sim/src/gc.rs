@@ -112,16 +112,7 @@ fn crd_defs(crd: &Value) -> Vec<ResourceDef> {
             .unwrap_or("")
             .to_owned()
     };
-    let strings = |p: &str| -> Vec<String> {
-        spec.pointer(p)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let strings = |p: &str| -> Vec<String> { string_list(spec.pointer(p)) };
     let kind = s("/names/kind");
     let singular = match s("/names/singular") {
         x if x.is_empty() => kind.to_lowercase(),
@@ -210,6 +201,7 @@ fn crd_defs(crd: &Value) -> Vec<ResourceDef> {
             status_on_create: StatusOnCreate::Drop,
             storage_version: v.get("storage").and_then(Value::as_bool) == Some(true),
             aggregated: false,
+            create_only: false,
         });
     }
     out
@@ -221,6 +213,9 @@ fn condition(t: &str, reason: &str, message: &str) -> Value {
 
 /// Hooks run under the store lock right after a write of `def`.
 pub fn after_write(core: &Core, st: &mut State, def: &ResourceDef, stored: &Arc<Value>) {
+    if def.crd.is_none() {
+        crate::auth::publish_root_ca(core, st, &def.group, &def.plural, stored);
+    }
     if is(def, "apiextensions.k8s.io", "customresourcedefinitions") {
         let name = name_of(stored).to_owned();
         let gr = def.gr();

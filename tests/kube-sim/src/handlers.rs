@@ -28,6 +28,8 @@ pub struct Ctx {
     pub accept: String,
     pub content_type: String,
     pub user_agent: String,
+    /// Who is asking (after impersonation).
+    pub user: crate::auth::UserInfo,
 }
 
 impl Ctx {
@@ -86,6 +88,12 @@ pub fn seed(core: &Core) {
         "status": {"loadBalancer": {}},
     });
     st.put(&gr("", "services"), svc);
+    crate::rbac::seed(&mut st);
+    crate::auth::publish_extension_authentication(core, &mut st);
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let obj = json!({"metadata": {"name": ns}});
+        crate::auth::publish_root_ca(core, &mut st, "", "namespaces", &obj);
+    }
 }
 
 pub fn gr(group: &str, resource: &str) -> Gr {
@@ -95,7 +103,7 @@ pub fn gr(group: &str, resource: &str) -> Gr {
     }
 }
 
-fn parse_body(body: &[u8], content_type: &str) -> ApiResult<Value> {
+pub(crate) fn parse_body(body: &[u8], content_type: &str) -> ApiResult<Value> {
     if body.is_empty() {
         return Err(ApiError::bad_request("the body of the request was empty"));
     }
@@ -1108,6 +1116,7 @@ pub async fn delete_collection(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body
             accept: cx.accept.clone(),
             content_type: cx.content_type.clone(),
             user_agent: cx.user_agent.clone(),
+            user: cx.user.clone(),
         };
         match delete_one(&sub, &name, &opts).await {
             Ok((_, v)) => items.push(v),

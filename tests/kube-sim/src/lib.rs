@@ -10,6 +10,7 @@
 
 mod admission;
 mod apply;
+mod auth;
 pub mod bench;
 mod cel;
 mod defaults;
@@ -18,6 +19,7 @@ mod gc;
 mod handlers;
 mod patch;
 mod proto;
+mod rbac;
 mod registry;
 mod schema;
 mod selectors;
@@ -36,7 +38,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-pub use tls::TlsIdentity;
+pub use auth::{ADMIN_TOKEN, ADMIN_USER};
+pub use tls::{ClientCert, TlsIdentity};
 
 /// The annotation on a Service that says where its pods really listen.
 pub const ADDRESS_ANNOTATION: &str = "kube-sim.io/address";
@@ -102,6 +105,8 @@ pub(crate) struct Core {
     pub gc: Notify,
     pub server_addr: Mutex<String>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// CAs, certificates and the token signing key.
+    pub auth: auth::Authority,
 }
 
 impl Core {
@@ -124,7 +129,7 @@ pub struct KubeSim {
     core: Arc<Core>,
     addr: SocketAddr,
     url: String,
-    ca_pem: Option<String>,
+    kubeconfig_ca: Option<String>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -143,12 +148,18 @@ impl KubeSim {
                 addr: opts.addr,
                 source,
             })?;
-        let identity = if opts.tls {
-            let ip = addr.ip().to_string();
-            Some(TlsIdentity::generate(&[ip.as_str(), "localhost"])?)
-        } else {
-            None
-        };
+        // The names a client may reach the API server by, in and out of the cluster.
+        let ip = addr.ip().to_string();
+        let authority = auth::Authority::generate(&[
+            ip.as_str(),
+            "127.0.0.1",
+            "localhost",
+            "10.96.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ])?;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let core = Arc::new(Core {
             state: Mutex::new(store::State::new(opts.history_limit)),
@@ -157,21 +168,28 @@ impl KubeSim {
             gc: Notify::new(),
             server_addr: Mutex::new(addr.to_string()),
             shutdown,
+            auth: authority,
         });
         handlers::seed(&core);
-        let tls_cfg = match &identity {
-            Some(id) => Some(id.server_config()?),
-            None => None,
+        let tls_cfg = if opts.tls {
+            Some(
+                core.auth
+                    .serving
+                    .server_config_with_client_ca(&core.auth.ca.pem)?,
+            )
+        } else {
+            None
         };
+        let kubeconfig_ca = opts.tls.then(|| core.auth.ca.pem.clone());
         tokio::spawn(server::serve(core.clone(), listener, tls_cfg));
         tokio::spawn(gc::run(core.clone()));
-        let scheme = if identity.is_some() { "https" } else { "http" };
+        let scheme = if opts.tls { "https" } else { "http" };
         tracing::info!(%addr, scheme, "kube-sim is serving");
         Ok(Self {
             core,
             addr,
             url: format!("{scheme}://{addr}"),
-            ca_pem: identity.map(|i| i.ca_pem),
+            kubeconfig_ca,
             stop,
         })
     }
@@ -184,10 +202,32 @@ impl KubeSim {
         &self.url
     }
 
-    /// A kubeconfig with one context, `kube-sim`, pointing at this server.
+    /// A kubeconfig with one context, `kube-sim`, pointing at this server as the admin
+    /// (`system:masters`).
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_with_user(&format!("token: {ADMIN_TOKEN}"))
+    }
+
+    /// A kubeconfig that authenticates with a bearer token (a ServiceAccount token from
+    /// `kubectl create token` or the TokenRequest API).
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
+        self.kubeconfig_with_user(&format!("token: {token}"))
+    }
+
+    /// A kubeconfig that authenticates with a client certificate (needs `Options::tls`).
+    pub fn kubeconfig_with_certificate(&self, cert: &ClientCert) -> String {
         use base64::Engine;
-        let ca = match &self.ca_pem {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        self.kubeconfig_with_user(&format!(
+            "client-certificate-data: {}\n    client-key-data: {}",
+            b64(&cert.cert_pem),
+            b64(&cert.key_pem)
+        ))
+    }
+
+    fn kubeconfig_with_user(&self, user: &str) -> String {
+        use base64::Engine;
+        let ca = match &self.kubeconfig_ca {
             Some(pem) => format!(
                 "\n    certificate-authority-data: {}",
                 base64::engine::general_purpose::STANDARD.encode(pem)
@@ -195,9 +235,37 @@ impl KubeSim {
             None => String::new(),
         };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {}{ca}\nusers:\n- name: kube-sim\n  user:\n    token: kube-sim\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {}{ca}\nusers:\n- name: kube-sim\n  user:\n    {user}\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\n",
             self.url
         )
+    }
+
+    /// The cluster CA (PEM): it signed the serving certificate and signs client certificates;
+    /// pods find it in the `kube-root-ca.crt` ConfigMap of their namespace.
+    pub fn ca_pem(&self) -> &str {
+        &self.core.auth.ca.pem
+    }
+
+    /// The CA of the front-proxy client certificate aggregated API servers are called with.
+    pub fn front_proxy_ca_pem(&self) -> &str {
+        &self.core.auth.front_proxy_ca.pem
+    }
+
+    /// A client certificate for `user` in up to two `groups`, signed by the cluster CA, as an
+    /// administrator would issue one (CN = user, O = groups).
+    pub fn client_certificate(
+        &self,
+        user: &str,
+        groups: &[&str],
+    ) -> Result<ClientCert, tls::TlsError> {
+        self.core.auth.ca.client(user, groups)
+    }
+
+    /// Moves the clock tokens are issued and checked by forward (a test hook for expiry).
+    pub fn advance_token_clock(&self, by: Duration) {
+        self.core
+            .auth
+            .advance_clock(i64::try_from(by.as_secs()).unwrap_or(i64::MAX));
     }
 
     /// Writes the kubeconfig atomically (temp file + rename), so a watcher never reads half.
@@ -211,9 +279,14 @@ impl KubeSim {
         std::fs::rename(&tmp, path).map_err(err)
     }
 
-    /// A kube client for this server.
+    /// A kube client for this server, as the admin.
     pub async fn client(&self) -> Result<kube::Client, ClientError> {
-        let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())?;
+        Self::client_for(&self.kubeconfig_yaml()).await
+    }
+
+    /// A kube client from one of this server's kubeconfigs.
+    pub async fn client_for(kubeconfig: &str) -> Result<kube::Client, ClientError> {
+        let kc = kube::config::Kubeconfig::from_yaml(kubeconfig)?;
         let cfg =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await?;

@@ -1,6 +1,7 @@
 //! Just enough of the Kubernetes protobuf encoding to accept the writes typed Go clients send
 //! as protobuf (Helm's release Secrets, `kubectl create namespace|configmap|secret`): the
-//! `k8s\0` envelope and the messages of Namespace, Secret, ConfigMap and ServiceAccount.
+//! `k8s\0` envelope and the messages of Namespace, Secret, ConfigMap, ServiceAccount,
+//! TokenRequest and the access and token reviews.
 //! Answers are always JSON, which those clients also accept.
 
 use base64::Engine;
@@ -80,6 +81,93 @@ const DELETE_OPTIONS: &[(u64, &str, F)] = &[
     (4, "propagationPolicy", F::Str),
     (5, "dryRun", F::RepStr),
 ];
+const BOUND_OBJECT_REF: &[(u64, &str, F)] = &[
+    (1, "kind", F::Str),
+    (2, "apiVersion", F::Str),
+    (3, "name", F::Str),
+    (4, "uid", F::Str),
+];
+const TOKEN_REQUEST_SPEC: &[(u64, &str, F)] = &[
+    (1, "audiences", F::RepStr),
+    (3, "boundObjectRef", F::Msg(BOUND_OBJECT_REF)),
+    (4, "expirationSeconds", F::Int),
+];
+const TOKEN_REQUEST: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(TOKEN_REQUEST_SPEC)),
+];
+const TOKEN_REVIEW_SPEC: &[(u64, &str, F)] = &[(1, "token", F::Str), (2, "audiences", F::RepStr)];
+const TOKEN_REVIEW: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(TOKEN_REVIEW_SPEC)),
+];
+const RESOURCE_ATTRIBUTES: &[(u64, &str, F)] = &[
+    (1, "namespace", F::Str),
+    (2, "verb", F::Str),
+    (3, "group", F::Str),
+    (4, "version", F::Str),
+    (5, "resource", F::Str),
+    (6, "subresource", F::Str),
+    (7, "name", F::Str),
+];
+const NON_RESOURCE_ATTRIBUTES: &[(u64, &str, F)] = &[(1, "path", F::Str), (2, "verb", F::Str)];
+const SUBJECT_ACCESS_REVIEW_SPEC: &[(u64, &str, F)] = &[
+    (1, "resourceAttributes", F::Msg(RESOURCE_ATTRIBUTES)),
+    (2, "nonResourceAttributes", F::Msg(NON_RESOURCE_ATTRIBUTES)),
+    (3, "user", F::Str),
+    (4, "groups", F::RepStr),
+    (6, "uid", F::Str),
+];
+const SUBJECT_ACCESS_REVIEW: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(SUBJECT_ACCESS_REVIEW_SPEC)),
+];
+const SELF_SUBJECT_RULES_REVIEW: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(&[(1, "namespace", F::Str)])),
+];
+const POLICY_RULE: &[(u64, &str, F)] = &[
+    (1, "verbs", F::RepStr),
+    (2, "apiGroups", F::RepStr),
+    (3, "resources", F::RepStr),
+    (4, "resourceNames", F::RepStr),
+    (5, "nonResourceURLs", F::RepStr),
+];
+const LABEL_SELECTOR_REQ: &[(u64, &str, F)] = &[
+    (1, "key", F::Str),
+    (2, "operator", F::Str),
+    (3, "values", F::RepStr),
+];
+const LABEL_SELECTOR: &[(u64, &str, F)] = &[
+    (1, "matchLabels", F::MapStr),
+    (2, "matchExpressions", F::RepMsg(LABEL_SELECTOR_REQ)),
+];
+const ROLE: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "rules", F::RepMsg(POLICY_RULE)),
+    (
+        3,
+        "aggregationRule",
+        F::Msg(&[(1, "clusterRoleSelectors", F::RepMsg(LABEL_SELECTOR))]),
+    ),
+];
+const SUBJECT: &[(u64, &str, F)] = &[
+    (1, "kind", F::Str),
+    (2, "apiGroup", F::Str),
+    (3, "name", F::Str),
+    (4, "namespace", F::Str),
+];
+const ROLE_REF: &[(u64, &str, F)] = &[
+    (1, "apiGroup", F::Str),
+    (2, "kind", F::Str),
+    (3, "name", F::Str),
+];
+const ROLE_BINDING: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "subjects", F::RepMsg(SUBJECT)),
+    (3, "roleRef", F::Msg(ROLE_REF)),
+];
+const METADATA_ONLY: &[(u64, &str, F)] = &[(1, "metadata", F::Msg(OBJECT_META))];
 const TYPE_META: &[(u64, &str, F)] = &[(1, "apiVersion", F::Str), (2, "kind", F::Str)];
 
 struct Reader<'a> {
@@ -235,6 +323,16 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtoError> {
         "Namespace" => NAMESPACE,
         "ServiceAccount" => SERVICE_ACCOUNT,
         "DeleteOptions" => DELETE_OPTIONS,
+        "TokenRequest" => TOKEN_REQUEST,
+        "TokenReview" => TOKEN_REVIEW,
+        // The self review's spec is the first two fields of the subject review's.
+        "SubjectAccessReview" | "LocalSubjectAccessReview" | "SelfSubjectAccessReview" => {
+            SUBJECT_ACCESS_REVIEW
+        }
+        "SelfSubjectRulesReview" => SELF_SUBJECT_RULES_REVIEW,
+        "SelfSubjectReview" => METADATA_ONLY,
+        "Role" | "ClusterRole" => ROLE,
+        "RoleBinding" | "ClusterRoleBinding" => ROLE_BINDING,
         _ => return Err(ProtoError::UnsupportedKind(kind)),
     };
     let mut obj = message(raw, schema)?;

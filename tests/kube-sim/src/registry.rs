@@ -71,6 +71,8 @@ pub struct ResourceDef {
     pub storage_version: bool,
     /// Served by an aggregated API server, not stored here.
     pub aggregated: bool,
+    /// A review kind: only `create`, answered and never stored.
+    pub create_only: bool,
 }
 
 impl ResourceDef {
@@ -95,6 +97,9 @@ impl ResourceDef {
     }
 
     pub fn verbs(&self) -> Vec<&'static str> {
+        if self.create_only {
+            return vec!["create"];
+        }
         vec![
             "create",
             "delete",
@@ -254,6 +259,7 @@ impl B {
                 status_on_create: StatusOnCreate::Keep,
                 storage_version: true,
                 aggregated: false,
+                create_only: false,
             },
         }
     }
@@ -280,6 +286,10 @@ impl B {
     }
     fn cols(mut self, c: Vec<Column>) -> Self {
         self.d.columns = c;
+        self
+    }
+    fn create_only(mut self) -> Self {
+        self.d.create_only = true;
         self
     }
     fn fields(mut self, f: &[&str]) -> Self {
@@ -506,6 +516,54 @@ fn builtins() -> Vec<ResourceDef> {
             "ClusterRoleBinding",
             false,
         ),
+        B::new(
+            "authorization.k8s.io",
+            "v1",
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+        )
+        .create_only(),
+        B::new(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            false,
+        )
+        .create_only(),
+        B::new(
+            "authorization.k8s.io",
+            "v1",
+            "localsubjectaccessreviews",
+            "LocalSubjectAccessReview",
+            true,
+        )
+        .create_only(),
+        B::new(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectrulesreviews",
+            "SelfSubjectRulesReview",
+            false,
+        )
+        .create_only(),
+        B::new(
+            "authentication.k8s.io",
+            "v1",
+            "tokenreviews",
+            "TokenReview",
+            false,
+        )
+        .create_only(),
+        B::new(
+            "authentication.k8s.io",
+            "v1",
+            "selfsubjectreviews",
+            "SelfSubjectReview",
+            false,
+        )
+        .create_only(),
         B::new(
             "apiextensions.k8s.io",
             "v1",

@@ -2,8 +2,10 @@
 //! turning every failure into a `Status` response so no request panics or hangs.
 
 use crate::Core;
+use crate::auth::{self, UserInfo};
 use crate::discovery;
 use crate::handlers::{self, Ctx};
+use crate::rbac;
 use crate::status::{ApiError, ApiResult};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode};
@@ -13,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -42,14 +45,19 @@ pub async fn serve(core: Arc<Core>, listener: TcpListener, tls: Option<Arc<rustl
         let acceptor = acceptor.clone();
         let mut shutdown = core.shutdown.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let core = core.clone();
-                async move { Ok::<_, Infallible>(handle(core, req).await) }
-            });
             let builder = hyper::server::conn::http1::Builder::new();
             let result = match acceptor {
                 Some(acc) => match acc.accept(stream).await {
                     Ok(tls) => {
+                        // A client certificate rustls verified against the cluster CA.
+                        let peer_user = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| crate::tls::subject_of(c.as_ref()))
+                            .map(Arc::new);
+                        let svc = service(core, peer_user);
                         let conn = builder.serve_connection(TokioIo::new(tls), svc);
                         tokio::select! { r = conn => r, _ = shutdown.changed() => Ok(()) }
                     }
@@ -59,7 +67,7 @@ pub async fn serve(core: Arc<Core>, listener: TcpListener, tls: Option<Arc<rustl
                     }
                 },
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let conn = builder.serve_connection(TokioIo::new(stream), service(core, None));
                     tokio::select! { r = conn => r, _ = shutdown.changed() => Ok(()) }
                 }
             };
@@ -68,6 +76,24 @@ pub async fn serve(core: Arc<Core>, listener: TcpListener, tls: Option<Arc<rustl
             }
         });
     }
+}
+
+type PeerUser = Option<Arc<(String, Vec<String>)>>;
+
+fn service(
+    core: Arc<Core>,
+    peer_user: PeerUser,
+) -> impl hyper::service::Service<
+    http::Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req| {
+        let core = core.clone();
+        let peer_user = peer_user.clone();
+        async move { Ok::<_, Infallible>(handle(core, peer_user, req).await) }
+    })
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -134,22 +160,41 @@ fn header(h: &HeaderMap, name: http::header::HeaderName) -> String {
         .to_owned()
 }
 
-async fn handle(core: Arc<Core>, req: http::Request<Incoming>) -> Response<Body> {
+/// Authentication (with impersonation): who the request acts as.
+fn identify(core: &Core, headers: &HeaderMap, peer_user: &PeerUser) -> ApiResult<UserInfo> {
+    let user = auth::authenticate(core, headers, peer_user.as_deref(), core.opts.tls)?;
+    Ok(auth::impersonate(core, &user, headers)?.unwrap_or(user))
+}
+
+async fn handle(
+    core: Arc<Core>,
+    peer_user: PeerUser,
+    req: http::Request<Incoming>,
+) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let raw_query = req.uri().query().unwrap_or("").to_owned();
     let query = parse_query(req.uri().query());
     let headers = req.headers().clone();
     let started = std::time::Instant::now();
+    // The filter chain of the real server: authenticate, impersonate, authorize.
+    let user = match identify(&core, &headers, &peer_user) {
+        Ok(u) => u,
+        Err(e) => return error_response(&e),
+    };
+    let attrs = rbac::attributes(&method, &path, &query);
+    if let rbac::Decision::Deny(reason) = rbac::authorize(&core, &user, &attrs) {
+        return error_response(&rbac::forbidden(&user, &attrs, &reason));
+    }
     // Aggregated APIs get the raw request, streamed.
     if let Some(target) = crate::admission::aggregated_target(&core, &path) {
-        return crate::admission::proxy(&core, target, req).await;
+        return crate::admission::proxy(&core, target, req, &user).await;
     }
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    let resp = match route(core, &method, &path, query, &headers, body).await {
+    let resp = match route(core, &method, &path, query, &headers, body, user).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
@@ -176,6 +221,7 @@ async fn route(
     query: HashMap<String, String>,
     headers: &HeaderMap,
     body: Bytes,
+    user: UserInfo,
 ) -> ApiResult<Response<Body>> {
     let accept = header(headers, http::header::ACCEPT);
     let segs: Vec<&str> = path
@@ -335,6 +381,7 @@ async fn route(
             "status" => def.status,
             "scale" => def.scale.is_some(),
             "finalize" => def.group.is_empty() && def.plural == "namespaces",
+            "token" => def.group.is_empty() && def.plural == "serviceaccounts",
             _ => false,
         };
         if !served {
@@ -350,7 +397,11 @@ async fn route(
         accept,
         content_type: header(headers, http::header::CONTENT_TYPE),
         user_agent: header(headers, http::header::USER_AGENT),
+        user,
     };
+    if sub == Some("token") || ctx.def.create_only {
+        return create_only(&ctx, method, name, sub, &body);
+    }
     let is_watch = watch_prefix
         || matches!(
             ctx.query.get("watch").map(String::as_str),
@@ -373,4 +424,32 @@ async fn route(
         (Method::DELETE, None, None) => handlers::delete_collection(&ctx, &body).await,
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// The kinds that are only ever created and answered, never stored: TokenRequest and the
+/// access and token reviews.
+fn create_only(
+    ctx: &Ctx,
+    method: &Method,
+    name: Option<&str>,
+    sub: Option<&str>,
+    body: &[u8],
+) -> ApiResult<Response<Body>> {
+    if *method != Method::POST || (sub.is_none() && name.is_some()) {
+        return Err(ApiError::method_not_allowed());
+    }
+    let req = handlers::parse_body(body, &ctx.content_type)?;
+    let answer = match (sub, name) {
+        (Some(_), Some(sa)) => auth::token_request(&ctx.core, &ctx.ns, sa, req)?,
+        _ => rbac::review(
+            &ctx.core,
+            &ctx.user,
+            &ctx.def.group,
+            &ctx.def.plural,
+            &ctx.ns,
+            req,
+        )
+        .unwrap_or_else(|| Err(ApiError::method_not_allowed()))?,
+    };
+    Ok(json_response(201, &answer))
 }

@@ -114,6 +114,10 @@ async fn get(sim: &KubeSim, path: &str, accept: &str) -> (u16, Value) {
         tokio::spawn(conn);
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, sim.addr().to_string())
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", kube_sim::ADMIN_TOKEN),
+            )
             .header(hyper::header::ACCEPT, accept)
             .body(Full::new(Bytes::new()))
             .unwrap();
@@ -128,6 +132,17 @@ async fn get(sim: &KubeSim, path: &str, accept: &str) -> (u16, Value) {
     tokio::time::timeout(Duration::from_secs(20), fut)
         .await
         .unwrap_or_else(|_| panic!("GET {path} hung"))
+}
+
+/// The APIService of the widgets group, served by `widgets/widgets-api:8443`.
+fn widgets_apiservice(ca_pem: &str) -> DynamicObject {
+    let mut svc = DynamicObject::new(&format!("{VERSION}.{GROUP}"), &apiservices());
+    svc.data = json!({"spec": {
+        "group": GROUP, "version": VERSION, "groupPriorityMinimum": 1000, "versionPriority": 15,
+        "service": {"namespace": "widgets", "name": "widgets-api", "port": 8443},
+        "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem),
+    }});
+    svc
 }
 
 fn apiservices() -> kube::api::ApiResource {
@@ -156,12 +171,7 @@ async fn aggregated_api_is_proxied_and_discovered() {
     assert_eq!(code, 404);
 
     let ar = apiservices();
-    let mut svc = DynamicObject::new(&format!("{VERSION}.{GROUP}"), &ar);
-    svc.data = json!({"spec": {
-        "group": GROUP, "version": VERSION, "groupPriorityMinimum": 1000, "versionPriority": 15,
-        "service": {"namespace": "widgets", "name": "widgets-api", "port": 8443},
-        "caBundle": base64::engine::general_purpose::STANDARD.encode(&id.ca_pem),
-    }});
+    let svc = widgets_apiservice(&id.ca_pem);
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
     api.create(&PostParams::default(), &svc).await.unwrap();
 
@@ -324,4 +334,230 @@ async fn aggregated_api_is_proxied_and_discovered() {
     assert_eq!(code, 503, "{status}");
     assert_eq!(status["kind"], "Status");
     assert_eq!(status["reason"], "ServiceUnavailable");
+}
+
+/// What the backend saw of one request: the client certificate's CN and the headers.
+type Calls = Arc<Mutex<Vec<(String, http::HeaderMap)>>>;
+
+/// A backend that, like an extension API server, asks for the front-proxy client certificate
+/// and answers every request with an empty list.
+async fn start_recording_backend(
+    cfg: Arc<rustls::ServerConfig>,
+    calls: Calls,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let cn = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| kube_sim::tls::subject_of(c.as_ref()))
+                    .map(|(cn, _)| cn)
+                    .unwrap_or_default();
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        calls
+                            .lock()
+                            .unwrap()
+                            .push((cn.clone(), req.headers().clone()));
+                        let body = json!({"apiVersion": format!("{GROUP}/{VERSION}"), "kind": "WidgetList",
+                        "metadata": {"resourceVersion": "1"}, "items": []});
+                        let mut resp =
+                            hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                        resp.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        async move { Ok::<_, Infallible>(resp) }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request as `token` with extra headers: status and body.
+async fn get_as(sim: &KubeSim, path: &str, token: &str, extra: &[(&str, &str)]) -> (u16, Value) {
+    let tcp = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path)
+        .header(hyper::header::HOST, sim.addr().to_string())
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(hyper::header::ACCEPT, "application/json");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_requests_carry_the_front_proxy_identity() {
+    let sim = KubeSim::start(Options::default()).await.unwrap();
+    let client = sim.client().await.unwrap();
+
+    // What an extension server reads to trust the aggregator.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), "kube-system");
+    let auth = cms
+        .get("extension-apiserver-authentication")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(
+        auth["requestheader-client-ca-file"],
+        sim.front_proxy_ca_pem()
+    );
+    assert_eq!(auth["client-ca-file"], sim.ca_pem());
+    assert_eq!(
+        auth["requestheader-allowed-names"],
+        r#"["front-proxy-client"]"#
+    );
+    assert_eq!(
+        auth["requestheader-username-headers"],
+        r#"["X-Remote-User"]"#
+    );
+    assert_eq!(auth["requestheader-group-headers"], r#"["X-Remote-Group"]"#);
+    assert_eq!(
+        auth["requestheader-extra-headers-prefix"],
+        r#"["X-Remote-Extra-"]"#
+    );
+
+    let id = TlsIdentity::generate(&["127.0.0.1", "widgets-api.widgets.svc"]).unwrap();
+    let calls: Calls = Arc::default();
+    let cfg = id
+        .server_config_with_client_ca(&auth["requestheader-client-ca-file"])
+        .unwrap();
+    let addr = start_recording_backend(cfg, calls.clone()).await;
+    sim.map_service("widgets", "widgets-api", 8443, &addr.to_string());
+    let ar = apiservices();
+    let svc = widgets_apiservice(&id.ca_pem);
+    Api::<DynamicObject>::all_with(client.clone(), &ar)
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+
+    // A ServiceAccount with a token.
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}});
+    let nss: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
+    );
+    nss.create(&PostParams::default(), &serde_json::from_value(ns).unwrap())
+        .await
+        .unwrap();
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), "x");
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "reader"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let tr = sas
+        .create_token_request("reader", &PostParams::default(), &Default::default())
+        .await
+        .unwrap();
+    let token = tr.status.unwrap().token;
+    let path = format!("/apis/{GROUP}/{VERSION}/namespaces/x/widgets");
+
+    // Without a grant, kube-sim's own authorizer refuses before anything is proxied.
+    let (code, st) = get_as(&sim, &path, &token, &[]).await;
+    assert_eq!(code, 403, "{st}");
+    assert_eq!(
+        st["message"],
+        format!(
+            r#"widgets.{GROUP} is forbidden: User "system:serviceaccount:x:reader" cannot list resource "widgets" in API group "{GROUP}" in the namespace "x""#
+        )
+    );
+    assert!(calls.lock().unwrap().iter().all(|(_, h)| {
+        h.get("x-remote-user")
+            .is_none_or(|u| u != "system:serviceaccount:x:reader")
+    }));
+
+    // With one, the backend gets the caller from the aggregator, not from the caller.
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), "x");
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "w"},
+        "rules": [{"apiGroups": [GROUP], "resources": ["widgets"], "verbs": ["list"]}]}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let rbs: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(client.clone(), "x");
+    rbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "w"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "w"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "x"}]}))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (code, list) = get_as(
+        &sim,
+        &path,
+        &token,
+        &[
+            ("X-Remote-User", "root"),
+            ("X-Remote-Group", "system:masters"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{list}");
+    let calls = calls.lock().unwrap();
+    let (cn, h) = calls
+        .iter()
+        .rev()
+        .find(|(_, h)| {
+            h.get("x-remote-user")
+                .is_some_and(|u| u != "system:kube-aggregator")
+        })
+        .expect("the backend saw the request");
+    assert_eq!(
+        cn, "front-proxy-client",
+        "the aggregator presents the front-proxy certificate"
+    );
+    let all = |name: &str| -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(all("x-remote-user"), ["system:serviceaccount:x:reader"]);
+    assert_eq!(
+        all("x-remote-group"),
+        [
+            "system:serviceaccounts",
+            "system:serviceaccounts:x",
+            "system:authenticated"
+        ]
+    );
+    let jti = all("x-remote-extra-authentication.kubernetes.io%2fcredential-id");
+    assert_eq!(jti.len(), 1, "{h:?}");
+    assert!(jti[0].starts_with("JTI="), "{jti:?}");
 }

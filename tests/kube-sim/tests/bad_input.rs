@@ -38,6 +38,10 @@ impl Conn {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.host)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", kube_sim::ADMIN_TOKEN),
+            )
             .header(hyper::header::ACCEPT, "application/json")
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_owned())))
@@ -324,7 +328,8 @@ async fn bad_requests_get_status_answers() {
     let (code, _, list) = c.send("GET", CMS, "").await;
     assert_eq!(code, 200, "{list}");
     assert_eq!(list["kind"], "ConfigMapList");
-    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    // `cm` and the `kube-root-ca.crt` every namespace has.
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
 }
 
 /// Bytes that are not HTTP at all get an answer and a closed connection, and the server lives on.
@@ -344,7 +349,7 @@ async fn garbage_on_the_wire_is_answered() {
     // A raw, hand-written request on a fresh connection still works.
     let mut tcp = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
     tcp.write_all(
-        b"GET /api/v1/namespaces/default HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /api/v1/namespaces/default HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer kube-sim\r\nConnection: close\r\n\r\n",
     )
     .await
     .unwrap();
