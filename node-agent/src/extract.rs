@@ -533,6 +533,10 @@ pub struct Extractor {
     seen: HashMap<(u64, u64), HashSet<OsString>>,
     placed: HashMap<PathBuf, Placed>,
     pending: Pending,
+    /// Direct mode: the first name of each staged file with several names.
+    staged_links: HashMap<(u64, u64), PathBuf>,
+    /// Files of the snapshot that could not be written: their links fail with them.
+    failed_files: HashSet<PathBuf>,
     /// What could not be set on the entry being restored (an extended attribute, say).
     notes: Vec<String>,
     /// Whether anything was written that a final `syncfs` must make durable.
@@ -564,6 +568,8 @@ impl Extractor {
             seen: HashMap::new(),
             placed: HashMap::new(),
             pending: Pending::new(),
+            failed_files: HashSet::new(),
+            staged_links: HashMap::new(),
             notes: Vec::new(),
             dirty: false,
             counter: 0,
@@ -686,7 +692,12 @@ impl Extractor {
         self.pass(input, Some(&pending))?;
         for (first, names) in pending {
             for name in names {
-                if !self.placed.contains_key(&name) {
+                let reported = self
+                    .report
+                    .failed
+                    .iter()
+                    .any(|f| Path::new(&f.path) == name);
+                if !self.placed.contains_key(&name) && !reported {
                     self.fail(
                         &name,
                         format!(
@@ -799,15 +810,15 @@ impl Extractor {
         name: &OsStr,
     ) -> Result<(), EntryError> {
         let dir = dirs.top();
-        let existing = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Some(st),
-            Err(Errno::NOENT) => None,
-            Err(e) => return Err(EntryError::Io(e.into())),
-        };
+        let existing = existing_at(dir, name)?;
         match &entry.kind {
             Kind::Dir => Ok(()),
             Kind::File { size } => {
-                let outcome = self.file(reader, dir, entry, *size, name, existing.as_ref())?;
+                let outcome = self
+                    .file(reader, dir, entry, *size, name, existing.as_ref())
+                    .inspect_err(|_| {
+                        self.failed_files.insert(rel.to_path_buf());
+                    })?;
                 let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
                 self.placed
                     .insert(rel.to_path_buf(), Placed { id: inode(&st) });
@@ -824,6 +835,11 @@ impl Extractor {
                 let src = safe_relative(target)?;
                 if self.placed.contains_key(&src) {
                     self.hard_link(dir, rel, name, &src)
+                } else if self.failed_files.contains(&src) {
+                    Err(EntryError::Io(io::Error::other(format!(
+                        "its hard link target {} could not be restored",
+                        src.display()
+                    ))))
                 } else {
                     self.pending.entry(src).or_default().push(rel.to_path_buf());
                     Ok(())
@@ -929,11 +945,7 @@ impl Extractor {
                 "hard link target not restored",
             )));
         };
-        let existing = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Some(st),
-            Err(Errno::NOENT) => None,
-            Err(e) => return Err(EntryError::Io(e.into())),
-        };
+        let existing = existing_at(dir, name)?;
         if existing.as_ref().map(inode) == Some(placed.id) {
             self.placed.insert(rel.to_path_buf(), placed);
             return Ok(());
@@ -1413,7 +1425,7 @@ impl Extractor {
                 .entry(live.top_id())
                 .or_default()
                 .insert(name.clone());
-            if let Err(e) = self.apply_one(live.top(), dir, &name, ft) {
+            if let Err(e) = self.apply_one(live.top(), dir, &child, &name, ft) {
                 self.fail(&child, e);
             }
             for note in std::mem::take(&mut self.notes) {
@@ -1429,15 +1441,52 @@ impl Extractor {
         &mut self,
         live: BorrowedFd<'_>,
         staged: BorrowedFd<'_>,
+        rel: &Path,
         name: &OsStr,
         ft: FileType,
     ) -> io::Result<()> {
         let st = rustix::fs::statat(staged, name, AtFlags::SYMLINK_NOFOLLOW)?;
-        let existing = match rustix::fs::statat(live, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Some(st),
-            Err(Errno::NOENT) => None,
-            Err(e) => return Err(e.into()),
-        };
+        // A further name of a file restic restored hard-linked: linked to the first name
+        // as that is now in the volume.
+        if ft == FileType::RegularFile
+            && st.st_nlink > 1
+            && let Some(first) = self.staged_links.get(&inode(&st)).cloned()
+        {
+            return match self.hard_link(live, rel, name, &first) {
+                Ok(()) => Ok(()),
+                Err(EntryError::Io(e)) => Err(e),
+                Err(EntryError::Stream(e)) => Err(io::Error::other(e.to_string())),
+            };
+        }
+        if !self.opts.owners {
+            // restic restored the snapshot's owners; --no-owners leaves the agent's.
+            rustix::fs::chownat(
+                staged,
+                name,
+                Some(rustix::process::geteuid()),
+                Some(rustix::process::getegid()),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        let placed = self.apply_file_or_special(live, staged, name, ft, &st);
+        if ft == FileType::RegularFile && st.st_nlink > 1 && placed.is_ok() {
+            let now = rustix::fs::statat(live, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            self.staged_links.insert(inode(&st), rel.to_path_buf());
+            self.placed
+                .insert(rel.to_path_buf(), Placed { id: inode(&now) });
+        }
+        placed
+    }
+
+    fn apply_file_or_special(
+        &mut self,
+        live: BorrowedFd<'_>,
+        staged: BorrowedFd<'_>,
+        name: &OsStr,
+        ft: FileType,
+        st: &Stat,
+    ) -> io::Result<()> {
+        let existing = existing_at(live, name)?;
         let same_type = existing.as_ref().is_some_and(|e| file_type(e) == ft);
         if ft == FileType::RegularFile {
             let open = |dir, flags| {
@@ -1495,6 +1544,15 @@ impl Extractor {
             xattrs: vec![],
         };
         set_special_metadata(live, name, &entry, self.owners)
+    }
+}
+
+/// What is at `name` in `dir` now, if anything (not following a symlink).
+fn existing_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Stat>> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
