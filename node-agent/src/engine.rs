@@ -660,7 +660,12 @@ fn dump_stream(
         action: "create a pipe",
         reason: e.to_string(),
     })?;
-    let sink = tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(writer)));
+    // restic's output is copied 8 KiB at a time; each write to a tokio file is a task on
+    // the blocking pool, so coalesce them into writes of 1 MiB.
+    let sink = tokio::io::BufWriter::with_capacity(
+        PIPE_CHUNK,
+        tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(writer))),
+    );
     let (restic, id) = (restic.clone(), id.to_owned());
     let task = handle.spawn(async move {
         restic
@@ -672,10 +677,13 @@ fn dump_stream(
             )
             .await
     });
-    Ok((reader, task))
+    Ok((std::io::BufReader::with_capacity(PIPE_CHUNK, reader), task))
 }
 
-type PipeReader = std::io::PipeReader;
+/// How much of the stream moves through the pipe at once.
+const PIPE_CHUNK: usize = 1 << 20;
+
+type PipeReader = std::io::BufReader<std::io::PipeReader>;
 type DumpTask = tokio::task::JoinHandle<Result<(), restic_wrapper::Error>>;
 
 fn wait_dump(handle: &tokio::runtime::Handle, task: DumpTask) -> Result<(), AgentError> {
@@ -736,12 +744,27 @@ async fn restore_direct(
         reason: e.to_string(),
     })?;
     let staging = crate::extract::Staging::create(&req.target)?;
+    // The live tree, hard-linked: restic then writes only what differs, beside it.
+    let (staging, mirrored) = tokio::task::spawn_blocking(move || {
+        let mirrored = staging.mirror();
+        (staging, mirrored)
+    })
+    .await
+    .map_err(|e| AgentError::Other {
+        action: "mirror the volume for the restore",
+        reason: e.to_string(),
+    })?;
+    if let Err(e) = mirrored {
+        tracing::warn!(error = %e, "restoring without a mirror of the live volume");
+    }
+    // `--delete` in the staging directory takes out the mirrored names the snapshot does
+    // not have (within the include): what is left is the snapshot's.
     let restic_opts = RestoreOptions {
         snapshot: id.to_owned(),
         target: staging.path().to_path_buf(),
         includes: req.include.clone(),
-        overwrite: Overwrite::Always,
-        delete: false,
+        overwrite: Overwrite::IfChanged,
+        delete: true,
         ..RestoreOptions::default()
     };
     let restored = match restic.restore(&restic_opts) {
@@ -763,7 +786,10 @@ async fn restore_direct(
         staging.remove()?;
         applied?;
         let mut report = ex.finish()?;
-        report.matched = report.matched.max(summary.total_files);
+        // The staging directory also holds mirrored names outside the include patterns.
+        report.matched = summary
+            .total_files
+            .max(summary.files_restored + summary.files_skipped);
         Ok(report)
     })
     .await

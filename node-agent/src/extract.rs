@@ -97,6 +97,9 @@ const DIR_FLAGS: OFlags = OFlags::DIRECTORY
 /// descriptors and no re-resolution of the whole path.
 const OPEN_DIRS: usize = 64;
 
+/// The longest path the kernel resolves in one call (restic goes by whole paths).
+const PATH_MAX: usize = 4096;
+
 /// The prefix of every temporary name: a hidden name no workload takes for its own.
 pub const TEMP_PREFIX: &str = ".stash-restore-";
 
@@ -539,8 +542,6 @@ pub struct Extractor {
     failed_files: HashSet<PathBuf>,
     /// What could not be set on the entry being restored (an extended attribute, say).
     notes: Vec<String>,
-    /// Whether anything was written that a final `syncfs` must make durable.
-    dirty: bool,
     counter: u64,
     buf: Vec<u8>,
     cmp: Vec<u8>,
@@ -571,7 +572,6 @@ impl Extractor {
             failed_files: HashSet::new(),
             staged_links: HashMap::new(),
             notes: Vec::new(),
-            dirty: false,
             counter: 0,
             buf: vec![0u8; CHUNK],
             cmp: vec![0u8; CHUNK],
@@ -653,7 +653,6 @@ impl Extractor {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        self.dirty = true;
         open_child_dir(dir, name)
     }
 
@@ -927,7 +926,6 @@ impl Extractor {
             remove_tree_at(dir, name)?;
         }
         rustix::fs::renameat(from_dir, from, dir, name)?;
-        self.dirty = true;
         Ok(())
     }
 
@@ -1038,7 +1036,7 @@ impl Extractor {
         let installed = (|| -> io::Result<()> {
             set_metadata(file.as_fd(), entry, self.owners, &mut self.notes)?;
             // Replacing a file: its new content must be on disk before the rename makes it
-            // the only copy. A new name waits for the restore's final syncfs.
+            // the only copy. A new name risks nothing (restic never syncs either).
             if existing.is_some() {
                 file.sync_data()?;
             }
@@ -1060,7 +1058,6 @@ impl Extractor {
                 Mode::from_raw_mode(0o600),
             )
         })?;
-        self.dirty = true;
         Ok(Sink::Write {
             temp,
             file: File::from(fd),
@@ -1170,7 +1167,7 @@ impl Extractor {
     }
 
     /// Deletes what the snapshot does not have (with `--delete`), turns links still
-    /// pending into failures, makes what was written durable and returns the report.
+    /// pending into failures and returns the report.
     pub fn finish(mut self) -> Result<ExtractReport, StreamError> {
         for (first, names) in std::mem::take(&mut self.pending) {
             for name in names {
@@ -1187,12 +1184,6 @@ impl Extractor {
                 Path::new("."),
                 format!("failed to delete extraneous files: {e}"),
             );
-        }
-        if self.dirty {
-            rustix::fs::syncfs(&self.root).map_err(|e| StreamError::Restore {
-                path: ".".into(),
-                source: e.into(),
-            })?;
         }
         Ok(self.report)
     }
@@ -1299,6 +1290,63 @@ impl Staging {
         &self.path
     }
 
+    /// Fills the staging directory with the live tree: directories recreated (with the live
+    /// owner, mode and times), regular files hard-linked. `restic restore --overwrite
+    /// if-changed` into it then skips what matches without writing a byte, and replaces a
+    /// file that differs by a new one (restic never writes into a file with several links),
+    /// leaving the live inode alone. Best effort: what cannot be linked (an immutable file,
+    /// a path too long) restic restores in full.
+    pub fn mirror(&self) -> io::Result<()> {
+        let staging = open_child_dir(self.target.as_fd(), &self.name)?;
+        let open = |root: BorrowedFd<'_>, rel: &Path| -> io::Result<OwnedFd> {
+            if rel.as_os_str().is_empty() {
+                return open_child_dir(root, OsStr::new("."));
+            }
+            Ok(rustix::fs::openat2(
+                root,
+                rel,
+                DIR_FLAGS,
+                Mode::empty(),
+                BENEATH,
+            )?)
+        };
+        let mut todo = vec![PathBuf::new()];
+        while let Some(rel) = todo.pop() {
+            let (Ok(live), Ok(staged)) =
+                (open(self.target.as_fd(), &rel), open(staging.as_fd(), &rel))
+            else {
+                continue;
+            };
+            for (name, ft) in list(live.as_fd())? {
+                if name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                    continue;
+                }
+                match ft {
+                    // restic works with whole paths: deeper than it can reach, nothing is
+                    // mirrored (it restores that part in full).
+                    FileType::Directory
+                        if self.path.as_os_str().len() + rel.as_os_str().len() + 2 * 256
+                            < PATH_MAX
+                            && rustix::fs::mkdirat(&staged, &name, Mode::from_raw_mode(0o700))
+                                .is_ok() =>
+                    {
+                        todo.push(rel.join(&name));
+                    }
+                    FileType::RegularFile => {
+                        let _ = rustix::fs::linkat(&live, &name, &staged, &name, AtFlags::empty());
+                    }
+                    _ => {}
+                }
+            }
+            if !rel.as_os_str().is_empty() {
+                // Last, as creating entries in it changed its times.
+                let entry = staged_entry(live.as_fd(), Kind::Dir)?;
+                set_metadata(staged.as_fd(), &entry, true, &mut Vec::new())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes what is left of the staging directory.
     pub fn remove(self) -> Result<(), StreamError> {
         match remove_tree_at(self.target.as_fd(), &self.name) {
@@ -1371,8 +1419,11 @@ impl Extractor {
                     continue;
                 }
             };
+            // A directory outside the include patterns keeps its live metadata, as in
+            // stream mode (restic sets none on it either).
             let meta = staged_entry(fd.as_fd(), Kind::Dir);
-            match meta.map(|m| self.go_to(&mut live, &rel, Some(&m))) {
+            let selected = self.selected(&rel).0;
+            match meta.map(|m| self.go_to(&mut live, &rel, selected.then_some(&m))) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) | Err(e) => {
                     self.fail(&rel, e);
@@ -1407,7 +1458,7 @@ impl Extractor {
         };
         let mut subdirs = Vec::new();
         let mut meta = None;
-        if !rel.as_os_str().is_empty() {
+        if !rel.as_os_str().is_empty() && self.selected(rel).0 {
             meta = staged_entry(dir, Kind::Dir).ok();
         }
         if let Err(e) = self.go_to(live, rel, meta.as_ref()) {
@@ -1499,6 +1550,11 @@ impl Extractor {
                 .map(File::from)
             };
             let new = open(staged, OFlags::RDONLY)?;
+            // Still the mirrored link of the live file: restic found it unchanged.
+            if existing.as_ref().map(inode) == Some(inode(st)) {
+                self.report.unchanged += 1;
+                return Ok(());
+            }
             if same_type
                 && existing.as_ref().is_some_and(|e| e.st_size == st.st_size)
                 && let Ok(old) = open(live, OFlags::RDONLY)
