@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod kubesim;
+pub mod restore;
 pub mod snapshots;
 
 use std::path::Path;

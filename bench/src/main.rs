@@ -38,6 +38,9 @@ async fn main() -> anyhow::Result<()> {
     } else if wanted("agent-budget") {
         more.extend(stash_bench::agent::budget(&data).await?);
     }
+    if wanted(stash_bench::restore::SCENARIO) {
+        more.extend(stash_bench::restore::run(&data, rounds.min(3)).await?);
+    }
     if wanted("kube-sim") {
         more.extend(stash_bench::kubesim::run(rounds).await?);
     }

@@ -178,11 +178,15 @@ pub struct RestoreArgs {
     /// Delete files in the target that are not in the snapshot.
     #[arg(long)]
     pub delete: bool,
-    /// Restore only these paths of the snapshot.
+    /// Restore only what these restic patterns select (restic's `--include`, in both modes).
     #[arg(long = "include")]
     pub include: Vec<String>,
-    /// Restore file owners (needs CAP_CHOWN).
-    #[arg(long)]
+    /// Leave owners as the restore creates them (the agent's own). By default owners are
+    /// restored whenever the agent may (as root), as restic and GNU tar do.
+    #[arg(long, env = "STASH_RESTORE_NO_OWNERS", conflicts_with = "owners")]
+    pub no_owners: bool,
+    /// Restore owners: the default, kept for scripts that pass it.
+    #[arg(long, hide = true)]
     pub owners: bool,
 }
 
@@ -359,7 +363,7 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 target: a.target,
                 delete: a.delete,
                 include: a.include,
-                owners: a.owners,
+                owners: !a.no_owners,
             };
             Ok(serde_json::to_string(
                 &engine::restore(&restic, req).await?,

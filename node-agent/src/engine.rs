@@ -14,7 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::budget::AssignmentBudget;
-use crate::extract::ExtractOptions;
+use crate::extract::{ExtractOptions, ExtractReport, Extractor};
 use crate::pattern::Patterns;
 use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
 use crate::stream::{Progress, ReadReport, StreamError, VolumeReader};
@@ -579,21 +579,179 @@ pub struct RestoreRequest {
     pub snapshot: String,
     pub target: PathBuf,
     pub delete: bool,
+    /// restic include patterns (in both modes, restic's semantics).
     pub include: Vec<String>,
+    /// Restore owners when the agent may (as root); on by default.
     pub owners: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct RestoreResult {
     pub snapshot_id: String,
+    /// Files written (new or replaced) and their bytes.
     pub bytes: u64,
     pub files: u64,
+    /// Files whose content already matched the snapshot, left as they were.
+    pub unchanged: u64,
+    pub deleted: u64,
     pub duration_seconds: f64,
     pub mode: Option<ReadMode>,
 }
 
+/// Runs `restic dump` of a stream snapshot into a pipe: the reading end, and the dump's
+/// outcome to wait for once it has been read.
+fn dump_stream(
+    handle: &tokio::runtime::Handle,
+    restic: &Restic,
+    id: &str,
+) -> Result<(PipeReader, DumpTask), AgentError> {
+    let (reader, writer) = std::io::pipe().map_err(|e| AgentError::Other {
+        action: "create a pipe",
+        reason: e.to_string(),
+    })?;
+    // restic's output is copied 8 KiB at a time; each write to a tokio file is a task on
+    // the blocking pool, so coalesce them into writes of 1 MiB.
+    let sink = tokio::io::BufWriter::with_capacity(
+        PIPE_CHUNK,
+        tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(writer))),
+    );
+    let (restic, id) = (restic.clone(), id.to_owned());
+    let task = handle.spawn(async move {
+        restic
+            .dump(
+                &id,
+                &format!("/{STREAM_FILE}"),
+                &SnapshotFilter::default(),
+                sink,
+            )
+            .await
+    });
+    Ok((std::io::BufReader::with_capacity(PIPE_CHUNK, reader), task))
+}
+
+/// How much of the stream moves through the pipe at once.
+const PIPE_CHUNK: usize = 1 << 20;
+
+type PipeReader = std::io::BufReader<std::io::PipeReader>;
+type DumpTask = tokio::task::JoinHandle<Result<(), restic_wrapper::Error>>;
+
+fn wait_dump(handle: &tokio::runtime::Handle, task: DumpTask) -> Result<(), AgentError> {
+    handle
+        .block_on(task)
+        .map_err(|e| AgentError::Other {
+            action: "wait for restic dump",
+            reason: e.to_string(),
+        })?
+        .map_err(AgentError::from)
+}
+
+/// A stream restore, on a blocking thread: the stream is read once, and a second time only
+/// for hard links whose first name the first read did not restore.
+fn restore_stream(
+    handle: &tokio::runtime::Handle,
+    restic: &Restic,
+    id: &str,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, AgentError> {
+    if is_block_device(target) {
+        let (reader, dump) = dump_stream(handle, restic, id)?;
+        let extracted = crate::extract::extract_block(reader, target);
+        // An extraction error (an unsafe path, say) explains a broken pipe in dump.
+        let dumped = wait_dump(handle, dump);
+        let report = extracted?;
+        dumped?;
+        return Ok(report);
+    }
+    let mut ex = Extractor::new(target, opts)?;
+    let (reader, dump) = dump_stream(handle, restic, id)?;
+    let extracted = ex.extract(reader);
+    let dumped = wait_dump(handle, dump);
+    extracted?;
+    dumped?;
+    if ex.needs_second_pass() {
+        let (reader, dump) = dump_stream(handle, restic, id)?;
+        let extracted = ex.extract_links(reader);
+        let dumped = wait_dump(handle, dump);
+        extracted?;
+        dumped?;
+    }
+    Ok(ex.finish()?)
+}
+
+/// A direct restore that never writes into a live file: restic restores into a staging
+/// directory inside the volume (same filesystem), whose entries then replace the live ones
+/// one rename at a time; identical files are left alone, `--delete` applies last.
+async fn restore_direct(
+    restic: &Restic,
+    id: &str,
+    req: &RestoreRequest,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, AgentError> {
+    std::fs::create_dir_all(&req.target).map_err(|e| AgentError::Other {
+        action: "create the restore target",
+        reason: e.to_string(),
+    })?;
+    let staging = crate::extract::Staging::create(&req.target)?;
+    // The live tree, hard-linked: restic then writes only what differs, beside it.
+    let (staging, mirrored) = tokio::task::spawn_blocking(move || {
+        let mirrored = staging.mirror();
+        (staging, mirrored)
+    })
+    .await
+    .map_err(|e| AgentError::Other {
+        action: "mirror the volume for the restore",
+        reason: e.to_string(),
+    })?;
+    if let Err(e) = mirrored {
+        tracing::warn!(error = %e, "restoring without a mirror of the live volume");
+    }
+    // `--delete` in the staging directory takes out the mirrored names the snapshot does
+    // not have (within the include): what is left is the snapshot's.
+    let restic_opts = RestoreOptions {
+        snapshot: id.to_owned(),
+        target: staging.path().to_path_buf(),
+        includes: req.include.clone(),
+        overwrite: Overwrite::IfChanged,
+        delete: true,
+        ..RestoreOptions::default()
+    };
+    let restored = match restic.restore(&restic_opts) {
+        Ok(run) => run.finish().await.map_err(AgentError::from),
+        Err(e) => Err(e.into()),
+    };
+    let (target, opts) = (req.target.clone(), opts.clone());
+    tokio::task::spawn_blocking(move || -> Result<ExtractReport, AgentError> {
+        // restic's own errors leave the live volume as it was: only the staging goes.
+        let summary = match restored {
+            Ok(summary) => summary,
+            Err(e) => {
+                staging.remove()?;
+                return Err(e);
+            }
+        };
+        let mut ex = Extractor::new(&target, &opts)?;
+        let applied = ex.apply_staged(&staging);
+        staging.remove()?;
+        applied?;
+        let mut report = ex.finish()?;
+        // The staging directory also holds mirrored names outside the include patterns.
+        report.matched = summary
+            .total_files
+            .max(summary.files_restored + summary.files_skipped);
+        Ok(report)
+    })
+    .await
+    .map_err(|e| AgentError::Other {
+        action: "wait for the staged restore",
+        reason: e.to_string(),
+    })?
+}
+
 pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResult, AgentError> {
     let started = Instant::now();
+    // Bad patterns are refused before anything is read or written.
+    let include = Patterns::new(&req.include)?;
     let wanted = req.snapshot.clone();
     let snap = with_native(restic, |r| {
         let wanted = wanted.clone();
@@ -606,66 +764,51 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
         }
         e => AgentError::ListSnapshots(e),
     })?;
-    let mut result = if snap.has_tag(TAG_STREAM) {
-        let (reader, writer) = std::io::pipe().map_err(|e| AgentError::Other {
-            action: "create a pipe",
-            reason: e.to_string(),
-        })?;
-        let opts = ExtractOptions {
-            delete_extraneous: req.delete,
-            include: req.include.clone(),
-            owners: req.owners,
-        };
-        let target = req.target.clone();
-        let block = is_block_device(&target);
-        let extractor = tokio::task::spawn_blocking(move || {
-            if block {
-                crate::extract::extract_block(reader, &target)
-            } else {
-                crate::extract::extract(reader, &target, &opts)
-            }
-        });
-        let sink =
-            tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(writer)));
-        let dumped = restic
-            .dump(
-                &snap.id,
-                &format!("/{STREAM_FILE}"),
-                &SnapshotFilter::default(),
-                sink,
-            )
-            .await;
-        let extracted = extractor.await.map_err(|e| AgentError::Other {
+    let opts = ExtractOptions {
+        delete_extraneous: req.delete,
+        include,
+        owners: req.owners,
+    };
+    let (report, mode) = if snap.has_tag(TAG_STREAM) {
+        let (restic, id, target, opts) = (
+            restic.clone(),
+            snap.id.clone(),
+            req.target.clone(),
+            opts.clone(),
+        );
+        let handle = tokio::runtime::Handle::current();
+        let report = tokio::task::spawn_blocking(move || {
+            restore_stream(&handle, &restic, &id, &target, &opts)
+        })
+        .await
+        .map_err(|e| AgentError::Other {
             action: "wait for the extractor",
             reason: e.to_string(),
-        })?;
-        // An extraction error (an unsafe path, say) explains a broken pipe in dump.
-        let report = extracted?;
-        dumped?;
-        RestoreResult {
-            bytes: report.bytes,
-            files: report.files,
-            mode: Some(ReadMode::Stream),
-            ..RestoreResult::default()
-        }
+        })??;
+        (report, ReadMode::Stream)
     } else {
-        let opts = RestoreOptions {
-            snapshot: snap.id.clone(),
-            target: req.target.clone(),
-            includes: req.include.clone(),
-            overwrite: Overwrite::IfChanged,
-            delete: req.delete,
-            ..RestoreOptions::default()
-        };
-        let summary = restic.restore(&opts)?.finish().await?;
-        RestoreResult {
-            bytes: summary.total_bytes,
-            files: summary.total_files,
-            mode: Some(ReadMode::Direct),
-            ..RestoreResult::default()
-        }
+        (
+            restore_direct(restic, &snap.id, &req, &opts).await?,
+            ReadMode::Direct,
+        )
     };
-    result.snapshot_id = snap.id;
-    result.duration_seconds = started.elapsed().as_secs_f64();
-    Ok(result)
+    if !req.include.is_empty() && report.matched == 0 {
+        return Err(AgentError::NothingMatched {
+            patterns: req.include.clone(),
+        });
+    }
+    if !report.failed.is_empty() {
+        return Err(AgentError::RestoreIncomplete {
+            failed: report.failed,
+        });
+    }
+    Ok(RestoreResult {
+        snapshot_id: snap.id,
+        bytes: report.bytes,
+        files: report.files,
+        unchanged: report.unchanged,
+        deleted: report.deleted,
+        duration_seconds: started.elapsed().as_secs_f64(),
+        mode: Some(mode),
+    })
 }

@@ -1,6 +1,7 @@
 //! The agent's error type: one variant per kind of action that failed, each with a fixed
 //! category (metric label, condition reason) and whether trying again later can help.
 
+use crate::extract::Failure;
 use crate::hostpath::ResolveError;
 use crate::pattern::PatternError;
 use crate::stream::StreamError;
@@ -49,6 +50,27 @@ pub enum AgentError {
     /// An include or exclude pattern that cannot be parsed or can match nothing.
     #[error(transparent)]
     Pattern(#[from] PatternError),
+    /// Some entries of a restore could not be written; the rest were, and each failure is
+    /// named: a user has to fix each.
+    #[error("failed to restore {}: {}", failed_count(failed), failed_list(failed))]
+    RestoreIncomplete { failed: Vec<Failure> },
+    #[error("failed to restore anything: no entry of the snapshot matches {patterns:?}")]
+    NothingMatched { patterns: Vec<String> },
+}
+
+fn failed_count(failed: &[Failure]) -> String {
+    match failed.len() {
+        1 => "1 entry".into(),
+        n => format!("{n} entries"),
+    }
+}
+
+fn failed_list(failed: &[Failure]) -> String {
+    failed
+        .iter()
+        .map(|f| format!("{}: {}", f.path, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl AgentError {
@@ -85,6 +107,8 @@ impl AgentError {
             AgentError::Other { .. } => "internal",
             AgentError::NoSnapshot(_) => "not-found",
             AgentError::Pattern(e) => e.category(),
+            AgentError::RestoreIncomplete { .. } => "restore-incomplete",
+            AgentError::NothingMatched { .. } => "bad-pattern",
         }
     }
 
@@ -116,6 +140,8 @@ impl AgentError {
             | AgentError::Other { .. }
             | AgentError::NoSnapshot(_) => false,
             AgentError::Pattern(e) => e.is_retryable(),
+            // What stopped those entries (ENOSPC, an immutable file) needs someone to act.
+            AgentError::RestoreIncomplete { .. } | AgentError::NothingMatched { .. } => false,
         }
     }
 }

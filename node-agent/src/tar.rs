@@ -14,6 +14,21 @@ pub const BLOCK: usize = 512;
 /// than this is stored densely instead.
 pub const MAX_SEGMENTS: usize = 1 << 20;
 
+/// The largest pax header written or read: it holds an entry's extended attributes, which
+/// Linux bounds at 64 KiB a value and 64 KiB of names (thousands of values on XFS or
+/// tmpfs). The writer refuses an entry whose header would be larger, saying so, so that
+/// whatever a backup writes its restore reads.
+pub const MAX_PAX: usize = 64 << 20;
+
+/// The largest ustar mtime (eleven octal digits, the year 2242).
+const MAX_USTAR_TIME: i64 = 0o77777777777;
+
+/// The pax prefix GNU tar uses for an extended attribute (name raw after it).
+const SCHILY_XATTR: &[u8] = b"SCHILY.xattr.";
+/// libarchive's: name percent-encoded, value base64. Used for names a SCHILY key cannot
+/// carry (a pax key ends at its first `=`).
+const LIBARCHIVE_XATTR: &[u8] = b"LIBARCHIVE.xattr.";
+
 /// Longest decimal number in a sparse map (u64::MAX has 20 digits).
 const MAX_DIGITS: usize = 20;
 
@@ -176,7 +191,10 @@ impl<W: Write> TarWriter<W> {
         if !octal(&mut h[124..136], size) {
             return Err(io::Error::other("entry too large for a tar header"));
         }
-        octal(&mut h[136..148], e.mtime_secs.max(0) as u64);
+        octal(
+            &mut h[136..148],
+            e.mtime_secs.clamp(0, MAX_USTAR_TIME) as u64,
+        );
         h[156] = typeflag;
         let l = link.len().min(100);
         h[157..157 + l].copy_from_slice(&link[..l]);
@@ -285,14 +303,32 @@ impl<W: Write> TarWriter<W> {
         if e.gid > 0o7777777 {
             pax_record(&mut pax, b"gid", e.gid.to_string().as_bytes());
         }
-        if e.mtime_nanos != 0 || e.mtime_secs < 0 {
-            let t = format!("{}.{:09}", e.mtime_secs, e.mtime_nanos);
-            pax_record(&mut pax, b"mtime", t.as_bytes());
+        if e.mtime_nanos != 0 || !(0..=MAX_USTAR_TIME).contains(&e.mtime_secs) {
+            pax_record(
+                &mut pax,
+                b"mtime",
+                pax_time(e.mtime_secs, e.mtime_nanos).as_bytes(),
+            );
         }
         for (k, v) in &e.xattrs {
-            let mut key = b"SCHILY.xattr.".to_vec();
-            key.extend_from_slice(k);
-            pax_record(&mut pax, &key, v);
+            if k.contains(&b'=') {
+                let key = [LIBARCHIVE_XATTR, &percent_encode(k)].concat();
+                pax_record(&mut pax, &key, &base64_encode(v));
+            } else {
+                pax_record(&mut pax, &[SCHILY_XATTR, k].concat(), v);
+            }
+        }
+        if pax.len() > MAX_PAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the extended attributes of {} take {} bytes, more than the {} MiB a \
+                     stream entry carries",
+                    String::from_utf8_lossy(&e.path),
+                    pax.len(),
+                    MAX_PAX >> 20
+                ),
+            ));
         }
         if !pax.is_empty() {
             let pax_entry = Entry {
@@ -407,8 +443,11 @@ impl<R: Read> TarReader<R> {
     }
 
     fn read_pax(&mut self, size: u64) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        if size > 16 << 20 {
-            return Err(bad("pax header larger than 16 MiB"));
+        if size > MAX_PAX as u64 {
+            return Err(bad(&format!(
+                "pax header larger than {} MiB",
+                MAX_PAX >> 20
+            )));
         }
         let mut data = vec![0u8; size as usize];
         self.input.read_exact(&mut data)?;
@@ -517,15 +556,13 @@ impl<R: Read> TarReader<R> {
                     b"size" => size = parse_dec(&v)?,
                     b"uid" => uid = parse_dec(&v)?,
                     b"gid" => gid = parse_dec(&v)?,
-                    b"mtime" => {
-                        let text = String::from_utf8_lossy(&v).into_owned();
-                        let (s, frac) = text.split_once('.').unwrap_or((&text, ""));
-                        mtime_secs = s.parse().map_err(|_| bad("pax mtime"))?;
-                        let frac = format!("{frac:0<9}");
-                        mtime_nanos = frac[..9].parse().map_err(|_| bad("pax mtime"))?;
+                    b"mtime" => (mtime_secs, mtime_nanos) = parse_pax_time(&v)?,
+                    k if k.starts_with(SCHILY_XATTR) => {
+                        xattrs.push((k[SCHILY_XATTR.len()..].to_vec(), v));
                     }
-                    k if k.starts_with(b"SCHILY.xattr.") => {
-                        xattrs.push((k[b"SCHILY.xattr.".len()..].to_vec(), v));
+                    k if k.starts_with(LIBARCHIVE_XATTR) => {
+                        let name = percent_decode(&k[LIBARCHIVE_XATTR.len()..])?;
+                        xattrs.push((name, base64_decode(&v)?));
                     }
                     _ => {}
                 }
@@ -731,6 +768,105 @@ impl<R: Read> MapLines<'_, R> {
     }
 }
 
+/// A time as pax writes it: decimal seconds with a fraction, the sign applying to both
+/// (`-1.25` is a quarter second after -2).
+fn pax_time(secs: i64, nanos: u32) -> String {
+    if secs < 0 && nanos > 0 {
+        format!("-{}.{:09}", -(secs + 1), 1_000_000_000 - nanos)
+    } else {
+        format!("{secs}.{nanos:09}")
+    }
+}
+
+fn parse_pax_time(v: &[u8]) -> io::Result<(i64, u32)> {
+    let text = std::str::from_utf8(v).map_err(|_| bad("pax mtime"))?;
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("pax mtime"));
+    }
+    let whole: i64 = whole.parse().map_err(|_| bad("pax mtime"))?;
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nanos: u32 = digits.parse().map_err(|_| bad("pax mtime"))?;
+    Ok(match (negative, nanos) {
+        (false, _) => (whole, nanos),
+        (true, 0) => (-whole, 0),
+        (true, n) => (-whole - 1, 1_000_000_000 - n),
+    })
+}
+
+/// Percent-encodes what a pax key cannot hold as such (`=`, `%`, controls, non-ASCII).
+fn percent_encode(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    for b in name {
+        if b.is_ascii_graphic() && *b != b'=' && *b != b'%' {
+            out.push(*b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+fn percent_decode(text: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| bad("xattr name escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(text[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(BASE64[(n >> (18 - 6 * i) & 63) as usize]);
+        }
+    }
+    // libarchive writes and reads it unpadded.
+    out
+}
+
+fn base64_decode(text: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for b in text.iter().take_while(|b| **b != b'=') {
+        let v = BASE64
+            .iter()
+            .position(|c| c == b)
+            .ok_or_else(|| bad("xattr value is not base64"))?;
+        acc = acc << 6 | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Ok(out)
+}
+
 fn parse_dec(v: &[u8]) -> io::Result<u64> {
     std::str::from_utf8(v)
         .ok()
@@ -799,6 +935,76 @@ mod tests {
         }
         assert_eq!(back, entries);
         Ok(())
+    }
+
+    #[test]
+    fn times_and_attributes_ustar_cannot_hold_round_trip() -> io::Result<()> {
+        let mut entries = Vec::new();
+        for (secs, nanos) in [
+            (-1, 500_000_000),
+            (-2, 750_000_000),
+            (-86_400 * 365 * 30, 0),
+            (0, 1),
+            (MAX_USTAR_TIME, 0),
+            (MAX_USTAR_TIME + 1, 0),
+            (9_000_000_000_000, 999_999_999),
+        ] {
+            let mut e = entry(format!("t{secs}").as_bytes(), Kind::File { size: 0 });
+            (e.mtime_secs, e.mtime_nanos) = (secs, nanos);
+            entries.push(e);
+        }
+        let mut odd = entry(b"odd", Kind::File { size: 0 });
+        odd.xattrs = vec![
+            (b"user.key=part".to_vec(), b"value=with=signs".to_vec()),
+            (b"user.%pct".to_vec(), vec![0, 255, 10, b'=']),
+            (b"user.plain".to_vec(), b"a\nb".to_vec()),
+            (b"user.big".to_vec(), vec![7u8; 65536]),
+        ];
+        entries.push(odd);
+        let mut w = TarWriter::new(Vec::new());
+        for e in &entries {
+            w.append_header(e)?;
+        }
+        let bytes = w.finish()?;
+        let mut r = TarReader::new(&bytes[..]);
+        let mut back = Vec::new();
+        while let Some(e) = r.next_entry()? {
+            back.push(e);
+        }
+        assert_eq!(back, entries);
+        // A pre-1970 time as GNU tar writes it (its listing shows such times wrongly).
+        let dir = tempfile::tempdir()?;
+        let f = dir.path().join("old");
+        std::fs::write(&f, b"")?;
+        let status = std::process::Command::new("touch")
+            .args(["-d", "1969-12-31 23:59:58.75 UTC"])
+            .arg(&f)
+            .status()?;
+        assert!(status.success());
+        let out = std::process::Command::new("tar")
+            .args(["--format=pax", "-cf", "-", "-C"])
+            .arg(dir.path())
+            .arg("old")
+            .output()?;
+        assert!(out.status.success());
+        let e = TarReader::new(&out.stdout[..])
+            .next_entry()?
+            .ok_or_else(|| io::Error::other("no entry"))?;
+        assert_eq!((e.mtime_secs, e.mtime_nanos), (-2, 750_000_000));
+        assert_eq!(pax_time(-2, 750_000_000), "-1.250000000");
+        Ok(())
+    }
+
+    #[test]
+    fn attributes_beyond_the_pax_limit_are_refused_when_written() {
+        let mut e = entry(b"huge", Kind::File { size: 0 });
+        e.xattrs = (0..1100)
+            .map(|i| (format!("user.a{i}").into_bytes(), vec![1u8; 65536]))
+            .collect();
+        let mut w = TarWriter::new(Vec::new());
+        let err = w.append_header(&e).expect_err("too large");
+        assert!(err.to_string().contains("more than the 64 MiB"), "{err}");
+        assert_eq!(w.written(), 0);
     }
 
     #[test]
