@@ -49,6 +49,11 @@ pub enum AgentError {
     },
     #[error("snapshot {0} not found")]
     NoSnapshot(String),
+    #[error(
+        "failed to restore snapshot {0}: it is incomplete (the agent that made it died \
+         mid-backup); restore an earlier one"
+    )]
+    IncompleteSnapshot(String),
 }
 
 impl AgentError {
@@ -60,6 +65,7 @@ impl AgentError {
             AgentError::Stream(_) => "stream",
             AgentError::Other { .. } => "internal",
             AgentError::NoSnapshot(_) => "not-found",
+            AgentError::IncompleteSnapshot(_) => "incomplete-snapshot",
         }
     }
 }
@@ -181,14 +187,13 @@ where
     use_it(reader).await
 }
 
-/// The newest snapshot of a host and volume key (and read mode, when given), found by the
-/// native reader without starting restic.
-async fn last_snapshot(
+/// The snapshots of a host and volume key, oldest first, found by the native reader
+/// without starting restic.
+async fn key_snapshots(
     restic: &Restic,
     host: Option<&str>,
     key: Option<&str>,
-    mode_tag: Option<&str>,
-) -> Option<restic_wrapper::Snapshot> {
+) -> Vec<restic_wrapper::Snapshot> {
     let key_tag = key.map(key_tag);
     // Before this process has a reader for the repository, list the snapshot files without
     // the key: a repository without any (a first backup) then costs no scrypt derivation.
@@ -196,17 +201,77 @@ async fn last_snapshot(
     // object store for every backup.
     if !readers().contains_key(&reader_id(restic)) {
         let repo = restic.repository();
-        let files = restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()).ok()?;
+        let Ok(files) = restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()) else {
+            return Vec::new();
+        };
         if files.snapshot_ids().await.is_ok_and(|ids| ids.is_empty()) {
-            return None;
+            return Vec::new();
         }
     }
     let snapshots = with_native(restic, |r| async move { r.snapshots().await }).await;
-    snapshots.ok()?.into_iter().rfind(|s| {
-        host.is_none_or(|h| s.hostname == h)
-            && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
-            && mode_tag.is_none_or(|t| s.has_tag(t))
-    })
+    let mut snapshots = snapshots.unwrap_or_default();
+    snapshots.retain(|s| {
+        host.is_none_or(|h| s.hostname == h) && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
+    });
+    snapshots
+}
+
+/// Whether a snapshot holds what its backup read. A stream that ends because its agent
+/// died (or failed) ends for restic in a read error, never an end of file (see
+/// `restic_wrapper::Restic::backup_stdin`): restic then saves a snapshot *without* the
+/// stream's file and exits 3, and a dead agent cannot delete it. Such a snapshot is never a
+/// parent, an "unchanged" reference or a restore's `latest`, is refused by a restore, and
+/// the next backup of its key deletes it. restic (≥ 0.17) records what it saved in the
+/// snapshot's summary; a snapshot without one (older restic, never a stream) is complete.
+pub fn is_complete(snapshot: &restic_wrapper::Snapshot) -> bool {
+    if !snapshot.has_tag(TAG_STREAM) {
+        return true;
+    }
+    snapshot
+        .summary
+        .as_ref()
+        .and_then(|s| s.get("total_files_processed"))
+        .and_then(serde_json::Value::as_u64)
+        .is_none_or(|files| files > 0)
+}
+
+/// The newest complete snapshot of `snapshots` (in one read mode, when given).
+fn newest_complete(
+    snapshots: &[restic_wrapper::Snapshot],
+    mode_tag: Option<&str>,
+) -> Option<restic_wrapper::Snapshot> {
+    snapshots
+        .iter()
+        .rfind(|s| is_complete(s) && mode_tag.is_none_or(|t| s.has_tag(t)))
+        .cloned()
+}
+
+/// Deletes the snapshots of a key that earlier backups left incomplete (their agent died
+/// before it could delete them). Best effort: they are never used anyway, and a repository
+/// busy with other backups refuses `forget` its exclusive lock, so a failure only leaves
+/// them to the next backup. Without a key, other volumes' snapshots cannot be told apart:
+/// nothing is deleted.
+async fn remove_incomplete(
+    restic: &Restic,
+    key: Option<&str>,
+    snapshots: &[restic_wrapper::Snapshot],
+) {
+    let ids: Vec<String> = snapshots
+        .iter()
+        .filter(|s| key.is_some() && !is_complete(s))
+        .map(|s| s.id.clone())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    match restic.forget_snapshots(&ids, false).await {
+        Ok(()) => tracing::info!(snapshots = ?ids, "deleted snapshots left incomplete"),
+        Err(error) => tracing::warn!(
+            %error,
+            snapshots = ?ids,
+            "failed to delete snapshots left incomplete; the next backup tries again"
+        ),
+    }
 }
 
 fn is_block_device(path: &Path) -> bool {
@@ -214,10 +279,10 @@ fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
-/// The newest snapshot of a host and volume key, in either mode: what "restore the latest"
-/// means for a volume.
+/// The newest complete snapshot of a host and volume key, in either mode: what "restore the
+/// latest" means for a volume.
 pub async fn latest(restic: &Restic, host: &str, key: &str) -> Option<restic_wrapper::Snapshot> {
-    last_snapshot(restic, Some(host), Some(key), None).await
+    newest_complete(&key_snapshots(restic, Some(host), Some(key)).await, None)
 }
 
 /// A digest of the volume's metadata (names, types, sizes, times, modes, owners, link
@@ -321,10 +386,15 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     if let Some(k) = &req.key {
         tags.push(key_tag(k));
     }
+    // What the backup found of its key, for the clean-up once it is done.
+    let mut found = Vec::new();
     let mut result = match req.mode {
         ReadMode::Stream if is_block_device(&req.path) => {
             // A raw device has no metadata to compare: it is read every time.
             tags.push(TAG_STREAM.into());
+            if req.key.is_some() {
+                found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await;
+            }
             backup_stream(restic, &req, tags).await?
         }
         ReadMode::Direct if is_block_device(&req.path) => {
@@ -338,13 +408,8 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             let path = req.path.clone();
             let skip = req.on_unreadable == UnreadablePolicy::Warn;
             let walk = tokio::task::spawn_blocking(move || manifest_digest(&path, skip));
-            let prev = last_snapshot(
-                restic,
-                req.host.as_deref(),
-                req.key.as_deref(),
-                Some(TAG_STREAM),
-            )
-            .await;
+            found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await;
+            let prev = newest_complete(&found, Some(TAG_STREAM));
             let (digest, bytes_total, files_total) =
                 walk.await.map_err(|e| AgentError::Other {
                     action: "scan the volume",
@@ -375,13 +440,8 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
         }
         ReadMode::Direct => {
             tags.push(TAG_DIRECT.into());
-            let parent = last_snapshot(
-                restic,
-                req.host.as_deref(),
-                req.key.as_deref(),
-                Some(TAG_DIRECT),
-            )
-            .await;
+            found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await;
+            let parent = newest_complete(&found, Some(TAG_DIRECT));
             let opts = BackupOptions {
                 host: req.host.clone(),
                 tags,
@@ -428,6 +488,20 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             }
             let (summary, unreadable) = match finished {
                 Ok(summary) => (summary, vec![]),
+                // Some files could not be read and the rest matched the parent, so restic
+                // saved nothing (`--skip-if-unchanged`). Under `Warn` the volume is
+                // unchanged: its parent left out the same files.
+                Err(restic_wrapper::Error::IncompleteBackup {
+                    snapshot_id: None,
+                    unreadable,
+                }) if opts.skip_if_unchanged && req.on_unreadable == UnreadablePolicy::Warn => {
+                    let summary = restic_wrapper::BackupSummary {
+                        total_bytes_processed: req.progress.bytes.load(Ordering::Relaxed),
+                        total_files_processed: req.progress.files.load(Ordering::Relaxed),
+                        ..Default::default()
+                    };
+                    (summary, volume_relative(&req.path, unreadable))
+                }
                 // restic saved a snapshot without the files it could not read.
                 Err(restic_wrapper::Error::IncompleteBackup {
                     snapshot_id: Some(id),
@@ -459,6 +533,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             }
         }
     };
+    remove_incomplete(restic, req.key.as_deref(), &found).await;
     result.mode = Some(req.mode);
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
@@ -626,6 +701,9 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
     })
     .await
     .map_err(|_| AgentError::NoSnapshot(req.snapshot.clone()))?;
+    if !is_complete(&snap) {
+        return Err(AgentError::IncompleteSnapshot(snap.id));
+    }
     let mut result = if snap.has_tag(TAG_STREAM) {
         let (reader, writer) = std::io::pipe().map_err(|e| AgentError::Other {
             action: "create a pipe",
