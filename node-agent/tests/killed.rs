@@ -119,3 +119,99 @@ async fn a_killed_stream_backup_leaves_no_snapshot_that_looks_complete() -> Resu
 async fn a_killed_direct_backup_leaves_no_snapshot_that_looks_complete() -> Result {
     killed_standalone("direct").await
 }
+
+/// What a stream backup leaves where restic outlives its agent (no parent-death signal
+/// reached it): restic's input fails instead of ending, so it saves a snapshot without the
+/// stream's file (and exits 3), carrying the agent's tags. That snapshot is refused by a
+/// restore, is not `latest`, is no "unchanged" reference, and the next backup deletes it.
+#[tokio::test]
+async fn a_stream_cut_short_is_saved_without_its_file_and_never_used() -> Result {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let volume = dir.path().join("volume");
+    let mut ledger = Ledger::new(
+        &dir.path().join("repo"),
+        dir.path(),
+        &restic_bin(),
+        PASSWORD,
+    )?;
+    ledger.restic.init().await?;
+    ledger.fill(&volume, 1)?;
+    let request = || engine::BackupRequest {
+        host: Some(HOST.into()),
+        key: Some(KEY.into()),
+        ..engine::BackupRequest::new(&volume, engine::ReadMode::Stream)
+    };
+    let first = engine::backup(&ledger.restic, request()).await?;
+    let first_id = first.snapshot_id.clone().unwrap_or_default();
+
+    // The agent's side of restic's input, as `restic_wrapper` sets it up, dying mid-stream.
+    let (mut ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+    theirs.write_all(b".")?;
+    let (digest, _, _) = engine::manifest_digest(&volume, false)?;
+    let restic = Command::new(restic_bin())
+        .args([
+            "backup",
+            "--json",
+            "--stdin",
+            "--stdin-filename",
+            "volume.tar",
+        ])
+        .args([
+            "--host",
+            HOST,
+            "--tag",
+            &format!("{}{KEY}", engine::TAG_KEY_PREFIX),
+        ])
+        .args(["--tag", engine::TAG_STREAM])
+        .args(["--tag", &format!("{}{digest}", engine::TAG_MANIFEST_PREFIX)])
+        .arg("--no-cache")
+        .env("RESTIC_REPOSITORY", &ledger.repo)
+        .env("RESTIC_PASSWORD", PASSWORD)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    ours.write_all(&vec![7u8; 1 << 20])?;
+    drop(ours);
+    let out = restic.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(3), "restic took the cut for an end");
+    let cut: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message_type"] == "summary")
+        .ok_or_else(|| anyhow::anyhow!("restic printed no summary"))?;
+    let cut_id = cut["snapshot_id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(cut["total_files_processed"], 0, "{cut}");
+
+    let refused = engine::restore(
+        &ledger.restic,
+        engine::RestoreRequest {
+            snapshot: cut_id.clone(),
+            target: dir.path().join("target"),
+            delete: false,
+            include: vec![],
+            owners: false,
+        },
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(engine::AgentError::IncompleteSnapshot(_))),
+        "{refused:?}"
+    );
+    let latest = engine::latest(&ledger.restic, HOST, KEY)
+        .await
+        .map(|s| s.id);
+    assert_eq!(latest.as_deref(), Some(first_id.as_str()));
+
+    // Same volume, same manifest as the cut snapshot: unchanged, but against the whole one.
+    let next = engine::backup(&ledger.restic, request()).await?;
+    assert!(next.unchanged, "{next:?}");
+    assert_eq!(next.snapshot_id.as_deref(), Some(first_id.as_str()));
+    let listed = ledger.stock(&["snapshots", "--json"])?;
+    assert!(
+        !String::from_utf8_lossy(&listed).contains(&cut_id),
+        "the cut-short snapshot is still there"
+    );
+    ledger.all_whole().await
+}
