@@ -132,6 +132,10 @@ pub fn kill_after_read(agent: &mut Child, threshold: u64) -> Result<Death> {
             anyhow::ensure!(started.elapsed() < HANG, "restic {restic} does not stop");
             std::thread::sleep(Duration::from_millis(1));
         }
+        // It ended before the stop took hold: the backup is finishing; look again.
+        if gone(restic) {
+            continue;
+        }
         agent.kill()?;
         agent.wait()?;
         // The agent has been reaped, so the kernel has done all it does at its death.
