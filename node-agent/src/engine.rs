@@ -167,15 +167,14 @@ where
     use_it(reader).await
 }
 
-/// The newest snapshot of a host and volume key (and read mode, when given), found by the
-/// native reader without starting restic. A listing that fails is an error, never "none":
-/// taken for "none", it would make a backup without its parent or restore nothing.
-async fn last_snapshot(
+/// The snapshots of a host and volume key, oldest first, found by the native reader
+/// without starting restic. A listing that fails is an error, never "none": taken for
+/// "none", it would make a backup without its parent or restore nothing.
+async fn key_snapshots(
     restic: &Restic,
     host: Option<&str>,
     key: Option<&str>,
-    mode_tag: Option<&str>,
-) -> Result<Option<restic_wrapper::Snapshot>, AgentError> {
+) -> Result<Vec<restic_wrapper::Snapshot>, AgentError> {
     let key_tag = key.map(key_tag);
     // Before this process has a reader for the repository, list the snapshot files without
     // the key: a repository without any (a first backup) then costs no scrypt derivation.
@@ -191,14 +190,14 @@ async fn last_snapshot(
                     .map_err(AgentError::ListSnapshots)?
                     .is_empty()
                 {
-                    return Ok(None);
+                    return Ok(Vec::new());
                 }
             }
             Err(restic_wrapper::NativeError::Unsupported(_)) => {}
             Err(e) => return Err(AgentError::ListSnapshots(e)),
         }
     }
-    let snapshots = match with_native(restic, |r| async move { r.snapshots().await }).await {
+    let mut snapshots = match with_native(restic, |r| async move { r.snapshots().await }).await {
         Ok(s) => s,
         // A backend the native reader does not speak: restic lists them.
         Err(restic_wrapper::NativeError::Unsupported(_)) => {
@@ -206,11 +205,68 @@ async fn last_snapshot(
         }
         Err(e) => return Err(AgentError::ListSnapshots(e)),
     };
-    Ok(snapshots.into_iter().rfind(|s| {
-        host.is_none_or(|h| s.hostname == h)
-            && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
-            && mode_tag.is_none_or(|t| s.has_tag(t))
-    }))
+    snapshots.retain(|s| {
+        host.is_none_or(|h| s.hostname == h) && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
+    });
+    Ok(snapshots)
+}
+
+/// Whether a snapshot holds what its backup read. A stream that ends because its agent
+/// died (or failed) ends for restic in a read error, never an end of file (see
+/// `restic_wrapper::Restic::backup_stdin`): restic then saves a snapshot *without* the
+/// stream's file and exits 3, and a dead agent cannot delete it. Such a snapshot is never a
+/// parent, an "unchanged" reference or a restore's `latest`, is refused by a restore, and
+/// the next backup of its key deletes it. restic (≥ 0.17) records what it saved in the
+/// snapshot's summary; a snapshot without one (older restic, never a stream) is complete.
+pub fn is_complete(snapshot: &restic_wrapper::Snapshot) -> bool {
+    if !snapshot.has_tag(TAG_STREAM) {
+        return true;
+    }
+    snapshot
+        .summary
+        .as_ref()
+        .and_then(|s| s.get("total_files_processed"))
+        .and_then(serde_json::Value::as_u64)
+        .is_none_or(|files| files > 0)
+}
+
+/// The newest complete snapshot of `snapshots` (in one read mode, when given).
+fn newest_complete(
+    snapshots: &[restic_wrapper::Snapshot],
+    mode_tag: Option<&str>,
+) -> Option<restic_wrapper::Snapshot> {
+    snapshots
+        .iter()
+        .rfind(|s| is_complete(s) && mode_tag.is_none_or(|t| s.has_tag(t)))
+        .cloned()
+}
+
+/// Deletes the snapshots of a key that earlier backups left incomplete (their agent died
+/// before it could delete them). Best effort: they are never used anyway, and a repository
+/// busy with other backups refuses `forget` its exclusive lock, so a failure only leaves
+/// them to the next backup. Without a key, other volumes' snapshots cannot be told apart:
+/// nothing is deleted.
+async fn remove_incomplete(
+    restic: &Restic,
+    key: Option<&str>,
+    snapshots: &[restic_wrapper::Snapshot],
+) {
+    let ids: Vec<String> = snapshots
+        .iter()
+        .filter(|s| key.is_some() && !is_complete(s))
+        .map(|s| s.id.clone())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    match restic.forget_snapshots(&ids, false).await {
+        Ok(()) => tracing::info!(snapshots = ?ids, "deleted snapshots left incomplete"),
+        Err(error) => tracing::warn!(
+            %error,
+            snapshots = ?ids,
+            "failed to delete snapshots left incomplete; the next backup tries again"
+        ),
+    }
 }
 
 fn is_block_device(path: &Path) -> bool {
@@ -218,14 +274,17 @@ fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
-/// The newest snapshot of a host and volume key, in either mode: what "restore the latest"
-/// means for a volume.
+/// The newest complete snapshot of a host and volume key, in either mode: what "restore the
+/// latest" means for a volume.
 pub async fn latest(
     restic: &Restic,
     host: &str,
     key: &str,
 ) -> Result<Option<restic_wrapper::Snapshot>, AgentError> {
-    last_snapshot(restic, Some(host), Some(key), None).await
+    Ok(newest_complete(
+        &key_snapshots(restic, Some(host), Some(key)).await?,
+        None,
+    ))
 }
 
 /// A digest of everything a stream backup would carry of the volume (see
@@ -255,10 +314,15 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     // Bad patterns or paths fail the backup before anything is read.
     let excludes = Patterns::new(&req.excludes)?;
     let paths = volume_paths(&req.paths)?;
+    // What the backup found of its key, for the clean-up once it is done.
+    let mut found = Vec::new();
     let mut result = match req.mode {
         ReadMode::Stream if is_block_device(&req.path) => {
             // A raw device has no metadata to compare: it is read every time.
             tags.push(TAG_STREAM.into());
+            if req.key.is_some() {
+                found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await?;
+            }
             backup_stream(restic, &req, tags).await?
         }
         ReadMode::Direct if is_block_device(&req.path) => {
@@ -276,13 +340,8 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 let volume = Volume::open(&path, &excludes, &paths)?;
                 manifest_digest(&volume, &budget, skip)
             });
-            let prev = last_snapshot(
-                restic,
-                req.host.as_deref(),
-                req.key.as_deref(),
-                Some(TAG_STREAM),
-            )
-            .await?;
+            found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await?;
+            let prev = newest_complete(&found, Some(TAG_STREAM));
             let (digest, bytes_total, files_total) =
                 walk.await.map_err(|e| AgentError::Other {
                     action: "scan the volume",
@@ -313,13 +372,8 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
         }
         ReadMode::Direct => {
             tags.push(TAG_DIRECT.into());
-            let parent = last_snapshot(
-                restic,
-                req.host.as_deref(),
-                req.key.as_deref(),
-                Some(TAG_DIRECT),
-            )
-            .await?;
+            found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await?;
+            let parent = newest_complete(&found, Some(TAG_DIRECT));
             // restic starts inside the volume through the root's descriptor, never by a path
             // a tenant could change, and matches excludes against host paths: they are
             // anchored beneath the host path restic will see (see `Patterns::beneath`).
@@ -376,6 +430,20 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             }
             let (summary, unreadable) = match finished {
                 Ok(summary) => (summary, vec![]),
+                // Some files could not be read and the rest matched the parent, so restic
+                // saved nothing (`--skip-if-unchanged`). Under `Warn` the volume is
+                // unchanged: its parent left out the same files.
+                Err(restic_wrapper::Error::IncompleteBackup {
+                    snapshot_id: None,
+                    unreadable,
+                }) if opts.skip_if_unchanged && req.on_unreadable == UnreadablePolicy::Warn => {
+                    let summary = restic_wrapper::BackupSummary {
+                        total_bytes_processed: req.progress.bytes.load(Ordering::Relaxed),
+                        total_files_processed: req.progress.files.load(Ordering::Relaxed),
+                        ..Default::default()
+                    };
+                    (summary, volume_relative(&req.path, unreadable))
+                }
                 // restic saved a snapshot without the files it could not read.
                 Err(restic_wrapper::Error::IncompleteBackup {
                     snapshot_id: Some(id),
@@ -407,6 +475,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             }
         }
     };
+    remove_incomplete(restic, req.key.as_deref(), &found).await;
     result.mode = Some(req.mode);
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
@@ -764,6 +833,9 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
         }
         e => AgentError::ListSnapshots(e),
     })?;
+    if !is_complete(&snap) {
+        return Err(AgentError::IncompleteSnapshot(snap.id));
+    }
     let opts = ExtractOptions {
         delete_extraneous: req.delete,
         include,

@@ -56,6 +56,12 @@ pub enum AgentError {
     RestoreIncomplete { failed: Vec<Failure> },
     #[error("failed to restore anything: no entry of the snapshot matches {patterns:?}")]
     NothingMatched { patterns: Vec<String> },
+    /// A stream snapshot whose agent died mid-backup: it lacks the stream's data.
+    #[error(
+        "failed to restore snapshot {0}: it is incomplete (the agent that made it died \
+         mid-backup); restore an earlier one"
+    )]
+    IncompleteSnapshot(String),
 }
 
 fn failed_count(failed: &[Failure]) -> String {
@@ -109,6 +115,7 @@ impl AgentError {
             AgentError::Pattern(e) => e.category(),
             AgentError::RestoreIncomplete { .. } => "restore-incomplete",
             AgentError::NothingMatched { .. } => "bad-pattern",
+            AgentError::IncompleteSnapshot(_) => "incomplete-snapshot",
         }
     }
 
@@ -142,6 +149,7 @@ impl AgentError {
             AgentError::Pattern(e) => e.is_retryable(),
             // What stopped those entries (ENOSPC, an immutable file) needs someone to act.
             AgentError::RestoreIncomplete { .. } | AgentError::NothingMatched { .. } => false,
+            AgentError::IncompleteSnapshot(_) => false,
         }
     }
 }

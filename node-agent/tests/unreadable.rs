@@ -250,3 +250,30 @@ fn warn_keeps_a_tagged_snapshot_without_them_and_lists_them() -> Result {
     assert_eq!(again["unchanged"], false, "{again}");
     Ok(())
 }
+
+/// With `warn`, a direct backup of an unchanged volume: restic saves nothing
+/// (`--skip-if-unchanged`) and exits 3 for the files it still may not read. That is an
+/// unchanged volume, not a failed backup.
+#[test]
+fn warn_on_an_unchanged_volume_in_direct_mode_is_unchanged() -> Result {
+    let sb = sandbox()?;
+    let repo = sb.repo("warn-unchanged-direct");
+    let mut summaries = Vec::new();
+    for _ in 0..2 {
+        let out = sb.backup(&repo, "direct", "warn")?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summaries.push(serde_json::from_slice::<Value>(&out.stdout)?);
+    }
+    let (first, second) = (&summaries[0], &summaries[1]);
+    assert_eq!(first["unchanged"], false, "{first}");
+    assert_eq!(second["unchanged"], true, "{second}");
+    assert_eq!(second["snapshot_id"], first["snapshot_id"], "{second}");
+    let unreadable = second["unreadable"].as_array().map_or(0, Vec::len);
+    assert_eq!(unreadable, 2, "still listed: {second}");
+    assert_eq!(sb.snapshots(&repo)?.len(), 1);
+    Ok(())
+}

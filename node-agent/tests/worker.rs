@@ -4,6 +4,9 @@
 //! fails its assignment with a reason; an assignment a dead agent left Running is finished,
 //! and the stale lock of the restic killed with that agent is removed by its replacement.
 
+#[path = "common/kill.rs"]
+mod kill;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -997,4 +1000,117 @@ async fn malformed_and_refused_assignments_fail_alone_and_the_good_ones_run() ->
         "only the good one ran"
     );
     finish(c, agent).await
+}
+
+/// An agent process, killed and reaped if the test ends early.
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `stash-node-agent run` against the cluster, killed mid-backup round after round at points
+/// spread over the read; each time its replacement takes the assignment up. restic never
+/// outlives the agent, every snapshot in the repository restores whole, the replacement's
+/// snapshot holds the volume as it is (never "unchanged" against a cut-short one), and
+/// `restic check` stays clean.
+async fn killed_worker(mode: &str) -> Result {
+    const PASSWORD: &str = "killed worker test";
+    let Cluster {
+        sim,
+        client,
+        dir,
+        repo_path,
+        kubelet,
+        uid,
+        volume,
+    } = Cluster::start(PASSWORD).await?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig)?;
+    // A copy, so another build of the workspace cannot swap the binary mid-test.
+    let agent_bin = dir.path().join("stash-node-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_stash-node-agent"), &agent_bin)?;
+    let start_agent = |n: u64| -> Result<AgentProcess> {
+        let child = std::process::Command::new(&agent_bin)
+            .args(["run", "--node-name", "node-a", "--read-mode", mode])
+            .args(["--pod-name", &format!("agent-{n}")])
+            .args(["--metrics-port", "0", "--progress-seconds", "1"])
+            .arg("--kubelet-root")
+            .arg(&kubelet)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--restic")
+            .arg(restic_bin())
+            .arg("--mountinfo")
+            .arg(dir.path().join("mountinfo"))
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("KUBECONFIG", &kubeconfig)
+            .env("STASH_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(AgentProcess(child))
+    };
+    let assignments: Api<BackupAssignment> = Api::namespaced(client.clone(), "demo");
+    let mut ledger = kill::Ledger::new(&repo_path, dir.path(), &restic_bin(), PASSWORD)?;
+    let mut agent = start_agent(0)?;
+    let mut kills = 0;
+    for round in 1..=kill::ROUNDS {
+        ledger.fill(&volume, round)?;
+        let name = format!("round-{round}");
+        create(&assignments, assignment(&name, "node-a", "app-0", &uid)).await?;
+        let threshold = kill::VOLUME_BYTES as u64 * round / kill::ROUNDS;
+        let (victim, death) = tokio::task::spawn_blocking(move || {
+            let death = kill::kill_after_read(&mut agent.0, threshold);
+            (agent, death)
+        })
+        .await?;
+        drop(victim);
+        if let kill::Death::Killed { told, .. } = death? {
+            assert!(
+                told,
+                "{mode} round {round}: restic was not told of its agent's death"
+            );
+            kills += 1;
+        }
+        agent = start_agent(round)?;
+        let done = wait_final(&assignments, &name).await?;
+        let status = done.status.unwrap_or_default();
+        assert_eq!(status.phase, Some(AssignmentPhase::Succeeded), "{status:?}");
+        let vol = &status.volumes.clone().unwrap_or_default()[0];
+        let id = vol
+            .snapshot_id
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("{mode} round {round}: no snapshot: {vol:?}"))?;
+        assert_eq!(
+            ledger.restores_whole(&id).await?,
+            round,
+            "{mode} round {round}: the assignment's snapshot is not of this volume: {vol:?}"
+        );
+        ledger.all_whole().await?;
+    }
+    assert!(
+        kills >= kill::ROUNDS - 1,
+        "{mode}: only {kills} of {} backups were killed mid-read",
+        kill::ROUNDS
+    );
+    kill("-TERM", agent.0.id())?;
+    agent.0.wait()?;
+    sim.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_backup_leaves_no_snapshot_that_looks_complete() -> Result {
+    killed_worker("stream").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_direct_backup_leaves_no_snapshot_that_looks_complete() -> Result {
+    killed_worker("direct").await
 }

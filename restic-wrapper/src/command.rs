@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::backend::{Repository, SecretValue};
 use crate::error::Error;
 use crate::message::{BackupSummary, Message, RestoreSummary, Stream};
-use crate::process::{Invocation, Output, Running, SpawnObserver, StdoutMode, spawn};
+use crate::process::{Input, Invocation, Output, Running, SpawnObserver, StdoutMode, spawn};
 use crate::types::{CheckSummary, ForgetGroup, ForgetResult, Key, Node, Snapshot, Stats, Version};
 
 /// How restic caches repository metadata.
@@ -248,7 +248,10 @@ impl Restic {
     }
 
     fn invocation(&self, action: &'static str, args: Vec<OsString>) -> Invocation {
-        let mut full: Vec<OsString> = args;
+        // Global flags go before the command: after a command's own `--` (backup's paths)
+        // restic would take them for more paths, backing up the cache directory and
+        // ignoring the rest.
+        let mut full: Vec<OsString> = Vec::new();
         match &self.cache {
             Cache::Dir(dir) => full.extend(["--cache-dir".into(), dir.clone().into()]),
             Cache::Disabled => full.push("--no-cache".into()),
@@ -257,6 +260,7 @@ impl Restic {
             full.extend(["--retry-lock".into(), format!("{}s", wait.as_secs()).into()]);
         }
         full.extend(self.repository.global_args().iter().cloned());
+        full.extend(args);
         let fps = 1.0 / self.progress_interval.as_secs_f64();
         let mut env = self.base_env.clone();
         env.push(("RESTIC_PROGRESS_FPS".into(), format!("{fps:.6}").into()));
@@ -283,9 +287,13 @@ impl Restic {
     }
 
     async fn run(&self, action: &'static str, args: Vec<OsString>) -> Result<Output, Error> {
-        spawn(self.invocation(action, args), StdoutMode::Collect, false)?
-            .finish(false)
-            .await
+        spawn(
+            self.invocation(action, args),
+            StdoutMode::Collect,
+            Input::Null,
+        )?
+        .finish(false)
+        .await
     }
 
     async fn run_json<T: serde::de::DeserializeOwned>(
@@ -306,7 +314,7 @@ impl Restic {
         // `version` needs no repository: keep secrets out of even this child.
         inv.env
             .retain(|(k, _)| !k.to_string_lossy().starts_with("RESTIC_REPOSITORY"));
-        let out = spawn(inv, StdoutMode::Collect, false)?
+        let out = spawn(inv, StdoutMode::Collect, Input::Null)?
             .finish(false)
             .await?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -439,7 +447,11 @@ impl Restic {
         let mut inv = self.invocation("back up", a);
         inv.current_dir = cwd.map(Path::to_path_buf);
         let (tx, rx) = mpsc::unbounded_channel();
-        let running = spawn(inv, StdoutMode::Messages(Stream::Backup, Some(tx)), false)?;
+        let running = spawn(
+            inv,
+            StdoutMode::Messages(Stream::Backup, Some(tx)),
+            Input::Null,
+        )?;
         Ok(BackupRun {
             running: Some(running),
             messages: Some(rx),
@@ -450,6 +462,9 @@ impl Restic {
 
     /// `restic backup --stdin --stdin-filename <name>` fed from `input`. If `input` fails,
     /// restic is interrupted before it sees the end of the stream, so no snapshot is saved.
+    /// restic sees an end of its input only once `input` has ended: if this process dies
+    /// first, restic's read fails instead, and a snapshot it saves then lacks the file (see
+    /// `StreamInput`); callers must not take such a snapshot for a backup.
     pub fn backup_stdin(
         &self,
         filename: &str,
@@ -460,7 +475,11 @@ impl Restic {
         a.extend(["--stdin".into(), "--stdin-filename".into(), filename.into()]);
         let inv = self.invocation("back up a stream", a);
         let (tx, rx) = mpsc::unbounded_channel();
-        let running = spawn(inv, StdoutMode::Messages(Stream::Backup, Some(tx)), true)?;
+        let running = spawn(
+            inv,
+            StdoutMode::Messages(Stream::Backup, Some(tx)),
+            Input::Stream,
+        )?;
         Ok(BackupRun {
             running: Some(running),
             messages: Some(rx),
@@ -655,7 +674,7 @@ impl Restic {
         let running = spawn(
             self.invocation("restore", a),
             StdoutMode::Messages(Stream::Restore, Some(tx)),
-            false,
+            Input::Null,
         )?;
         Ok(RestoreRun {
             running,
@@ -677,7 +696,7 @@ impl Restic {
         spawn(
             self.invocation("dump a file", a),
             StdoutMode::Pipe(Box::new(out)),
-            false,
+            Input::Null,
         )?
         .finish(false)
         .await
@@ -761,7 +780,7 @@ impl Restic {
         let mut secrets: Vec<Vec<u8>> = inv.secrets.as_ref().clone();
         secrets.push(new_password.expose().to_vec());
         inv.secrets = Arc::new(secrets);
-        let mut running = spawn(inv, StdoutMode::Collect, true)?;
+        let mut running = spawn(inv, StdoutMode::Collect, Input::Pipe)?;
         if let Some(mut stdin) = running.take_stdin() {
             let mut line = new_password.expose().to_vec();
             line.push(b'\n');
@@ -869,11 +888,12 @@ async fn feed(
     input: &mut (dyn AsyncRead + Send + Unpin),
     running: &mut Running,
 ) -> std::io::Result<()> {
-    let Some(mut stdin) = running.take_stdin() else {
+    let Some(mut stdin) = running.take_stream() else {
         return Ok(());
     };
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        // A read error returns with the stream uncommitted: restic stores nothing of it.
         let n = input.read(&mut buf).await?;
         if n == 0 {
             break;
@@ -882,8 +902,8 @@ async fn feed(
             return Ok(());
         }
     }
-    // Closing stdin is restic's signal that the stream is complete.
-    let _ = stdin.shutdown().await;
+    // restic's signal that the stream is complete.
+    let _ = stdin.commit().await;
     Ok(())
 }
 

@@ -25,5 +25,7 @@ pub use command::{
 pub use error::{Error, LockHolder};
 pub use message::{BackupStatus, BackupSummary, Message, RestoreStatus, RestoreSummary};
 pub use native::{Lock, NativeError, NativeRepository, RepositoryFiles};
-pub use process::{SpawnObserver, SpawnedProcess};
+pub use process::{
+    ExecShim, SpawnObserver, SpawnedProcess, exec_with_parent_death, install_exec_shim,
+};
 pub use types::{ForgetResult, Key, Node, Snapshot, Stats, Version};

@@ -637,3 +637,80 @@ async fn an_unreachable_backend_is_a_retryable_error_at_the_deadline() -> Result
     assert!(err.to_string().contains("connection refused"), "{err}");
     Ok(())
 }
+
+/// Global flags (`--cache-dir`, `--no-cache`, `--retry-lock`) reach restic as flags, not as
+/// paths after backup's `--`: what restic did says so, not the argument vector.
+#[tokio::test]
+async fn global_flags_are_taken_as_flags_by_every_command() -> Result {
+    let dir = tempfile::tempdir()?;
+    let data = sample_tree(dir.path());
+    let cache = dir.path().join("cache");
+    let restic = local(dir.path(), PASSWORD)
+        .with_cache(restic_wrapper::Cache::Dir(cache.clone()))
+        .with_retry_lock(Duration::from_secs(1));
+    let repo_id = restic.init().await?;
+    let summary = restic
+        .backup(
+            &[PathBuf::from(".")],
+            Some(&data),
+            &BackupOptions::default(),
+        )?
+        .finish()
+        .await?;
+    let id = summary.snapshot_id.clone().expect("snapshot id");
+    let snaps = restic.snapshots(&SnapshotFilter::default()).await?;
+    assert_eq!(snaps.len(), 1);
+    // The volume only: not the cache directory, not `--retry-lock` or `1s`.
+    assert_eq!(snaps[0].paths, vec![data.display().to_string()]);
+    assert!(
+        cache.join(&repo_id).join("snapshots").is_dir(),
+        "restic's cache is in the cache directory"
+    );
+
+    // Every other command uses the cache directory it is given.
+    let cached = |name: &str| {
+        let dir = dir.path().join(format!("cache-{name}"));
+        (
+            local(dir.parent().expect("parent"), PASSWORD)
+                .with_cache(restic_wrapper::Cache::Dir(dir.clone())),
+            dir,
+        )
+    };
+    let (r, c) = cached("snapshots");
+    r.snapshots(&SnapshotFilter::default()).await?;
+    assert!(c.join(&repo_id).is_dir(), "snapshots used {}", c.display());
+    let (r, c) = cached("ls");
+    r.ls(&id).await?;
+    assert!(c.join(&repo_id).is_dir(), "ls used {}", c.display());
+    let (r, c) = cached("stats");
+    r.stats(StatsMode::RestoreSize, Some(&id)).await?;
+    assert!(c.join(&repo_id).is_dir(), "stats used {}", c.display());
+    let (r, c) = cached("restore");
+    let target = dir.path().join("restored");
+    r.restore(&RestoreOptions {
+        snapshot: id.clone(),
+        target: target.clone(),
+        ..RestoreOptions::default()
+    })?
+    .finish()
+    .await?;
+    assert!(c.join(&repo_id).is_dir(), "restore used {}", c.display());
+    assert!(target.join("a.txt").exists());
+
+    // Without a cache: a clean backup (`--no-cache` as a path would be a missing source,
+    // restic's exit 3) of the volume only.
+    let uncached = local(dir.path(), PASSWORD);
+    let summary = uncached
+        .backup(
+            &[PathBuf::from(".")],
+            Some(&data),
+            &BackupOptions::default(),
+        )?
+        .finish()
+        .await?;
+    let second = summary.snapshot_id.expect("snapshot id");
+    let snaps = uncached.snapshots(&SnapshotFilter::default()).await?;
+    let snap = snaps.iter().find(|s| s.id == second).expect("listed");
+    assert_eq!(snap.paths, vec![data.display().to_string()]);
+    Ok(())
+}
