@@ -103,6 +103,40 @@ const PATH_MAX: usize = 4096;
 /// The prefix of every temporary name: a hidden name no workload takes for its own.
 pub const TEMP_PREFIX: &str = ".stash-restore-";
 
+/// Makes a file restic staged the agent's own (`--no-owners`). A chown clears a file
+/// capability, even one to the same owner, so none is made when the owner is already right,
+/// and a regular file's capability is put back after one.
+fn give_to_agent(dir: BorrowedFd<'_>, name: &OsStr, ft: FileType, st: &Stat) -> io::Result<()> {
+    const CAPABILITY: &str = "security.capability";
+    let (uid, gid) = (rustix::process::geteuid(), rustix::process::getegid());
+    if (st.st_uid, st.st_gid) == (uid.as_raw(), gid.as_raw()) {
+        return Ok(());
+    }
+    let file = if ft == FileType::RegularFile {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        Some(rustix::fs::openat(dir, name, flags, Mode::empty())?)
+    } else {
+        None
+    };
+    let mut cap = vec![0u8; 256];
+    let kept = match &file {
+        Some(fd) => match rustix::fs::fgetxattr(fd, CAPABILITY, &mut cap[..]) {
+            Ok(n) => Some(&cap[..n]),
+            Err(Errno::NODATA | Errno::NOTSUP) => None,
+            Err(e) => return Err(e.into()),
+        },
+        None => None,
+    };
+    match &file {
+        Some(fd) => rustix::fs::fchown(fd, Some(uid), Some(gid))?,
+        None => rustix::fs::chownat(dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?,
+    }
+    if let (Some(fd), Some(value)) = (&file, kept) {
+        rustix::fs::fsetxattr(fd, CAPABILITY, value, rustix::fs::XattrFlags::empty())?;
+    }
+    Ok(())
+}
+
 fn inode(st: &Stat) -> (u64, u64) {
     (st.st_dev, st.st_ino)
 }
@@ -1511,13 +1545,7 @@ impl Extractor {
         }
         if !self.opts.owners {
             // restic restored the snapshot's owners; --no-owners leaves the agent's.
-            rustix::fs::chownat(
-                staged,
-                name,
-                Some(rustix::process::geteuid()),
-                Some(rustix::process::getegid()),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?;
+            give_to_agent(staged, name, ft, &st)?;
         }
         let placed = self.apply_file_or_special(live, staged, name, ft, &st);
         if ft == FileType::RegularFile && st.st_nlink > 1 && placed.is_ok() {
