@@ -446,6 +446,9 @@ fn admit_shape(
         causes.extend(crate::schema::apply(schema, obj, old));
     }
     causes.extend(defaults::validate_kind(def, obj));
+    if let Some(old) = old {
+        causes.extend(defaults::validate_update(def, obj, old));
+    }
     if def.crd.is_none() && def.group == "apiextensions.k8s.io" {
         causes.extend(crate::gc::validate_crd(obj));
     }
@@ -457,7 +460,8 @@ fn admit_shape(
 }
 
 /// Builds a new object for create from a request body (or an applied configuration).
-fn prepare_create(cx: &Ctx, mut obj: Value) -> ApiResult<Value> {
+/// `applied`: the object comes from server-side apply, whose managedFields it keeps.
+fn prepare_create(cx: &Ctx, mut obj: Value, applied: bool) -> ApiResult<Value> {
     check_type(&cx.def, &mut obj)?;
     let body_ns = namespace_of(&obj).to_owned();
     if cx.def.namespaced {
@@ -484,9 +488,11 @@ fn prepare_create(cx: &Ctx, mut obj: Value) -> ApiResult<Value> {
         "deletionTimestamp",
         "deletionGracePeriodSeconds",
         "selfLink",
-        "managedFields",
     ] {
         m.remove(k);
+    }
+    if !applied {
+        m.remove("managedFields");
     }
     m.insert("uid".into(), json!(new_uid()));
     m.insert("creationTimestamp".into(), json!(now_rfc3339()));
@@ -522,7 +528,7 @@ fn record_manager(cx: &Ctx, old: Option<&Value>, obj: &mut Value, subresource: &
 
 pub async fn create(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body>> {
     let obj = parse_body(body, &cx.content_type)?;
-    let mut obj = prepare_create(cx, obj)?;
+    let mut obj = prepare_create(cx, obj, false)?;
     record_manager(cx, None, &mut obj, "");
     let stored = commit_create(cx, obj).await?;
     Ok(respond(cx, 201, &stored))
@@ -611,6 +617,19 @@ fn prepare_update(
         ));
     }
     let body_rv = meta_str(&new, "resourceVersion").to_owned();
+    if body_rv.is_empty() && !applied && !cx.def.allows_unconditional_update() {
+        // The strategy of these kinds refuses updates that do not say what they replace.
+        return Err(ApiError::invalid(
+            &cx.def.group,
+            &cx.def.plural,
+            &url_name,
+            vec![Cause::invalid_printed(
+                "metadata.resourceVersion",
+                "0x0",
+                "must be specified for an update",
+            )],
+        ));
+    }
     if !body_rv.is_empty() && body_rv != meta_str(old, "resourceVersion") {
         return Err(ApiError::stale(&cx.def.group, &cx.def.plural, &url_name));
     }
@@ -752,7 +771,7 @@ async fn modify(
         let Some(old) = old else {
             return match make(None)? {
                 Some(new) => {
-                    let mut obj = prepare_create(cx, new)?;
+                    let mut obj = prepare_create(cx, new, applied)?;
                     if !applied {
                         record_manager(cx, None, &mut obj, "");
                     }

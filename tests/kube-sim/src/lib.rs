@@ -13,6 +13,7 @@ mod apply;
 mod auth;
 pub mod bench;
 mod cel;
+mod cron;
 mod defaults;
 mod discovery;
 mod gc;

@@ -118,6 +118,11 @@ impl ResourceDef {
         self.group.is_empty() && matches!(self.plural.as_str(), "namespaces" | "services")
     }
 
+    /// Whether a PUT without a resourceVersion may replace the object (Leases: no).
+    pub fn allows_unconditional_update(&self) -> bool {
+        !(self.crd.is_none() && self.group == "coordination.k8s.io" && self.plural == "leases")
+    }
+
     /// Strategic merge patch applies to built-ins only, as in the real server.
     pub fn is_builtin(&self) -> bool {
         self.crd.is_none() && !self.aggregated
