@@ -30,6 +30,8 @@ pub struct Ctx {
     pub user_agent: String,
     /// Who is asking (after impersonation).
     pub user: crate::auth::UserInfo,
+    /// `Warning` headers for the answer (unknown fields under `fieldValidation=Warn`).
+    pub warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Ctx {
@@ -56,6 +58,40 @@ impl Ctx {
             .unwrap_or("unknown")
             .to_owned()
     }
+    /// Decodes a built-in object as the server does (typed, pruned), recording a warning per
+    /// unknown field unless `fieldValidation` says otherwise.
+    fn decode_builtin(&self, obj: Value) -> ApiResult<Value> {
+        if !self.def.is_builtin() {
+            return Ok(obj);
+        }
+        let validation = match self.q("fieldValidation") {
+            "" => "Warn",
+            v => v,
+        };
+        match crate::builtin::decode(
+            &self.def.group,
+            &self.def.version,
+            &self.def.kind,
+            &obj,
+            validation,
+        )? {
+            crate::builtin::Decoded::Untyped => Ok(obj),
+            crate::builtin::Decoded::Ok(pruned, unknown) => {
+                let mut w = self
+                    .warnings
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for f in unknown {
+                    let h = crate::builtin::warning(&f);
+                    if !w.contains(&h) {
+                        w.push(h);
+                    }
+                }
+                Ok(pruned)
+            }
+        }
+    }
+
     fn shape(&self) -> Shape<'_> {
         Shape {
             builtin: self.def.is_builtin(),
@@ -509,6 +545,7 @@ fn prepare_create(cx: &Ctx, mut obj: Value, applied: bool) -> ApiResult<Value> {
         }
     }
     crate::gc::on_create(&cx.def, &mut obj);
+    let mut obj = cx.decode_builtin(obj)?;
     admit_shape(&cx.def, &mut obj, None, true)?;
     Ok(obj)
 }
@@ -733,6 +770,7 @@ fn prepare_update(
             ));
         }
     }
+    let mut result = cx.decode_builtin(result)?;
     admit_shape(&cx.def, &mut result, Some(old), false)?;
     let skip_status = cx.def.status;
     if spec_changed(old, &result, skip_status) {
@@ -1136,6 +1174,7 @@ pub async fn delete_collection(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body
             content_type: cx.content_type.clone(),
             user_agent: cx.user_agent.clone(),
             user: cx.user.clone(),
+            warnings: Default::default(),
         };
         match delete_one(&sub, &name, &opts).await {
             Ok((_, v)) => items.push(v),

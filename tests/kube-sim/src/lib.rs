@@ -12,6 +12,7 @@ mod admission;
 mod apply;
 mod auth;
 pub mod bench;
+mod builtin;
 mod cel;
 mod cron;
 mod defaults;
