@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::Out;
+
 use kube_sim::{KubeSim, Options};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -16,13 +18,6 @@ use std::path::{Path, PathBuf};
 struct Cluster {
     sim: KubeSim,
     dir: tempfile::TempDir,
-}
-
-/// What a kubectl run printed and how it ended.
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
 }
 
 impl Cluster {
@@ -50,28 +45,13 @@ impl Cluster {
     }
 
     async fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Out {
-        use tokio::io::AsyncWriteExt;
-        let mut cmd = tokio::process::Command::new("kubectl");
-        cmd.args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("KUBECACHEDIR", self.dir.path().join("cache"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input
-            .write_all(stdin.unwrap_or("").as_bytes())
-            .await
-            .unwrap();
-        drop(input);
-        let out = child.wait_with_output().await.unwrap();
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        common::kubectl(
+            kubeconfig,
+            &self.dir.path().join("cache"),
+            args,
+            stdin.unwrap_or(""),
+        )
+        .await
     }
 
     /// An admin kubectl command that must succeed.
