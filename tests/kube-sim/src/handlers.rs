@@ -200,6 +200,9 @@ fn check_type(def: &ResourceDef, obj: &mut Value) -> ApiResult<()> {
 /// apiVersion changes ("None" conversion).
 fn present(def: &ResourceDef, obj: &Arc<Value>) -> Arc<Value> {
     let av = def.api_version();
+    if let Some(converted) = crate::events::present(obj, &av) {
+        return Arc::new(converted);
+    }
     if obj.get("apiVersion").and_then(Value::as_str) == Some(av.as_str()) {
         return obj.clone();
     }
@@ -315,18 +318,30 @@ fn decode_continue(tok: &str) -> ApiResult<(u64, String)> {
 pub struct Selection {
     pub labels: LabelSelector,
     pub fields: FieldSelector,
+    /// Field selectors name the fields of this version (Events stored in another form).
+    pub api_version: String,
 }
 
 pub fn selection(cx: &Ctx) -> ApiResult<Selection> {
     Ok(Selection {
         labels: LabelSelector::parse(cx.q("labelSelector"))?,
         fields: FieldSelector::parse(cx.q("fieldSelector"), &cx.def.field_labels)?,
+        api_version: cx.def.api_version(),
     })
 }
 
 impl Selection {
     pub fn matches(&self, obj: &Value) -> bool {
-        self.labels.matches(labels_of(obj)) && self.fields.matches(obj)
+        if !self.labels.matches(labels_of(obj)) {
+            return false;
+        }
+        if self.fields.is_empty() {
+            return true;
+        }
+        match crate::events::present(obj, &self.api_version) {
+            Some(converted) => self.fields.matches(&converted),
+            None => self.fields.matches(obj),
+        }
     }
 }
 
@@ -485,6 +500,9 @@ fn admit_shape(
     if let Some(old) = old {
         causes.extend(defaults::validate_update(def, obj, old));
     }
+    if creating && crate::events::is_events_v1(def) {
+        causes.extend(crate::events::validate_create(obj));
+    }
     if def.crd.is_none() && def.group == "apiextensions.k8s.io" {
         causes.extend(crate::gc::validate_crd(obj));
     }
@@ -593,6 +611,7 @@ async fn commit_create(cx: &Ctx, obj: Value) -> ApiResult<Value> {
     if !cx.def.namespaced {
         meta_mut(&mut obj).remove("namespace");
     }
+    let obj = crate::events::to_storage(&cx.def, obj);
     let (stored, _) = st.put(&cx.gr(), obj);
     crate::gc::after_write(&cx.core, &mut st, &cx.def, &stored);
     drop(st);
@@ -839,7 +858,7 @@ async fn modify(
         {
             continue;
         }
-        let (stored, typ) = st.put(&cx.gr(), new);
+        let (stored, typ) = st.put(&cx.gr(), crate::events::to_storage(&cx.def, new));
         crate::gc::after_write(&cx.core, &mut st, &cx.def, &stored);
         drop(st);
         if typ == EventType::Deleted || is_deleting(&stored) {

@@ -17,6 +17,7 @@ mod cel;
 mod cron;
 mod defaults;
 mod discovery;
+mod events;
 mod gc;
 mod handlers;
 mod patch;

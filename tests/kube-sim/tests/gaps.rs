@@ -509,3 +509,111 @@ async fn kubectl_generators_send_protobuf_and_it_is_understood() {
         "u"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_one_store_in_two_versions() {
+    let s = Sim::start().await;
+    s.ok(&["create", "configmap", "subject"]).await;
+    let uid = s
+        .ok(&[
+            "get",
+            "configmap",
+            "subject",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .await;
+    let new_events = "/apis/events.k8s.io/v1/namespaces/default/events";
+    // events.k8s.io/v1 insists on the new fields.
+    let (code, _, st) = s
+        .raw("POST", new_events, "application/json", r#"{"apiVersion":"events.k8s.io/v1","kind":"Event","metadata":{"name":"bare"},"type":"Normal","reason":"R"}"#)
+        .await;
+    assert_eq!(code, 422, "{st}");
+    assert_eq!(
+        st["message"],
+        r#"Event.events.k8s.io "bare" is invalid: eventTime: Required value"#
+    );
+    let (code, _, st) = s
+        .raw("POST", new_events, "application/json", r#"{"apiVersion":"events.k8s.io/v1","kind":"Event","metadata":{"name":"half"},"eventTime":"2026-01-01T00:00:00.000000Z","type":"Normal","reason":"R"}"#)
+        .await;
+    assert_eq!(code, 422, "{st}");
+    let causes: Vec<&str> = st["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        causes,
+        ["reportingController", "reportingInstance", "action"]
+    );
+
+    // What a recorder writes there (kube-runtime's does) is what kubectl shows.
+    let ev = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "subject.1"},
+        "eventTime": "2026-01-01T00:00:00.000000Z", "type": "Warning", "reason": "Broken", "note": "it broke",
+        "action": "Reconcile", "reportingController": "example.com/operator", "reportingInstance": "operator-0",
+        "regarding": {"apiVersion": "v1", "kind": "ConfigMap", "name": "subject", "namespace": "default", "uid": uid}});
+    let (code, _, created) = s
+        .raw("POST", new_events, "application/json", &ev.to_string())
+        .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["note"], "it broke");
+    let core = s.get_json(&["events", "subject.1"]).await;
+    assert_eq!(core["apiVersion"], "v1");
+    assert_eq!(core["message"], "it broke");
+    assert_eq!(core["involvedObject"]["name"], "subject");
+    assert_eq!(core["reportingComponent"], "example.com/operator");
+    let out = s
+        .ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=subject",
+        ])
+        .await;
+    assert!(out.contains("Broken") && out.contains("it broke"), "{out}");
+    let out = s.ok(&["describe", "configmap", "subject"]).await;
+    assert!(
+        out.contains("Broken") && out.contains("it broke"),
+        "kubectl describe shows the event:\n{out}"
+    );
+
+    // A core Event reads back through events.k8s.io with the new names.
+    let legacy = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "old.1"}, "reason": "Old", "message": "legacy",
+        "type": "Normal", "count": 3, "source": {"component": "kubelet"},
+        "involvedObject": {"kind": "ConfigMap", "name": "subject", "namespace": "default", "uid": uid}});
+    let (code, _, _) = s
+        .raw(
+            "POST",
+            "/api/v1/namespaces/default/events",
+            "application/json",
+            &legacy.to_string(),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let (code, _, v1) = s
+        .raw(
+            "GET",
+            &format!("{new_events}/old.1"),
+            "application/json",
+            "",
+        )
+        .await;
+    assert_eq!(code, 200, "{v1}");
+    assert_eq!(v1["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(
+        (v1["note"].as_str(), v1["deprecatedCount"].as_i64()),
+        (Some("legacy"), Some(3))
+    );
+    assert_eq!(v1["deprecatedSource"]["component"], "kubelet");
+    assert_eq!(v1["regarding"]["name"], "subject");
+    let (_, _, list) = s
+        .raw(
+            "GET",
+            &format!("{new_events}?fieldSelector=regarding.name%3Dsubject"),
+            "application/json",
+            "",
+        )
+        .await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
+}
