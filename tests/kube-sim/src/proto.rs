@@ -532,6 +532,8 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtoError> {
         "SelfSubjectReview" => METADATA_ONLY,
         "Role" | "ClusterRole" => ROLE,
         "Deployment" => DEPLOYMENT,
+        // A Pod is a pod template's two fields (`kubectl run`).
+        "Pod" => POD_TEMPLATE,
         "Job" => JOB,
         "CronJob" => CRON_JOB,
         "Scale" => SCALE,

@@ -493,6 +493,23 @@ async fn kubectl_generators_send_protobuf_and_it_is_understood() {
         .await;
     let j = s.get_json(&["job", "tick-now"]).await;
     assert_eq!(j["metadata"]["ownerReferences"][0]["name"], "tick", "{j}");
+    s.ok(&[
+        "run",
+        "solo",
+        "--image=busybox",
+        "--restart=Never",
+        "--",
+        "sleep",
+        "1",
+    ])
+    .await;
+    let p = s.get_json(&["pod", "solo"]).await;
+    assert_eq!(
+        p["spec"]["containers"][0]["args"],
+        json!(["sleep", "1"]),
+        "{p}"
+    );
+    assert_eq!(p["spec"]["restartPolicy"], "Never");
     s.ok(&["create", "role", "r", "--verb=get", "--resource=pods"])
         .await;
     s.ok(&["create", "rolebinding", "rb", "--role=r", "--user=u"])
