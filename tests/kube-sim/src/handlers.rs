@@ -564,6 +564,9 @@ fn prepare_create(cx: &Ctx, mut obj: Value, applied: bool) -> ApiResult<Value> {
     }
     crate::gc::on_create(&cx.def, &mut obj);
     let mut obj = cx.decode_builtin(obj)?;
+    if cx.def.is_builtin() && cx.def.group.is_empty() && cx.def.plural == "pods" {
+        crate::auth::admit_service_account(&cx.core, &cx.ns, &mut obj);
+    }
     admit_shape(&cx.def, &mut obj, None, true)?;
     Ok(obj)
 }

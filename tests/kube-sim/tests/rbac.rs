@@ -780,3 +780,83 @@ async fn client_certificates_name_the_user_and_groups() {
         out.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_the_service_account_volume_admission_adds() {
+    let c = Cluster::start().await;
+    c.apply(SETUP).await;
+    c.apply(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: quiet, namespace: ns1}
+automountServiceAccountToken: false
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mounted, namespace: ns1}
+spec:
+  serviceAccountName: sa1
+  initContainers: [{name: init, image: busybox}]
+  containers: [{name: c, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unmounted, namespace: ns1}
+spec:
+  serviceAccountName: quiet
+  containers: [{name: c, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: overridden, namespace: ns1}
+spec:
+  serviceAccountName: quiet
+  automountServiceAccountToken: true
+  containers: [{name: c, image: busybox}]
+"#,
+    )
+    .await;
+    let c = &c;
+    let pod = |name: &'static str| async move {
+        let out = c
+            .admin_ok(&["get", "pod", name, "-n", "ns1", "-o", "json"])
+            .await;
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let p = pod("mounted").await;
+    let vols = p["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 1, "{p}");
+    let name = vols[0]["name"].as_str().unwrap();
+    assert!(
+        name.starts_with("kube-api-access-") && name.len() == "kube-api-access-".len() + 5,
+        "{name}"
+    );
+    assert_eq!(
+        vols[0]["projected"],
+        json!({"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]})
+    );
+    for list in ["initContainers", "containers"] {
+        assert_eq!(
+            p["spec"][list][0]["volumeMounts"],
+            json!([{"name": name, "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]),
+            "{list}"
+        );
+    }
+    assert!(
+        pod("unmounted").await["spec"].get("volumes").is_none(),
+        "the account turns automounting off"
+    );
+    assert_eq!(
+        pod("overridden").await["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the pod's setting wins"
+    );
+}
