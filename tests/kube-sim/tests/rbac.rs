@@ -860,3 +860,126 @@ spec:
         "the pod's setting wins"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_reads_only_what_its_pods_use() {
+    let c = Cluster::start().await;
+    c.apply(SETUP).await;
+    c.apply(
+        r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: used, namespace: ns1}
+stringData: {k: v}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: unused, namespace: ns1}
+stringData: {k: v}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: ns1}
+spec:
+  nodeName: n1
+  serviceAccountName: sa1
+  containers:
+  - name: c
+    image: busybox
+    env: [{name: K, valueFrom: {secretKeyRef: {name: used, key: k}}}]
+"#,
+    )
+    .await;
+    let cert = c
+        .sim
+        .client_certificate("system:node:n1", &["system:nodes"])
+        .unwrap();
+    let kubelet = c.kubeconfig("kubelet", &c.sim.kubeconfig_with_certificate(&cert));
+    let out = c
+        .kubectl_as(
+            &kubelet,
+            &["get", "secret", "used", "-n", "ns1", "-o", "name"],
+            None,
+        )
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = c
+        .kubectl_as(
+            &kubelet,
+            &[
+                "get",
+                "configmap",
+                "kube-root-ca.crt",
+                "-n",
+                "ns1",
+                "-o",
+                "name",
+            ],
+            None,
+        )
+        .await;
+    assert!(out.ok, "the token volume's CA is the pod's: {}", out.stderr);
+    let out = c
+        .kubectl_as(&kubelet, &["get", "secret", "unused", "-n", "ns1"], None)
+        .await;
+    assert!(
+        out.stderr.contains(&forbidden(r#"secrets "unused" is forbidden: User "system:node:n1" cannot get resource "secrets" in API group "" in the namespace "ns1": no relationship found between node 'n1' and this object"#)),
+        "{}",
+        out.stderr
+    );
+    let out = c
+        .kubectl_as(&kubelet, &["get", "secrets", "-n", "ns1"], None)
+        .await;
+    assert!(
+        out.stderr
+            .contains("can only get individual resources of this type"),
+        "{}",
+        out.stderr
+    );
+    // Its node and the pods are its to write and read (node rules), a Deployment is not.
+    let out = c
+        .kubectl_as(&kubelet, &["label", "node", "n1", "zone=a"], None)
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = c
+        .kubectl_as(&kubelet, &["get", "deployments", "-n", "ns1"], None)
+        .await;
+    assert!(!out.ok, "{}", out.stdout);
+    let out = c
+        .kubectl_as(&kubelet, &["get", "pods", "-A", "-o", "name"], None)
+        .await;
+    assert!(out.ok && out.stdout.contains("pod/app"), "{}", out.stderr);
+    // Tokens only for the service accounts of its pods.
+    let out = c
+        .kubectl_as(
+            &kubelet,
+            &[
+                "create",
+                "token",
+                "sa1",
+                "-n",
+                "ns1",
+                "--bound-object-kind=Pod",
+                "--bound-object-name=app",
+            ],
+            None,
+        )
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    c.admin_ok(&["create", "sa", "other", "-n", "ns1"]).await;
+    let out = c
+        .kubectl_as(&kubelet, &["create", "token", "other", "-n", "ns1"], None)
+        .await;
+    assert!(
+        !out.ok
+            && out
+                .stderr
+                .contains("no relationship found between node 'n1' and this object"),
+        "{}",
+        out.stderr
+    );
+}
