@@ -2,7 +2,8 @@
 //! as protobuf (Helm's release Secrets, `kubectl create namespace|configmap|secret`): the
 //! `k8s\0` envelope and the messages of Namespace, Secret, ConfigMap, ServiceAccount, RBAC
 //! roles and bindings, TokenRequest, the access and token reviews, and the Deployment, Job,
-//! CronJob and Scale fields `kubectl create deployment|job|cronjob` and `kubectl scale` send.
+//! CronJob, Pod, Service and Scale fields `kubectl create deployment|job|cronjob|service`,
+//! `kubectl run|expose|scale` send.
 //! Answers are always JSON, which those clients also accept.
 
 use base64::Engine;
@@ -328,6 +329,29 @@ const SCALE: &[(u64, &str, F)] = &[
     (1, "metadata", F::Msg(OBJECT_META)),
     (2, "spec", F::Msg(&[(1, "replicas", F::Int)])),
 ];
+const SERVICE_PORT: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "protocol", F::Str),
+    (3, "port", F::Int),
+    (4, "targetPort", F::IntOrString),
+    (5, "nodePort", F::Int),
+    (6, "appProtocol", F::Str),
+];
+const SERVICE_SPEC: &[(u64, &str, F)] = &[
+    (1, "ports", F::RepMsg(SERVICE_PORT)),
+    (2, "selector", F::MapStr),
+    (3, "clusterIP", F::Str),
+    (4, "type", F::Str),
+    (5, "externalIPs", F::RepStr),
+    (7, "sessionAffinity", F::Str),
+    (10, "externalName", F::Str),
+    (13, "publishNotReadyAddresses", F::Bool),
+    (18, "clusterIPs", F::RepStr),
+];
+const SERVICE: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(SERVICE_SPEC)),
+];
 const METADATA_ONLY: &[(u64, &str, F)] = &[(1, "metadata", F::Msg(OBJECT_META))];
 const TYPE_META: &[(u64, &str, F)] = &[(1, "apiVersion", F::Str), (2, "kind", F::Str)];
 
@@ -537,6 +561,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtoError> {
         "Job" => JOB,
         "CronJob" => CRON_JOB,
         "Scale" => SCALE,
+        "Service" => SERVICE,
         "RoleBinding" | "ClusterRoleBinding" => ROLE_BINDING,
         _ => return Err(ProtoError::UnsupportedKind(kind)),
     };

@@ -494,6 +494,21 @@ async fn kubectl_generators_send_protobuf_and_it_is_understood() {
     let j = s.get_json(&["job", "tick-now"]).await;
     assert_eq!(j["metadata"]["ownerReferences"][0]["name"], "tick", "{j}");
     s.ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ])
+    .await;
+    let svc = s.get_json(&["service", "web"]).await;
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{"port": 80, "protocol": "TCP", "targetPort": 8080}]),
+        "{svc}"
+    );
+    assert_eq!(svc["spec"]["selector"], json!({"app": "web"}));
+    s.ok(&[
         "run",
         "solo",
         "--image=busybox",
