@@ -123,7 +123,7 @@ impl Authority {
         let front_proxy_client = front_proxy_ca.client(FRONT_PROXY_CLIENT, &[])?;
         let rng = ring::rand::SystemRandom::new();
         let signing_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .map_err(|_| TlsError::IssueClientCertificate("no system randomness"))?;
+            .map_err(|_| TlsError::GenerateSigningKey)?;
         let key_id =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_u64().to_be_bytes());
         Ok(Self {
