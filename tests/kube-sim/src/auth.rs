@@ -123,7 +123,7 @@ impl Authority {
         let front_proxy_client = front_proxy_ca.client(FRONT_PROXY_CLIENT, &[])?;
         let rng = ring::rand::SystemRandom::new();
         let signing_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .map_err(|_| TlsError::IssueClientCertificate("no system randomness"))?;
+            .map_err(|_| TlsError::GenerateSigningKey)?;
         let key_id =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_u64().to_be_bytes());
         Ok(Self {
@@ -591,6 +591,86 @@ fn percent_unescape(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the ServiceAccount admission plugin mounts the API credentials in every container.
+pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The ServiceAccount admission plugin on a Pod create: unless automounting is off (the pod's
+/// `automountServiceAccountToken` beats its account's), every container without a mount at
+/// [`TOKEN_MOUNT_PATH`] gets one of a projected `kube-api-access-<random>` volume holding a
+/// bound token, the cluster CA and the namespace.
+pub fn admit_service_account(core: &Core, ns: &str, pod: &mut Value) {
+    let Some(spec) = pod.get_mut("spec") else {
+        return;
+    };
+    let sa_name = spec
+        .get("serviceAccountName")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+        .to_owned();
+    let automount = match spec
+        .get("automountServiceAccountToken")
+        .and_then(Value::as_bool)
+    {
+        Some(a) => a,
+        None => core
+            .lock()
+            .get(&gr("", "serviceaccounts"), &key(ns, &sa_name))
+            .and_then(|sa| {
+                sa.get("automountServiceAccountToken")
+                    .and_then(Value::as_bool)
+            })
+            .unwrap_or(true),
+    };
+    if !automount {
+        return;
+    }
+    let existing = spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .and_then(|vs| {
+            vs.iter()
+                .filter_map(|v| v.get("name").and_then(Value::as_str))
+                .find(|n| n.starts_with("kube-api-access-"))
+                .map(str::to_owned)
+        });
+    let volume_name = existing
+        .clone()
+        .unwrap_or_else(|| format!("kube-api-access-{}", name_suffix()));
+    let mut needs_volume = false;
+    for list in ["initContainers", "containers"] {
+        let Some(cs) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in cs {
+            let mounts = as_object_mut(c)
+                .entry("volumeMounts")
+                .or_insert_with(|| json!([]));
+            let Some(ms) = mounts.as_array_mut() else {
+                continue;
+            };
+            if ms.iter().any(|m| m["mountPath"] == TOKEN_MOUNT_PATH) {
+                continue;
+            }
+            ms.push(json!({"name": volume_name, "readOnly": true, "mountPath": TOKEN_MOUNT_PATH}));
+            needs_volume = true;
+        }
+    }
+    if existing.is_none() && needs_volume {
+        let volumes = as_object_mut(spec)
+            .entry("volumes")
+            .or_insert_with(|| json!([]));
+        if let Some(vs) = volumes.as_array_mut() {
+            vs.push(json!({"name": volume_name, "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": ROOT_CA_CONFIGMAP, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace",
+                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+            ]}}));
+        }
+    }
 }
 
 /// What kube-controller-manager's root-CA publisher keeps in every namespace.

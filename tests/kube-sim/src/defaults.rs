@@ -4,7 +4,7 @@
 
 use crate::registry::ResourceDef;
 use crate::status::Cause;
-use crate::util::random_u64;
+use crate::util::*;
 use base64::Engine;
 use serde_json::{Value, json};
 
@@ -148,7 +148,83 @@ pub fn validate_kind(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
             "spec.template.spec",
             &mut causes,
         ),
+        ("batch", "CronJob") => {
+            match obj.pointer("/spec/schedule").and_then(Value::as_str) {
+                None | Some("") => causes.push(Cause::required("spec.schedule")),
+                Some(sched) => {
+                    if let Err(e) = crate::cron::check(sched) {
+                        causes.push(Cause::invalid("spec.schedule", &json!(sched), &e));
+                    }
+                    if sched.contains("TZ") {
+                        causes.push(Cause::invalid(
+                            "spec.schedule",
+                            &json!(sched),
+                            "cannot use TZ or CRON_TZ in schedule, use timeZone field instead",
+                        ));
+                    }
+                }
+            }
+            pod_spec(
+                obj.pointer("/spec/jobTemplate/spec/template/spec"),
+                "spec.jobTemplate.spec.template.spec",
+                &mut causes,
+            );
+        }
+        ("coordination.k8s.io", "Lease") => {
+            if let Some(d) = obj
+                .pointer("/spec/leaseDurationSeconds")
+                .and_then(Value::as_i64)
+                && d <= 0
+            {
+                causes.push(Cause::invalid(
+                    "spec.leaseDurationSeconds",
+                    &json!(d),
+                    "must be greater than 0",
+                ));
+            }
+            if let Some(t) = obj
+                .pointer("/spec/leaseTransitions")
+                .and_then(Value::as_i64)
+                && t < 0
+            {
+                causes.push(Cause::invalid(
+                    "spec.leaseTransitions",
+                    &json!(t),
+                    "must be greater than or equal to 0",
+                ));
+            }
+        }
         _ => {}
+    }
+    causes
+}
+
+/// Fields of built-in kinds that may not change once set.
+pub fn validate_update(def: &ResourceDef, obj: &Value, old: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    if !def.is_builtin() {
+        return causes;
+    }
+    let immutable: &[&str] = match (def.group.as_str(), def.kind.as_str()) {
+        ("batch", "Job") => &["selector", "template", "completionMode"],
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") => &["selector"],
+        ("apps", "StatefulSet") => &[
+            "selector",
+            "serviceName",
+            "volumeClaimTemplates",
+            "podManagementPolicy",
+        ],
+        _ => &[],
+    };
+    let spec = |o: &Value, k: &str| o.pointer(&format!("/spec/{k}")).cloned();
+    for k in immutable {
+        if spec(obj, k) != spec(old, k) {
+            causes.push(Cause::invalid(
+                format!("spec.{k}"),
+                &spec(obj, k).unwrap_or(Value::Null),
+                "field is immutable",
+            ));
+        }
     }
     causes
 }
@@ -243,11 +319,18 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value, creating: bool) {
                 set_default(spec, "revisionHistoryLimit", json!(10));
                 if kind == "Deployment" {
                     set_default(spec, "progressDeadlineSeconds", json!(600));
-                    set_default(
-                        spec,
-                        "strategy",
-                        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
-                    );
+                    // kubectl sends `strategy: {}`: the type and its parameters are filled in.
+                    set_default(spec, "strategy", json!({}));
+                    if let Some(st) = spec.get_mut("strategy") {
+                        set_default(st, "type", json!("RollingUpdate"));
+                        if st["type"] == "RollingUpdate" {
+                            set_default(st, "rollingUpdate", json!({}));
+                            if let Some(ru) = st.get_mut("rollingUpdate") {
+                                set_default(ru, "maxUnavailable", json!("25%"));
+                                set_default(ru, "maxSurge", json!("25%"));
+                            }
+                        }
+                    }
                 }
                 if kind == "StatefulSet" {
                     set_default(spec, "podManagementPolicy", json!("OrderedReady"));
@@ -256,6 +339,18 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value, creating: bool) {
                         "updateStrategy",
                         json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
                     );
+                    set_default(
+                        spec,
+                        "persistentVolumeClaimRetentionPolicy",
+                        json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+                    );
+                }
+                if kind == "DaemonSet" {
+                    set_default(
+                        spec,
+                        "updateStrategy",
+                        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+                    );
                 }
                 if let Some(ps) = spec.pointer_mut("/template/spec") {
                     default_pod_spec(ps);
@@ -263,10 +358,50 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value, creating: bool) {
             }
         }
         ("batch", "Job") => {
+            // A Job without labels takes its pod template's (before the generated ones).
+            let template_labels = obj.pointer("/spec/template/metadata/labels").cloned();
+            if creating
+                && labels_of(obj).is_none_or(|l| l.is_empty())
+                && let Some(l) =
+                    template_labels.filter(|l| l.as_object().is_some_and(|m| !m.is_empty()))
+            {
+                meta_mut(obj).insert("labels".into(), l);
+            }
+            let (uid, name) = (uid_of(obj).to_owned(), name_of(obj).to_owned());
             if let Some(spec) = obj.get_mut("spec") {
                 set_default(spec, "backoffLimit", json!(6));
                 set_default(spec, "completions", json!(1));
                 set_default(spec, "parallelism", json!(1));
+                set_default(spec, "completionMode", json!("NonIndexed"));
+                set_default(spec, "suspend", json!(false));
+                let replacement = if spec.get("podFailurePolicy").is_some_and(|p| !p.is_null()) {
+                    "Failed"
+                } else {
+                    "TerminatingOrFailed"
+                };
+                set_default(spec, "podReplacementPolicy", json!(replacement));
+                let manual = spec.get("manualSelector").and_then(Value::as_bool) == Some(true);
+                if creating && !manual {
+                    // The generated selector and the labels it selects (jobStrategy).
+                    spec["selector"] =
+                        json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+                    let labels = as_object_mut(
+                        as_object_mut(
+                            as_object_mut(spec)
+                                .entry("template")
+                                .or_insert_with(|| json!({})),
+                        )
+                        .entry("metadata")
+                        .or_insert_with(|| json!({})),
+                    )
+                    .entry("labels")
+                    .or_insert_with(|| json!({}));
+                    let l = as_object_mut(labels);
+                    l.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
+                    l.insert("batch.kubernetes.io/job-name".into(), json!(name));
+                    l.insert("controller-uid".into(), json!(uid));
+                    l.insert("job-name".into(), json!(name));
+                }
                 if let Some(ps) = spec.pointer_mut("/template/spec") {
                     default_pod_spec(ps);
                 }

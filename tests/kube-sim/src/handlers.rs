@@ -30,6 +30,8 @@ pub struct Ctx {
     pub user_agent: String,
     /// Who is asking (after impersonation).
     pub user: crate::auth::UserInfo,
+    /// `Warning` headers for the answer (unknown fields under `fieldValidation=Warn`).
+    pub warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Ctx {
@@ -56,6 +58,40 @@ impl Ctx {
             .unwrap_or("unknown")
             .to_owned()
     }
+    /// Decodes a built-in object as the server does (typed, pruned), recording a warning per
+    /// unknown field unless `fieldValidation` says otherwise.
+    fn decode_builtin(&self, obj: Value) -> ApiResult<Value> {
+        if !self.def.is_builtin() {
+            return Ok(obj);
+        }
+        let validation = match self.q("fieldValidation") {
+            "" => "Warn",
+            v => v,
+        };
+        match crate::builtin::decode(
+            &self.def.group,
+            &self.def.version,
+            &self.def.kind,
+            &obj,
+            validation,
+        )? {
+            crate::builtin::Decoded::Untyped => Ok(obj),
+            crate::builtin::Decoded::Ok(pruned, unknown) => {
+                let mut w = self
+                    .warnings
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for f in unknown {
+                    let h = crate::builtin::warning(&f);
+                    if !w.contains(&h) {
+                        w.push(h);
+                    }
+                }
+                Ok(pruned)
+            }
+        }
+    }
+
     fn shape(&self) -> Shape<'_> {
         Shape {
             builtin: self.def.is_builtin(),
@@ -164,6 +200,9 @@ fn check_type(def: &ResourceDef, obj: &mut Value) -> ApiResult<()> {
 /// apiVersion changes ("None" conversion).
 fn present(def: &ResourceDef, obj: &Arc<Value>) -> Arc<Value> {
     let av = def.api_version();
+    if let Some(converted) = crate::events::present(obj, &av) {
+        return Arc::new(converted);
+    }
     if obj.get("apiVersion").and_then(Value::as_str) == Some(av.as_str()) {
         return obj.clone();
     }
@@ -279,18 +318,30 @@ fn decode_continue(tok: &str) -> ApiResult<(u64, String)> {
 pub struct Selection {
     pub labels: LabelSelector,
     pub fields: FieldSelector,
+    /// Field selectors name the fields of this version (Events stored in another form).
+    pub api_version: String,
 }
 
 pub fn selection(cx: &Ctx) -> ApiResult<Selection> {
     Ok(Selection {
         labels: LabelSelector::parse(cx.q("labelSelector"))?,
         fields: FieldSelector::parse(cx.q("fieldSelector"), &cx.def.field_labels)?,
+        api_version: cx.def.api_version(),
     })
 }
 
 impl Selection {
     pub fn matches(&self, obj: &Value) -> bool {
-        self.labels.matches(labels_of(obj)) && self.fields.matches(obj)
+        if !self.labels.matches(labels_of(obj)) {
+            return false;
+        }
+        if self.fields.is_empty() {
+            return true;
+        }
+        match crate::events::present(obj, &self.api_version) {
+            Some(converted) => self.fields.matches(&converted),
+            None => self.fields.matches(obj),
+        }
     }
 }
 
@@ -446,6 +497,12 @@ fn admit_shape(
         causes.extend(crate::schema::apply(schema, obj, old));
     }
     causes.extend(defaults::validate_kind(def, obj));
+    if let Some(old) = old {
+        causes.extend(defaults::validate_update(def, obj, old));
+    }
+    if creating && crate::events::is_events_v1(def) {
+        causes.extend(crate::events::validate_create(obj));
+    }
     if def.crd.is_none() && def.group == "apiextensions.k8s.io" {
         causes.extend(crate::gc::validate_crd(obj));
     }
@@ -457,7 +514,8 @@ fn admit_shape(
 }
 
 /// Builds a new object for create from a request body (or an applied configuration).
-fn prepare_create(cx: &Ctx, mut obj: Value) -> ApiResult<Value> {
+/// `applied`: the object comes from server-side apply, whose managedFields it keeps.
+fn prepare_create(cx: &Ctx, mut obj: Value, applied: bool) -> ApiResult<Value> {
     check_type(&cx.def, &mut obj)?;
     let body_ns = namespace_of(&obj).to_owned();
     if cx.def.namespaced {
@@ -484,9 +542,11 @@ fn prepare_create(cx: &Ctx, mut obj: Value) -> ApiResult<Value> {
         "deletionTimestamp",
         "deletionGracePeriodSeconds",
         "selfLink",
-        "managedFields",
     ] {
         m.remove(k);
+    }
+    if !applied {
+        m.remove("managedFields");
     }
     m.insert("uid".into(), json!(new_uid()));
     m.insert("creationTimestamp".into(), json!(now_rfc3339()));
@@ -503,6 +563,10 @@ fn prepare_create(cx: &Ctx, mut obj: Value) -> ApiResult<Value> {
         }
     }
     crate::gc::on_create(&cx.def, &mut obj);
+    let mut obj = cx.decode_builtin(obj)?;
+    if cx.def.is_builtin() && cx.def.group.is_empty() && cx.def.plural == "pods" {
+        crate::auth::admit_service_account(&cx.core, &cx.ns, &mut obj);
+    }
     admit_shape(&cx.def, &mut obj, None, true)?;
     Ok(obj)
 }
@@ -522,7 +586,7 @@ fn record_manager(cx: &Ctx, old: Option<&Value>, obj: &mut Value, subresource: &
 
 pub async fn create(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body>> {
     let obj = parse_body(body, &cx.content_type)?;
-    let mut obj = prepare_create(cx, obj)?;
+    let mut obj = prepare_create(cx, obj, false)?;
     record_manager(cx, None, &mut obj, "");
     let stored = commit_create(cx, obj).await?;
     Ok(respond(cx, 201, &stored))
@@ -550,6 +614,7 @@ async fn commit_create(cx: &Ctx, obj: Value) -> ApiResult<Value> {
     if !cx.def.namespaced {
         meta_mut(&mut obj).remove("namespace");
     }
+    let obj = crate::events::to_storage(&cx.def, obj);
     let (stored, _) = st.put(&cx.gr(), obj);
     crate::gc::after_write(&cx.core, &mut st, &cx.def, &stored);
     drop(st);
@@ -611,6 +676,19 @@ fn prepare_update(
         ));
     }
     let body_rv = meta_str(&new, "resourceVersion").to_owned();
+    if body_rv.is_empty() && !applied && !cx.def.allows_unconditional_update() {
+        // The strategy of these kinds refuses updates that do not say what they replace.
+        return Err(ApiError::invalid(
+            &cx.def.group,
+            &cx.def.plural,
+            &url_name,
+            vec![Cause::invalid_printed(
+                "metadata.resourceVersion",
+                "0x0",
+                "must be specified for an update",
+            )],
+        ));
+    }
     if !body_rv.is_empty() && body_rv != meta_str(old, "resourceVersion") {
         return Err(ApiError::stale(&cx.def.group, &cx.def.plural, &url_name));
     }
@@ -714,6 +792,7 @@ fn prepare_update(
             ));
         }
     }
+    let mut result = cx.decode_builtin(result)?;
     admit_shape(&cx.def, &mut result, Some(old), false)?;
     let skip_status = cx.def.status;
     if spec_changed(old, &result, skip_status) {
@@ -752,7 +831,7 @@ async fn modify(
         let Some(old) = old else {
             return match make(None)? {
                 Some(new) => {
-                    let mut obj = prepare_create(cx, new)?;
+                    let mut obj = prepare_create(cx, new, applied)?;
                     if !applied {
                         record_manager(cx, None, &mut obj, "");
                     }
@@ -782,7 +861,7 @@ async fn modify(
         {
             continue;
         }
-        let (stored, typ) = st.put(&cx.gr(), new);
+        let (stored, typ) = st.put(&cx.gr(), crate::events::to_storage(&cx.def, new));
         crate::gc::after_write(&cx.core, &mut st, &cx.def, &stored);
         drop(st);
         if typ == EventType::Deleted || is_deleting(&stored) {
@@ -1117,6 +1196,7 @@ pub async fn delete_collection(cx: &Ctx, body: &[u8]) -> ApiResult<Response<Body
             content_type: cx.content_type.clone(),
             user_agent: cx.user_agent.clone(),
             user: cx.user.clone(),
+            warnings: Default::default(),
         };
         match delete_one(&sub, &name, &opts).await {
             Ok((_, v)) => items.push(v),

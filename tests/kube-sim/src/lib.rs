@@ -1,6 +1,8 @@
 //! kube-sim: an in-memory Kubernetes API server for tests. It speaks the real wire protocol
 //! (discovery, CRUD, watch, patch, apply, CRDs, admission webhooks, aggregation) so kubectl,
-//! kube-rs and Helm use it unchanged. It knows nothing about any particular operator.
+//! kube-rs and Helm use it unchanged, and authenticates (tokens, client certificates,
+//! impersonation) and authorizes (RBAC) every request as the real one does. It knows nothing
+//! about any particular operator.
 //!
 //! Start it in-process with [`KubeSim::start`], then use [`KubeSim::client`] or
 //! [`KubeSim::kubeconfig_yaml`]. Services have no network here: a Service that a webhook or an
@@ -12,9 +14,12 @@ mod admission;
 mod apply;
 mod auth;
 pub mod bench;
+mod builtin;
 mod cel;
+mod cron;
 mod defaults;
 mod discovery;
+mod events;
 mod gc;
 mod handlers;
 mod patch;

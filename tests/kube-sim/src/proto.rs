@@ -1,7 +1,9 @@
 //! Just enough of the Kubernetes protobuf encoding to accept the writes typed Go clients send
 //! as protobuf (Helm's release Secrets, `kubectl create namespace|configmap|secret`): the
-//! `k8s\0` envelope and the messages of Namespace, Secret, ConfigMap, ServiceAccount,
-//! TokenRequest and the access and token reviews.
+//! `k8s\0` envelope and the messages of Namespace, Secret, ConfigMap, ServiceAccount, RBAC
+//! roles and bindings, TokenRequest, the access and token reviews, and the Deployment, Job,
+//! CronJob, Pod, Service and Scale fields `kubectl create deployment|job|cronjob|service`,
+//! `kubectl run|expose|scale` send.
 //! Answers are always JSON, which those clients also accept.
 
 use base64::Engine;
@@ -17,13 +19,22 @@ pub enum ProtoError {
 
 #[derive(Clone, Copy)]
 enum F {
+    /// Plain (non-pointer) Go fields are always encoded; their zero value means unset, as
+    /// JSON's `omitempty` would have left them out.
     Str,
     Int,
     Bool,
+    /// Pointer fields are encoded only when set, so a zero is a real value.
+    OptInt,
+    OptBool,
     Time,
     Msg(&'static [(u64, &'static str, F)]),
     MapStr,
     MapBytes,
+    /// `map<string, Quantity>`: the Quantity message's string.
+    MapQuantity,
+    /// `IntOrString`: `{type, intVal, strVal}` → the integer or the string.
+    IntOrString,
     RepStr,
     RepMsg(&'static [(u64, &'static str, F)]),
 }
@@ -33,8 +44,8 @@ const OWNER_REF: &[(u64, &str, F)] = &[
     (3, "name", F::Str),
     (4, "uid", F::Str),
     (5, "apiVersion", F::Str),
-    (6, "controller", F::Bool),
-    (7, "blockOwnerDeletion", F::Bool),
+    (6, "controller", F::OptBool),
+    (7, "blockOwnerDeletion", F::OptBool),
 ];
 const OBJECT_META: &[(u64, &str, F)] = &[
     (1, "name", F::Str),
@@ -55,13 +66,13 @@ const SECRET: &[(u64, &str, F)] = &[
     (2, "data", F::MapBytes),
     (3, "type", F::Str),
     (4, "stringData", F::MapStr),
-    (5, "immutable", F::Bool),
+    (5, "immutable", F::OptBool),
 ];
 const CONFIG_MAP: &[(u64, &str, F)] = &[
     (1, "metadata", F::Msg(OBJECT_META)),
     (2, "data", F::MapStr),
     (3, "binaryData", F::MapBytes),
-    (4, "immutable", F::Bool),
+    (4, "immutable", F::OptBool),
 ];
 const NAMESPACE_SPEC: &[(u64, &str, F)] = &[(1, "finalizers", F::RepStr)];
 const NAMESPACE: &[(u64, &str, F)] = &[
@@ -71,13 +82,13 @@ const NAMESPACE: &[(u64, &str, F)] = &[
 const SERVICE_ACCOUNT: &[(u64, &str, F)] = &[
     (1, "metadata", F::Msg(OBJECT_META)),
     (3, "imagePullSecrets", F::RepMsg(LOCAL_REF)),
-    (4, "automountServiceAccountToken", F::Bool),
+    (4, "automountServiceAccountToken", F::OptBool),
 ];
 const PRECONDITIONS: &[(u64, &str, F)] = &[(1, "uid", F::Str), (2, "resourceVersion", F::Str)];
 const DELETE_OPTIONS: &[(u64, &str, F)] = &[
-    (1, "gracePeriodSeconds", F::Int),
+    (1, "gracePeriodSeconds", F::OptInt),
     (2, "preconditions", F::Msg(PRECONDITIONS)),
-    (3, "orphanDependents", F::Bool),
+    (3, "orphanDependents", F::OptBool),
     (4, "propagationPolicy", F::Str),
     (5, "dryRun", F::RepStr),
 ];
@@ -90,7 +101,7 @@ const BOUND_OBJECT_REF: &[(u64, &str, F)] = &[
 const TOKEN_REQUEST_SPEC: &[(u64, &str, F)] = &[
     (1, "audiences", F::RepStr),
     (3, "boundObjectRef", F::Msg(BOUND_OBJECT_REF)),
-    (4, "expirationSeconds", F::Int),
+    (4, "expirationSeconds", F::OptInt),
 ];
 const TOKEN_REQUEST: &[(u64, &str, F)] = &[
     (1, "metadata", F::Msg(OBJECT_META)),
@@ -166,6 +177,180 @@ const ROLE_BINDING: &[(u64, &str, F)] = &[
     (1, "metadata", F::Msg(OBJECT_META)),
     (2, "subjects", F::RepMsg(SUBJECT)),
     (3, "roleRef", F::Msg(ROLE_REF)),
+];
+const KEY_REF: &[(u64, &str, F)] = &[
+    (1, "name", F::Msg(LOCAL_REF)),
+    (2, "key", F::Str),
+    (3, "optional", F::Bool),
+];
+const ENV_SOURCE: &[(u64, &str, F)] = &[
+    (
+        1,
+        "fieldRef",
+        F::Msg(&[(1, "apiVersion", F::Str), (2, "fieldPath", F::Str)]),
+    ),
+    (
+        2,
+        "resourceFieldRef",
+        F::Msg(&[(1, "containerName", F::Str), (2, "resource", F::Str)]),
+    ),
+    (3, "configMapKeyRef", F::Msg(KEY_REF)),
+    (4, "secretKeyRef", F::Msg(KEY_REF)),
+];
+const ENV_VAR: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "value", F::Str),
+    (3, "valueFrom", F::Msg(ENV_SOURCE)),
+];
+const CONTAINER_PORT: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "hostPort", F::Int),
+    (3, "containerPort", F::Int),
+    (4, "protocol", F::Str),
+    (5, "hostIP", F::Str),
+];
+const RESOURCES: &[(u64, &str, F)] = &[
+    (1, "limits", F::MapQuantity),
+    (2, "requests", F::MapQuantity),
+];
+const VOLUME_MOUNT: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "readOnly", F::Bool),
+    (3, "mountPath", F::Str),
+    (4, "subPath", F::Str),
+];
+const CONTAINER: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "image", F::Str),
+    (3, "command", F::RepStr),
+    (4, "args", F::RepStr),
+    (5, "workingDir", F::Str),
+    (6, "ports", F::RepMsg(CONTAINER_PORT)),
+    (7, "env", F::RepMsg(ENV_VAR)),
+    (8, "resources", F::Msg(RESOURCES)),
+    (9, "volumeMounts", F::RepMsg(VOLUME_MOUNT)),
+    (13, "terminationMessagePath", F::Str),
+    (14, "imagePullPolicy", F::Str),
+    (16, "stdin", F::Bool),
+    (17, "stdinOnce", F::Bool),
+    (18, "tty", F::Bool),
+    (20, "terminationMessagePolicy", F::Str),
+];
+const POD_SPEC: &[(u64, &str, F)] = &[
+    (2, "containers", F::RepMsg(CONTAINER)),
+    (3, "restartPolicy", F::Str),
+    (4, "terminationGracePeriodSeconds", F::OptInt),
+    (5, "activeDeadlineSeconds", F::OptInt),
+    (6, "dnsPolicy", F::Str),
+    (7, "nodeSelector", F::MapStr),
+    (8, "serviceAccountName", F::Str),
+    (9, "serviceAccount", F::Str),
+    (10, "nodeName", F::Str),
+    (11, "hostNetwork", F::Bool),
+    (15, "imagePullSecrets", F::RepMsg(LOCAL_REF)),
+    (16, "hostname", F::Str),
+    (17, "subdomain", F::Str),
+    (19, "schedulerName", F::Str),
+    (20, "initContainers", F::RepMsg(CONTAINER)),
+    (21, "automountServiceAccountToken", F::OptBool),
+    (24, "priorityClassName", F::Str),
+];
+const POD_TEMPLATE: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(POD_SPEC)),
+];
+const DEPLOYMENT_SPEC: &[(u64, &str, F)] = &[
+    (1, "replicas", F::OptInt),
+    (2, "selector", F::Msg(LABEL_SELECTOR)),
+    (3, "template", F::Msg(POD_TEMPLATE)),
+    (
+        4,
+        "strategy",
+        F::Msg(&[
+            (1, "type", F::Str),
+            (
+                2,
+                "rollingUpdate",
+                F::Msg(&[
+                    (1, "maxUnavailable", F::IntOrString),
+                    (2, "maxSurge", F::IntOrString),
+                ]),
+            ),
+        ]),
+    ),
+    (5, "minReadySeconds", F::Int),
+    (6, "revisionHistoryLimit", F::OptInt),
+    (7, "paused", F::Bool),
+    (9, "progressDeadlineSeconds", F::OptInt),
+];
+const DEPLOYMENT: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(DEPLOYMENT_SPEC)),
+];
+const JOB_SPEC: &[(u64, &str, F)] = &[
+    (1, "parallelism", F::OptInt),
+    (2, "completions", F::OptInt),
+    (3, "activeDeadlineSeconds", F::OptInt),
+    (4, "selector", F::Msg(LABEL_SELECTOR)),
+    (5, "manualSelector", F::OptBool),
+    (6, "template", F::Msg(POD_TEMPLATE)),
+    (7, "backoffLimit", F::OptInt),
+    (8, "ttlSecondsAfterFinished", F::OptInt),
+    (9, "completionMode", F::Str),
+    (10, "suspend", F::OptBool),
+    (14, "podReplacementPolicy", F::Str),
+];
+const JOB: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(JOB_SPEC)),
+];
+const CRON_JOB_SPEC: &[(u64, &str, F)] = &[
+    (1, "schedule", F::Str),
+    (2, "startingDeadlineSeconds", F::OptInt),
+    (3, "concurrencyPolicy", F::Str),
+    (4, "suspend", F::OptBool),
+    (
+        5,
+        "jobTemplate",
+        F::Msg(&[
+            (1, "metadata", F::Msg(OBJECT_META)),
+            (2, "spec", F::Msg(JOB_SPEC)),
+        ]),
+    ),
+    (6, "successfulJobsHistoryLimit", F::OptInt),
+    (7, "failedJobsHistoryLimit", F::OptInt),
+    (8, "timeZone", F::Str),
+];
+const CRON_JOB: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(CRON_JOB_SPEC)),
+];
+const SCALE: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(&[(1, "replicas", F::Int)])),
+];
+const SERVICE_PORT: &[(u64, &str, F)] = &[
+    (1, "name", F::Str),
+    (2, "protocol", F::Str),
+    (3, "port", F::Int),
+    (4, "targetPort", F::IntOrString),
+    (5, "nodePort", F::Int),
+    (6, "appProtocol", F::Str),
+];
+const SERVICE_SPEC: &[(u64, &str, F)] = &[
+    (1, "ports", F::RepMsg(SERVICE_PORT)),
+    (2, "selector", F::MapStr),
+    (3, "clusterIP", F::Str),
+    (4, "type", F::Str),
+    (5, "externalIPs", F::RepStr),
+    (7, "sessionAffinity", F::Str),
+    (10, "externalName", F::Str),
+    (13, "publishNotReadyAddresses", F::Bool),
+    (18, "clusterIPs", F::RepStr),
+];
+const SERVICE: &[(u64, &str, F)] = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "spec", F::Msg(SERVICE_SPEC)),
 ];
 const METADATA_ONLY: &[(u64, &str, F)] = &[(1, "metadata", F::Msg(OBJECT_META))];
 const TYPE_META: &[(u64, &str, F)] = &[(1, "apiVersion", F::Str), (2, "kind", F::Str)];
@@ -262,20 +447,32 @@ fn message(b: &[u8], schema: &[(u64, &str, F)]) -> Result<Value, ProtoError> {
         let name = (*name).to_owned();
         match (kind, val) {
             (F::Str, Field::Bytes(x)) => {
-                out.insert(name, string(x));
+                if !x.is_empty() {
+                    out.insert(name, string(x));
+                }
             }
             (F::Int, Field::Varint(v)) => {
-                out.insert(name, json!(v as i64));
+                if v != 0 {
+                    out.insert(name, json!(v as i64));
+                }
             }
             (F::Bool, Field::Varint(v)) => {
+                if v != 0 {
+                    out.insert(name, json!(true));
+                }
+            }
+            (F::OptInt, Field::Varint(v)) => {
+                out.insert(name, json!(v as i64));
+            }
+            (F::OptBool, Field::Varint(v)) => {
                 out.insert(name, json!(v != 0));
             }
             (F::Time, Field::Bytes(x)) => {
+                // A zero time is an unset one.
                 let t = message(x, &[(1, "s", F::Int)])?;
-                out.insert(
-                    name,
-                    json!(crate::util::format_rfc3339(t["s"].as_i64().unwrap_or(0))),
-                );
+                if let Some(secs) = t.get("s").and_then(Value::as_i64) {
+                    out.insert(name, json!(crate::util::format_rfc3339(secs)));
+                }
             }
             (F::Msg(s), Field::Bytes(x)) => {
                 out.insert(name, message(x, s)?);
@@ -284,6 +481,32 @@ fn message(b: &[u8], schema: &[(u64, &str, F)]) -> Result<Value, ProtoError> {
                 let (k, v) = map_entry(x, matches!(kind, F::MapBytes))?;
                 crate::util::as_object_mut(out.entry(name).or_insert_with(|| json!({})))
                     .insert(k, v);
+            }
+            (F::MapQuantity, Field::Bytes(x)) => {
+                let (k, v) = map_entry(x, true)?;
+                // The value came back base64 of the Quantity message; decode its string.
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_str().unwrap_or(""))
+                    .map_err(|_| ProtoError::Decode("bad quantity"))?;
+                let q = message(&raw, &[(1, "s", F::Str)])?;
+                crate::util::as_object_mut(out.entry(name).or_insert_with(|| json!({})))
+                    .insert(k, q.get("s").cloned().unwrap_or(json!("")));
+            }
+            (F::IntOrString, Field::Bytes(x)) => {
+                let v = message(
+                    x,
+                    &[
+                        (1, "type", F::Int),
+                        (2, "intVal", F::Int),
+                        (3, "strVal", F::Str),
+                    ],
+                )?;
+                let val = if v["type"].as_i64() == Some(1) {
+                    v.get("strVal").cloned().unwrap_or(json!(""))
+                } else {
+                    v.get("intVal").cloned().unwrap_or(json!(0))
+                };
+                out.insert(name, val);
             }
             (F::RepStr, Field::Bytes(x)) => {
                 if let Value::Array(a) = out.entry(name).or_insert_with(|| json!([])) {
@@ -332,6 +555,13 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtoError> {
         "SelfSubjectRulesReview" => SELF_SUBJECT_RULES_REVIEW,
         "SelfSubjectReview" => METADATA_ONLY,
         "Role" | "ClusterRole" => ROLE,
+        "Deployment" => DEPLOYMENT,
+        // A Pod is a pod template's two fields (`kubectl run`).
+        "Pod" => POD_TEMPLATE,
+        "Job" => JOB,
+        "CronJob" => CRON_JOB,
+        "Scale" => SCALE,
+        "Service" => SERVICE,
         "RoleBinding" | "ClusterRoleBinding" => ROLE_BINDING,
         _ => return Err(ProtoError::UnsupportedKind(kind)),
     };

@@ -344,13 +344,203 @@ fn visit_rules(
     errors
 }
 
-/// The authorizer chain: `system:masters` first, then RBAC.
+/// The authorizer chain, as `--authorization-mode=Node,RBAC` with the privileged group:
+/// `system:masters` first, then the Node authorizer, then RBAC.
 pub fn authorize(core: &Core, user: &UserInfo, a: &Attributes) -> Decision {
     if user.in_group(auth::MASTERS) {
         return Decision::Allow(String::new());
     }
     let st = core.lock();
-    authorize_in(&st, user, a)
+    let node_reason = match authorize_node(&st, user, a) {
+        Some(Decision::Allow(r)) => return Decision::Allow(r),
+        Some(Decision::Deny(r)) => r,
+        None => String::new(),
+    };
+    match authorize_in(&st, user, a) {
+        Decision::Deny(r) if !node_reason.is_empty() => {
+            // The union of authorizers joins the reasons of those that had one.
+            let joined = [node_reason, r]
+                .into_iter()
+                .filter(|x| !x.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n");
+            Decision::Deny(joined)
+        }
+        d => d,
+    }
+}
+
+/// The rules the Node authorizer grants every kubelet (bootstrap policy's node rules).
+fn node_rules() -> Vec<Value> {
+    vec![
+        rule("authentication.k8s.io", "tokenreviews", "create"),
+        rule(
+            "authorization.k8s.io",
+            "localsubjectaccessreviews subjectaccessreviews",
+            "create",
+        ),
+        rule("core", "services", RO),
+        rule("core", "nodes", "create get list watch patch update"),
+        rule("core", "nodes/status", "patch update"),
+        rule("core", "events", "create patch update"),
+        rule("core", "pods", "get list watch create delete"),
+        rule("core", "pods/status", "patch update"),
+        rule("core", "pods/eviction", "create"),
+        rule("core", "endpoints", "get"),
+        rule(
+            "certificates.k8s.io",
+            "certificatesigningrequests",
+            "create get list watch",
+        ),
+        rule(
+            "coordination.k8s.io",
+            "leases",
+            "create delete get patch update",
+        ),
+        rule("storage.k8s.io", "volumeattachments", "get"),
+        rule("core", "persistentvolumeclaims/status", "get patch update"),
+        rule("storage.k8s.io", "csidrivers", RO),
+        rule(
+            "storage.k8s.io",
+            "csinodes",
+            "create delete get patch update",
+        ),
+        rule("node.k8s.io", "runtimeclasses", RO),
+    ]
+}
+
+/// Whether a pod's spec refers to `resource` `name` (secrets, configmaps, claims).
+fn pod_refers_to(pod: &Value, resource: &str, name: &str) -> bool {
+    let spec = &pod["spec"];
+    let mut names: Vec<&str> = Vec::new();
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        match resource {
+            "secrets" => names.push(v["secret"]["secretName"].as_str().unwrap_or("")),
+            "configmaps" => names.push(v["configMap"]["name"].as_str().unwrap_or("")),
+            "persistentvolumeclaims" => {
+                names.push(
+                    v["persistentVolumeClaim"]["claimName"]
+                        .as_str()
+                        .unwrap_or(""),
+                );
+            }
+            _ => {}
+        }
+        for src in v["projected"]["sources"].as_array().into_iter().flatten() {
+            match resource {
+                "secrets" => names.push(src["secret"]["name"].as_str().unwrap_or("")),
+                "configmaps" => names.push(src["configMap"]["name"].as_str().unwrap_or("")),
+                _ => {}
+            }
+        }
+    }
+    if resource == "secrets" {
+        for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+            names.push(s["name"].as_str().unwrap_or(""));
+        }
+    }
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            let (ref_key, from_key) = match resource {
+                "secrets" => ("secretKeyRef", "secretRef"),
+                "configmaps" => ("configMapKeyRef", "configMapRef"),
+                _ => continue,
+            };
+            for e in c["env"].as_array().into_iter().flatten() {
+                names.push(e["valueFrom"][ref_key]["name"].as_str().unwrap_or(""));
+            }
+            for e in c["envFrom"].as_array().into_iter().flatten() {
+                names.push(e[from_key]["name"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    names.contains(&name)
+}
+
+/// The Node authorizer: a kubelet (`system:node:<name>` in `system:nodes`) may read the
+/// secrets, configmaps, claims and volumes of the pods bound to its node, request tokens for
+/// their service accounts, and do what the node rules allow. `None`: not a node.
+fn authorize_node(st: &State, user: &UserInfo, a: &Attributes) -> Option<Decision> {
+    let node = user.name.strip_prefix("system:node:")?;
+    if !user.in_group("system:nodes") || node.is_empty() {
+        return None;
+    }
+    let no_relation = || {
+        Decision::Deny(format!(
+            "no relationship found between node '{node}' and this object"
+        ))
+    };
+    let on_node = |ns: &str| -> Vec<std::sync::Arc<Value>> {
+        st.tables
+            .get(&gr("", "pods"))
+            .map(|t| {
+                t.objects
+                    .values()
+                    .filter(|p| namespace_of(p) == ns && p["spec"]["nodeName"] == node)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let graph = a.resource_request
+        && a.api_group.is_empty()
+        && (matches!(
+            a.resource.as_str(),
+            "secrets" | "configmaps" | "persistentvolumeclaims" | "persistentvolumes"
+        ) && a.subresource.is_empty()
+            || (a.resource == "serviceaccounts" && a.subresource == "token"));
+    if !graph {
+        let allowed = node_rules().iter().any(|r| rule_allows(a, r));
+        return Some(if allowed {
+            Decision::Allow(String::new())
+        } else {
+            Decision::Deny(String::new())
+        });
+    }
+    if a.resource == "serviceaccounts" {
+        if a.verb != "create" {
+            return Some(no_relation());
+        }
+        let uses = on_node(&a.namespace).iter().any(|p| {
+            p["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                == a.name
+        });
+        return Some(if uses {
+            Decision::Allow(String::new())
+        } else {
+            no_relation()
+        });
+    }
+    let reading =
+        a.verb == "get" || (matches!(a.verb.as_str(), "list" | "watch") && !a.name.is_empty());
+    if !reading || a.name.is_empty() {
+        return Some(Decision::Deny(
+            "can only get individual resources of this type".into(),
+        ));
+    }
+    let related = if a.resource == "persistentvolumes" {
+        st.tables
+            .get(&gr("", "persistentvolumeclaims"))
+            .is_some_and(|t| {
+                t.objects.values().any(|c| {
+                    c["spec"]["volumeName"] == a.name.as_str()
+                        && on_node(namespace_of(c))
+                            .iter()
+                            .any(|p| pod_refers_to(p, "persistentvolumeclaims", name_of(c)))
+                })
+            })
+    } else {
+        on_node(&a.namespace)
+            .iter()
+            .any(|p| pod_refers_to(p, &a.resource, &a.name))
+    };
+    Some(if related {
+        Decision::Allow(String::new())
+    } else {
+        no_relation()
+    })
 }
 
 fn authorize_in(st: &State, user: &UserInfo, a: &Attributes) -> Decision {

@@ -88,8 +88,15 @@ impl ResourceDef {
         format!("{}List", self.kind)
     }
 
-    /// Storage key: all versions of a group/resource share one store.
+    /// Storage key: all versions of a group/resource share one store, and events.k8s.io
+    /// Events are the core Events.
     pub fn gr(&self) -> Gr {
+        if crate::events::is_events_v1(self) {
+            return Gr {
+                group: String::new(),
+                resource: "events".into(),
+            };
+        }
         Gr {
             group: self.group.clone(),
             resource: self.plural.clone(),
@@ -116,6 +123,11 @@ impl ResourceDef {
     /// subdomains.
     pub fn name_is_label(&self) -> bool {
         self.group.is_empty() && matches!(self.plural.as_str(), "namespaces" | "services")
+    }
+
+    /// Whether a PUT without a resourceVersion may replace the object (Leases: no).
+    pub fn allows_unconditional_update(&self) -> bool {
+        !(self.crd.is_none() && self.group == "coordination.k8s.io" && self.plural == "leases")
     }
 
     /// Strategic merge patch applies to built-ins only, as in the real server.
@@ -633,7 +645,15 @@ fn builtins() -> Vec<ResourceDef> {
         )
         .short(&["pc"]),
     ];
-    v.into_iter().map(|b| b.d).collect()
+    v.into_iter()
+        .map(|mut b| {
+            // Stored as core Events (see `gr`).
+            if crate::events::is_events_v1(&b.d) {
+                b.d.storage_version = false;
+            }
+            b.d
+        })
+        .collect()
 }
 
 #[cfg(test)]

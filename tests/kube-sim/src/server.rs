@@ -398,30 +398,60 @@ async fn route(
         content_type: header(headers, http::header::CONTENT_TYPE),
         user_agent: header(headers, http::header::USER_AGENT),
         user,
+        warnings: Default::default(),
     };
-    if sub == Some("token") || ctx.def.create_only {
-        return create_only(&ctx, method, name, sub, &body);
+    let mut resp = dispatch(
+        &ctx,
+        method,
+        name,
+        sub,
+        is_watch_request(&ctx, watch_prefix),
+        &body,
+    )
+    .await?;
+    let warnings = ctx.warnings.lock().map(|w| w.clone()).unwrap_or_default();
+    for w in warnings {
+        if let Ok(v) = http::HeaderValue::from_str(&w) {
+            resp.headers_mut().append(http::header::WARNING, v);
+        }
     }
-    let is_watch = watch_prefix
+    Ok(resp)
+}
+
+fn is_watch_request(ctx: &Ctx, watch_prefix: bool) -> bool {
+    watch_prefix
         || matches!(
             ctx.query.get("watch").map(String::as_str),
             Some("true" | "1")
-        );
+        )
+}
+
+async fn dispatch(
+    ctx: &Ctx,
+    method: &Method,
+    name: Option<&str>,
+    sub: Option<&str>,
+    is_watch: bool,
+    body: &[u8],
+) -> ApiResult<Response<Body>> {
+    if sub == Some("token") || ctx.def.create_only {
+        return create_only(ctx, method, name, sub, body);
+    }
     match (method.clone(), name, sub) {
-        (Method::GET, None, None) if is_watch => crate::watch::serve(&ctx, None).await,
-        (Method::GET, Some(n), None) if is_watch => crate::watch::serve(&ctx, Some(n)).await,
-        (Method::GET, None, None) => handlers::list(&ctx),
-        (Method::GET, Some(n), sub) => handlers::get(&ctx, n, sub.unwrap_or("")),
+        (Method::GET, None, None) if is_watch => crate::watch::serve(ctx, None).await,
+        (Method::GET, Some(n), None) if is_watch => crate::watch::serve(ctx, Some(n)).await,
+        (Method::GET, None, None) => handlers::list(ctx),
+        (Method::GET, Some(n), sub) => handlers::get(ctx, n, sub.unwrap_or("")),
         (Method::POST, None, None) => {
             if ctx.def.namespaced && ctx.all_namespaces {
                 return Err(ApiError::method_not_allowed());
             }
-            handlers::create(&ctx, &body).await
+            handlers::create(ctx, body).await
         }
-        (Method::PUT, Some(n), sub) => handlers::update(&ctx, n, sub.unwrap_or(""), &body).await,
-        (Method::PATCH, Some(n), sub) => handlers::patch(&ctx, n, sub.unwrap_or(""), &body).await,
-        (Method::DELETE, Some(n), None) => handlers::delete(&ctx, n, &body).await,
-        (Method::DELETE, None, None) => handlers::delete_collection(&ctx, &body).await,
+        (Method::PUT, Some(n), sub) => handlers::update(ctx, n, sub.unwrap_or(""), body).await,
+        (Method::PATCH, Some(n), sub) => handlers::patch(ctx, n, sub.unwrap_or(""), body).await,
+        (Method::DELETE, Some(n), None) => handlers::delete(ctx, n, body).await,
+        (Method::DELETE, None, None) => handlers::delete_collection(ctx, body).await,
         _ => Err(ApiError::method_not_allowed()),
     }
 }

@@ -28,6 +28,15 @@ impl Cause {
         }
     }
 
+    /// An invalid value printed as Go prints it (`0x0` for an unset resourceVersion).
+    pub fn invalid_printed(field: impl Into<String>, printed: &str, detail: &str) -> Self {
+        Self {
+            reason: "FieldValueInvalid",
+            field: field.into(),
+            message: format!("Invalid value: {printed}: {detail}"),
+        }
+    }
+
     pub fn forbidden(field: impl Into<String>, detail: &str) -> Self {
         Self {
             reason: "FieldValueForbidden",

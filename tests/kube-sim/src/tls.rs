@@ -22,6 +22,8 @@ pub enum TlsError {
     BuildVerifier(String),
     #[error("failed to issue a client certificate: {0}")]
     IssueClientCertificate(&'static str),
+    #[error("failed to generate the token signing key: no system randomness")]
+    GenerateSigningKey,
 }
 
 impl TlsError {

@@ -148,6 +148,9 @@ pub async fn serve(cx: &Ctx, name: Option<&str>) -> ApiResult<Response<Body>> {
 }
 
 fn present(api_version: &str, obj: &Value) -> Value {
+    if let Some(converted) = crate::events::present(obj, api_version) {
+        return converted;
+    }
     let mut o = obj.clone();
     if o.get("apiVersion").and_then(Value::as_str) != Some(api_version)
         && let Some(m) = o.as_object_mut()

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::Out;
+
 use kube_sim::{KubeSim, Options};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -16,13 +18,6 @@ use std::path::{Path, PathBuf};
 struct Cluster {
     sim: KubeSim,
     dir: tempfile::TempDir,
-}
-
-/// What a kubectl run printed and how it ended.
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
 }
 
 impl Cluster {
@@ -50,28 +45,13 @@ impl Cluster {
     }
 
     async fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Out {
-        use tokio::io::AsyncWriteExt;
-        let mut cmd = tokio::process::Command::new("kubectl");
-        cmd.args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("KUBECACHEDIR", self.dir.path().join("cache"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input
-            .write_all(stdin.unwrap_or("").as_bytes())
-            .await
-            .unwrap();
-        drop(input);
-        let out = child.wait_with_output().await.unwrap();
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        common::kubectl(
+            kubeconfig,
+            &self.dir.path().join("cache"),
+            args,
+            stdin.unwrap_or(""),
+        )
+        .await
     }
 
     /// An admin kubectl command that must succeed.
@@ -798,5 +778,208 @@ async fn client_certificates_name_the_user_and_groups() {
         !out.ok,
         "a foreign certificate must not authenticate: {}",
         out.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_the_service_account_volume_admission_adds() {
+    let c = Cluster::start().await;
+    c.apply(SETUP).await;
+    c.apply(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: quiet, namespace: ns1}
+automountServiceAccountToken: false
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mounted, namespace: ns1}
+spec:
+  serviceAccountName: sa1
+  initContainers: [{name: init, image: busybox}]
+  containers: [{name: c, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unmounted, namespace: ns1}
+spec:
+  serviceAccountName: quiet
+  containers: [{name: c, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: overridden, namespace: ns1}
+spec:
+  serviceAccountName: quiet
+  automountServiceAccountToken: true
+  containers: [{name: c, image: busybox}]
+"#,
+    )
+    .await;
+    let c = &c;
+    let pod = |name: &'static str| async move {
+        let out = c
+            .admin_ok(&["get", "pod", name, "-n", "ns1", "-o", "json"])
+            .await;
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let p = pod("mounted").await;
+    let vols = p["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 1, "{p}");
+    let name = vols[0]["name"].as_str().unwrap();
+    assert!(
+        name.starts_with("kube-api-access-") && name.len() == "kube-api-access-".len() + 5,
+        "{name}"
+    );
+    assert_eq!(
+        vols[0]["projected"],
+        json!({"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]})
+    );
+    for list in ["initContainers", "containers"] {
+        assert_eq!(
+            p["spec"][list][0]["volumeMounts"],
+            json!([{"name": name, "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]),
+            "{list}"
+        );
+    }
+    assert!(
+        pod("unmounted").await["spec"].get("volumes").is_none(),
+        "the account turns automounting off"
+    );
+    assert_eq!(
+        pod("overridden").await["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the pod's setting wins"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_reads_only_what_its_pods_use() {
+    let c = Cluster::start().await;
+    c.apply(SETUP).await;
+    c.apply(
+        r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: used, namespace: ns1}
+stringData: {k: v}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: unused, namespace: ns1}
+stringData: {k: v}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: ns1}
+spec:
+  nodeName: n1
+  serviceAccountName: sa1
+  containers:
+  - name: c
+    image: busybox
+    env: [{name: K, valueFrom: {secretKeyRef: {name: used, key: k}}}]
+"#,
+    )
+    .await;
+    let cert = c
+        .sim
+        .client_certificate("system:node:n1", &["system:nodes"])
+        .unwrap();
+    let kubelet = c.kubeconfig("kubelet", &c.sim.kubeconfig_with_certificate(&cert));
+    let out = c
+        .kubectl_as(
+            &kubelet,
+            &["get", "secret", "used", "-n", "ns1", "-o", "name"],
+            None,
+        )
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = c
+        .kubectl_as(
+            &kubelet,
+            &[
+                "get",
+                "configmap",
+                "kube-root-ca.crt",
+                "-n",
+                "ns1",
+                "-o",
+                "name",
+            ],
+            None,
+        )
+        .await;
+    assert!(out.ok, "the token volume's CA is the pod's: {}", out.stderr);
+    let out = c
+        .kubectl_as(&kubelet, &["get", "secret", "unused", "-n", "ns1"], None)
+        .await;
+    assert!(
+        out.stderr.contains(&forbidden(r#"secrets "unused" is forbidden: User "system:node:n1" cannot get resource "secrets" in API group "" in the namespace "ns1": no relationship found between node 'n1' and this object"#)),
+        "{}",
+        out.stderr
+    );
+    let out = c
+        .kubectl_as(&kubelet, &["get", "secrets", "-n", "ns1"], None)
+        .await;
+    assert!(
+        out.stderr
+            .contains("can only get individual resources of this type"),
+        "{}",
+        out.stderr
+    );
+    // Its node and the pods are its to write and read (node rules), a Deployment is not.
+    let out = c
+        .kubectl_as(&kubelet, &["label", "node", "n1", "zone=a"], None)
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = c
+        .kubectl_as(&kubelet, &["get", "deployments", "-n", "ns1"], None)
+        .await;
+    assert!(!out.ok, "{}", out.stdout);
+    let out = c
+        .kubectl_as(&kubelet, &["get", "pods", "-A", "-o", "name"], None)
+        .await;
+    assert!(out.ok && out.stdout.contains("pod/app"), "{}", out.stderr);
+    // Tokens only for the service accounts of its pods.
+    let out = c
+        .kubectl_as(
+            &kubelet,
+            &[
+                "create",
+                "token",
+                "sa1",
+                "-n",
+                "ns1",
+                "--bound-object-kind=Pod",
+                "--bound-object-name=app",
+            ],
+            None,
+        )
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    c.admin_ok(&["create", "sa", "other", "-n", "ns1"]).await;
+    let out = c
+        .kubectl_as(&kubelet, &["create", "token", "other", "-n", "ns1"], None)
+        .await;
+    assert!(
+        !out.ok
+            && out
+                .stderr
+                .contains("no relationship found between node 'n1' and this object"),
+        "{}",
+        out.stderr
     );
 }
