@@ -60,7 +60,7 @@ fn roundtrip(group: &str, version: &str, kind: &str, obj: &Value) -> Option<Resu
 
 /// Paths (as the server prints them: `spec.template.spec.containers[0].foo`) of the fields of
 /// `orig` that the typed form dropped. Nulls are not fields.
-fn unknown_fields(orig: &Value, pruned: &Value, path: &str, out: &mut Vec<String>) {
+pub(crate) fn unknown_fields(orig: &Value, pruned: &Value, path: &str, out: &mut Vec<String>) {
     match (orig, pruned) {
         (Value::Object(o), Value::Object(p)) => {
             for (k, v) in o {
@@ -141,20 +141,32 @@ pub fn decode(
     strip_added(obj, &mut pruned);
     let mut unknown = Vec::new();
     unknown_fields(obj, &pruned, "", &mut unknown);
-    if validation == "Strict" && !unknown.is_empty() {
-        let list: Vec<String> = unknown
-            .iter()
-            .map(|f| format!("unknown field {f:?}"))
-            .collect();
-        return Err(cannot(&format!(
-            "strict decoding error: {}",
-            list.join(", ")
-        )));
-    }
-    if validation == "Ignore" {
-        unknown.clear();
-    }
+    let unknown = check_unknown(kind, version, unknown, validation)?;
     Ok(Decoded::Ok(pruned, unknown))
+}
+
+/// What `fieldValidation` makes of unknown fields: a 400 under `Strict`, nothing to report
+/// under `Ignore`, the fields to warn about otherwise.
+pub fn check_unknown(
+    kind: &str,
+    version: &str,
+    unknown: Vec<String>,
+    validation: &str,
+) -> Result<Vec<String>, crate::status::ApiError> {
+    match validation {
+        "Strict" if !unknown.is_empty() => {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|f| format!("unknown field {f:?}"))
+                .collect();
+            Err(crate::status::ApiError::bad_request(format!(
+                "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
+                list.join(", ")
+            )))
+        }
+        "Ignore" => Ok(Vec::new()),
+        _ => Ok(unknown),
+    }
 }
 
 /// The `Warning` header value for one unknown field.

@@ -61,13 +61,25 @@ impl Ctx {
     /// Decodes a built-in object as the server does (typed, pruned), recording a warning per
     /// unknown field unless `fieldValidation` says otherwise.
     fn decode_builtin(&self, obj: Value) -> ApiResult<Value> {
-        if !self.def.is_builtin() {
-            return Ok(obj);
-        }
         let validation = match self.q("fieldValidation") {
             "" => "Warn",
             v => v,
         };
+        if let Some(schema) = &self.def.schema {
+            // A custom resource: its schema prunes later; here its unknown fields are reported.
+            let unknown = crate::schema::unknown_fields(schema, &obj);
+            let unknown = crate::builtin::check_unknown(
+                &self.def.kind,
+                &self.def.version,
+                unknown,
+                validation,
+            )?;
+            self.warn_unknown(unknown);
+            return Ok(obj);
+        }
+        if !self.def.is_builtin() {
+            return Ok(obj);
+        }
         match crate::builtin::decode(
             &self.def.group,
             &self.def.version,
@@ -77,17 +89,22 @@ impl Ctx {
         )? {
             crate::builtin::Decoded::Untyped => Ok(obj),
             crate::builtin::Decoded::Ok(pruned, unknown) => {
-                let mut w = self
-                    .warnings
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                for f in unknown {
-                    let h = crate::builtin::warning(&f);
-                    if !w.contains(&h) {
-                        w.push(h);
-                    }
-                }
+                self.warn_unknown(unknown);
                 Ok(pruned)
+            }
+        }
+    }
+
+    /// One `Warning` per unknown field, each once.
+    fn warn_unknown(&self, unknown: Vec<String>) {
+        let mut w = self
+            .warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for f in unknown {
+            let h = crate::builtin::warning(&f);
+            if !w.contains(&h) {
+                w.push(h);
             }
         }
     }

@@ -35,6 +35,15 @@ pub fn apply(schema: &Value, obj: &mut Value, old: Option<&Value>) -> Vec<Cause>
     causes
 }
 
+/// The fields of `obj` the schema would prune (nulls aside), as the server names them.
+pub fn unknown_fields(schema: &Value, obj: &Value) -> Vec<String> {
+    let mut pruned = obj.clone();
+    prune_and_default(&mut pruned, schema, true);
+    let mut out = Vec::new();
+    crate::builtin::unknown_fields(obj, &pruned, "", &mut out);
+    out
+}
+
 fn preserves(s: &Value) -> bool {
     s.get("x-kubernetes-preserve-unknown-fields")
         .and_then(Value::as_bool)

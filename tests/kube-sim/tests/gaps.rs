@@ -649,3 +649,57 @@ async fn events_are_one_store_in_two_versions() {
         .await;
     assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_resources_report_unknown_fields_too() {
+    let s = Sim::start().await;
+    let crd = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gadgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size: {type: integer}
+"#;
+    let out = s.kubectl(&["apply", "-f", "-"], crd).await;
+    assert!(out.ok, "{}", out.stderr);
+    s.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/gadgets.example.com",
+    ])
+    .await;
+    let gadget = "apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: g}\nspec: {size: 1, colour: red}\n";
+    let out = s.kubectl(&["apply", "-f", "-"], gadget).await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains(r#"Gadget in version "v1" cannot be handled as a Gadget: strict decoding error: unknown field "spec.colour""#),
+        "{}",
+        out.stderr
+    );
+    let out = s
+        .kubectl(&["apply", "--validate=warn", "-f", "-"], gadget)
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(r#"Warning: unknown field "spec.colour""#),
+        "{}",
+        out.stderr
+    );
+    let got = s.get_json(&["gadget", "g"]).await;
+    assert_eq!(got["spec"], json!({"size": 1}), "pruned");
+}
