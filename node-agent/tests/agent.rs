@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{repo, restic_bin};
+use common::{repo, restic_bin, set_mtime};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest};
 use stash_node_agent::extract::{ExtractOptions, ExtractReport, extract};
 use stash_node_agent::stream::StreamError;
@@ -24,23 +24,6 @@ fn request(path: &Path, mode: ReadMode) -> BackupRequest {
         key: Some("demo/app/data".into()),
         ..BackupRequest::new(path, mode)
     }
-}
-
-fn set_mtime(path: &Path, secs: i64, nanos: i64) -> Result {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: nanos,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )?;
-    Ok(())
 }
 
 /// A volume with every kind of entry the stream must carry.

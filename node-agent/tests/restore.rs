@@ -19,14 +19,13 @@ use stash_node_agent::tar::{Entry, Kind, TarWriter};
 
 type Result<T = ()> = anyhow::Result<T>;
 
+#[allow(dead_code)] // a test binary uses only part of the shared helpers
+mod common;
+
+use common::{restic_bin, set_mtime};
+
 const PASSWORD: &str = "restore test";
 const MODES: [ReadMode; 2] = [ReadMode::Stream, ReadMode::Direct];
-
-fn restic_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic");
-    assert!(p.exists(), "restic is not installed: run `make setup`");
-    p
-}
 
 /// A tmpfs mounted for one test (large xattrs, `chattr +i`, a size limit), unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -154,23 +153,6 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
             (x >> 32) as u8
         })
         .collect()
-}
-
-fn set_mtime(path: &Path, secs: i64, nanos: i64) -> Result {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: nanos,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )?;
-    Ok(())
 }
 
 fn setxattr(path: &Path, name: &str, value: &[u8]) -> Result {

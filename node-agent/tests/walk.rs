@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+#[allow(dead_code)] // a test binary uses only part of the shared helpers
 mod common;
 
 use common::repo;

@@ -24,3 +24,21 @@ pub async fn repo(dir: &Path) -> anyhow::Result<Restic> {
     restic.init().await?;
     Ok(restic)
 }
+
+/// Sets a path's access and modification times without following a symlink.
+pub fn set_mtime(path: &Path, secs: i64, nanos: i64) -> anyhow::Result<()> {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
