@@ -7,7 +7,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Endless, Garage, PASSWORD, Spawns, hostname, local, restic_bin, sample_tree};
+use common::{
+    Endless, GarageExt, PASSWORD, Spawns, garage, hostname, local, restic_bin, sample_tree,
+};
 use restic_wrapper::{
     BackupOptions, NativeError, NativeRepository, RepositoryFiles, Restic, Secrets, SnapshotFilter,
 };
@@ -191,7 +193,7 @@ async fn wrong_password_missing_repository_and_tampering_are_refused() -> Result
 
 #[tokio::test]
 async fn s3_listing_equals_restic_and_the_wrapper_works_on_s3() -> Result {
-    let garage = Garage::start();
+    let garage = garage();
     let dir = tempfile::tempdir()?;
     let repo =
         restic_wrapper::Repository::new(garage.backend("demo/app"), garage.secrets(), dir.path())?;
@@ -380,7 +382,7 @@ async fn locks_are_read_and_removed_on_a_local_repository() -> Result {
 
 #[tokio::test]
 async fn locks_are_read_and_removed_on_s3() -> Result {
-    let garage = Garage::start();
+    let garage = garage();
     let dir = tempfile::tempdir()?;
     let repo =
         restic_wrapper::Repository::new(garage.backend("locks"), garage.secrets(), dir.path())?;

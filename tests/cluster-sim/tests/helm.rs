@@ -6,36 +6,10 @@
 
 mod common;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cluster_sim::{Image, Images};
 use common::Sim;
-use std::path::{Path, PathBuf};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("the workspace")
-}
-
-/// Builds (or finds up to date) a binary of this checkout, in the test's own target dir.
-fn build(package: &str, bin: &str) -> Result<PathBuf> {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--locked", "--quiet", "-p", package, "--bin", bin])
-        .current_dir(workspace())
-        .status()
-        .context("failed to run cargo build")?;
-    if !status.success() {
-        bail!("cargo build -p {package} failed");
-    }
-    // The test binary lives in <target>/debug/deps.
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the target dir")?;
-    Ok(dir.join(bin))
-}
+use stash_test_support::{binaries, workspace};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_gives_a_ready_node_agent_on_every_node() -> Result<()> {
@@ -46,15 +20,16 @@ async fn helm_install_gives_a_ready_node_agent_on_every_node() -> Result<()> {
         .canonicalize()
         .context("make setup installs restic")?;
     let mut images = Images::default();
-    for (package, bin) in [
+    let built = binaries::build(&[
         ("stash-node-agent", "stash-node-agent"),
         ("stash-controller", "stash-operator"),
-    ] {
-        let mut image = Image::binary(build(package, bin)?, bin, &["run"]);
+    ])?;
+    for (bin, exe) in built {
+        let mut image = Image::binary(exe, &bin, &["run"]);
         image
             .files
             .push(("/usr/local/bin/restic".into(), restic.clone()));
-        images.known.insert(bin.into(), image);
+        images.known.insert(bin, image);
     }
     let sim = Sim::start_with(2, images).await?;
     let out = tokio::process::Command::new(&helm)

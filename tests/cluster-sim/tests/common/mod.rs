@@ -1,27 +1,29 @@
 //! The test harness: a simulated cluster in this process on a free port, kubectl pointed
-//! at it, and polling helpers. Dropping the harness stops the cluster (processes, mounts,
-//! addresses) and removes its state directory.
+//! at it (stash-test-support's), and polling helpers. Dropping the harness stops the
+//! cluster (processes, mounts, addresses) and removes its state directory.
 
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use cluster_sim::{Cluster, Images, Options};
-use std::path::{Path, PathBuf};
+use stash_test_support::Kubectl;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub struct Sim {
     pub cluster: Option<Cluster>,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
+    kube: Kubectl,
 }
 
-pub fn kubectl_bin() -> PathBuf {
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/kubectl");
-    if tools.exists() {
-        tools
-    } else {
-        PathBuf::from("kubectl")
+/// `sim.kubectl(..)`, `sim.apply(..)`, `sim.json(..)`: kubectl against this cluster.
+impl std::ops::Deref for Sim {
+    type Target = Kubectl;
+
+    fn deref(&self) -> &Kubectl {
+        &self.kube
     }
 }
 
@@ -31,13 +33,7 @@ impl Sim {
     }
 
     pub async fn start_with(nodes: usize, images: Images) -> Result<Self> {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        stash_test_support::log_to_test_output();
         let dir = tempfile::tempdir()?;
         let cluster = Cluster::start(Options {
             state_dir: dir.path().to_owned(),
@@ -51,6 +47,7 @@ impl Sim {
         Ok(Self {
             cluster: Some(cluster),
             dir,
+            kube: Kubectl::new(&kubeconfig),
             kubeconfig,
         })
     }
@@ -59,64 +56,13 @@ impl Sim {
         self.cluster.as_ref().expect("running")
     }
 
-    /// Runs kubectl; fails with its stderr when it exits non-zero.
-    pub async fn kubectl(&self, args: &[&str]) -> Result<String> {
-        self.kubectl_stdin(args, None).await
-    }
-
-    pub async fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        use tokio::io::AsyncWriteExt;
-        let mut cmd = tokio::process::Command::new(kubectl_bin());
-        cmd.args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("failed to run kubectl")?;
-        if let Some(input) = stdin {
-            let mut si = child.stdin.take().context("no stdin")?;
-            si.write_all(input.as_bytes()).await?;
-        }
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    pub async fn apply(&self, yaml: &str) -> Result<String> {
-        self.kubectl_stdin(&["apply", "-f", "-"], Some(yaml)).await
-    }
-
-    pub async fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.kubectl(&a).await?)?)
-    }
-
     /// Polls `check` until it returns `Some`; the bound only guards against a hang.
-    pub async fn until<T, F, Fut>(&self, what: &str, mut check: F) -> Result<T>
+    pub async fn until<T, F, Fut>(&self, what: &str, check: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Option<T>>>,
     {
-        for _ in 0..600 {
-            if let Some(v) = check().await? {
-                return Ok(v);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        bail!("gave up waiting for {what}")
+        stash_test_support::until(what, Duration::from_secs(120), check).await
     }
 
     /// `kubectl wait --for=condition=Ready pod/<name>` in the default namespace.
