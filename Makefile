@@ -78,7 +78,7 @@ cluster: setup
 	trap 'kill $$pg 2>/dev/null' EXIT; \
 	echo "pushgateway: http://$(PUSHGATEWAY_ADDR) (log $(CLUSTER_STATE)/pushgateway.log)"; \
 	"$$bin/cluster-sim" up --state $(CLUSTER_STATE) --nodes $(NODES) \
-	  --image-binary stash-node-agent=$$bin/stash-node-agent,stash-operator=$$bin/stash-operator \
+	  --image-binary stash-node-agent=$$bin/stash-node-agent,stash-operator=$$bin/stash-operator,pushgateway=.tools/bin/pushgateway \
 	  --image-file /usr/local/bin/restic=.tools/bin/restic
 
 ## cluster-down: stop the cluster `make cluster` started

@@ -5,7 +5,6 @@
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 
 use crate::env::S3;
 
@@ -46,26 +45,23 @@ impl HostRepo {
         }
     }
 
-    async fn restic(&self, args: &[&str], stdout: Stdio) -> Result<std::process::Output> {
+    async fn restic(&self, args: &[&str]) -> Result<std::process::Output> {
         let mut cmd = tokio::process::Command::new(stash_test_support::tool("restic")?);
         cmd.args(["-r", &self.url, "--no-cache"])
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(stdout);
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let what = format!("restic {} on {}", args.join(" "), self.url);
         stash_test_support::run(cmd, None, &what).await
     }
 
     /// `restic init`: a repository that exists before Stash sees it.
     pub async fn init(&self) -> Result<()> {
-        self.restic(&["init"], Stdio::null()).await.map(drop)
+        self.restic(&["init"]).await.map(drop)
     }
 
     /// Every snapshot, oldest first.
     pub async fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        let out = self
-            .restic(&["snapshots", "--json", "--no-lock"], Stdio::piped())
-            .await?;
+        let out = self.restic(&["snapshots", "--json", "--no-lock"]).await?;
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).context("restic snapshots printed no JSON")?;
         let strings = |x: &serde_json::Value| -> Vec<String> {
@@ -96,9 +92,10 @@ impl HostRepo {
         std::fs::create_dir(&out)?;
         if snap.paths.iter().any(|p| p == STREAM_FILE) {
             let tar = dir.path().join("volume.tar");
-            let file = std::fs::File::create(&tar)?;
-            self.restic(&["--no-lock", "dump", &snap.id, STREAM_FILE], file.into())
+            let dump = self
+                .restic(&["--no-lock", "dump", &snap.id, STREAM_FILE])
                 .await?;
+            std::fs::write(&tar, &dump.stdout)?;
             let status = tokio::process::Command::new("tar")
                 .arg("-xf")
                 .arg(&tar)
@@ -112,11 +109,8 @@ impl HostRepo {
             }
         } else {
             let target = out.to_string_lossy().into_owned();
-            self.restic(
-                &["--no-lock", "restore", &snap.id, "--target", &target],
-                Stdio::null(),
-            )
-            .await?;
+            self.restic(&["--no-lock", "restore", &snap.id, "--target", &target])
+                .await?;
         }
         read_tree(&out)
     }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::process::{Output, Stdio};
 use tokio::io::AsyncWriteExt;
 
-/// Runs `cmd` (stdout captured unless the caller redirected it), feeding it `stdin`;
+/// Runs `cmd` with its stdout and stderr captured, feeding it `stdin`;
 /// fails with its stderr and stdout when it exits non-zero. `what` names it in errors.
 pub async fn run(
     mut cmd: tokio::process::Command,
@@ -17,6 +17,7 @@ pub async fn run(
     } else {
         Stdio::null()
     })
+    .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .kill_on_drop(true);
     let mut child = cmd
