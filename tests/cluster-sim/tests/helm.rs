@@ -20,10 +20,7 @@ async fn helm_install_gives_a_ready_node_agent_on_every_node() -> Result<()> {
         .canonicalize()
         .context("make setup installs restic")?;
     let mut images = Images::default();
-    let built = binaries::build(&[
-        ("stash-node-agent", "stash-node-agent"),
-        ("stash-controller", "stash-operator"),
-    ])?;
+    let built = binaries::build(&["stash-node-agent", "stash-operator"])?;
     for (bin, exe) in built {
         let mut image = Image::binary(exe, &bin, &["run"]);
         image

@@ -152,11 +152,7 @@ impl Env {
         }
         stash_test_support::log_to_test_output();
         let built = tokio::task::spawn_blocking(|| {
-            binaries::build(&[
-                ("stash-controller", "stash-operator"),
-                ("stash-node-agent", "stash-node-agent"),
-                ("cluster-sim", "cluster-sim"),
-            ])
+            binaries::build(&["stash-operator", "stash-node-agent", "cluster-sim"])
         })
         .await??;
         let images = images(&built)?;

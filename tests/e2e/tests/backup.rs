@@ -583,7 +583,11 @@ async fn pushgateway_metrics(s: &Scenario<'_>) -> Result<()> {
         line.contains(&format!("job=\"{job}\"")),
         "pushed under another job: {line}"
     );
-    let value = line.rsplit(' ').next().unwrap_or_default();
+    // `name{labels} value [timestamp]`
+    let value = line
+        .rsplit_once('}')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_default();
     if value.parse::<f64>().ok() != Some(1.0) {
         bail!("the session is not reported a success: {line}");
     }
