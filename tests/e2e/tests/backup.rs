@@ -113,7 +113,7 @@ async fn environment(s: &Scenario<'_>) -> Result<()> {
          \x20       command: [sh, -c, {cmd}]\n",
         ns = s.ns,
         cmd = serde_json::to_string(&format!(
-            "wget -S -T 10 -O /dev/null {}/ 2>&1 | grep -q 'HTTP/'",
+            "wget -S -T 10 -t 1 -O /dev/null {}/ 2>&1 | grep -q 'HTTP/'",
             env.s3.endpoint
         ))?
     );
