@@ -37,6 +37,10 @@ use crate::conditions::Condition;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.repository) || (has(self.driver) && self.driver == 'VolumeSnapshotter')",
+    "message": "spec.repository is required unless driver is VolumeSnapshotter"
+}]))]
 pub struct BackupConfigurationSpec {
     pub task: Option<TaskRef>,
     pub target: Option<BackupTarget>,
@@ -48,7 +52,8 @@ pub struct BackupConfigurationSpec {
     pub schedule: Option<String>,
     #[schemars(extend("default" = "Restic"))]
     pub driver: Option<Driver>,
-    pub repository: ObjectRef,
+    /// Where the snapshots go; required unless `driver: VolumeSnapshotter`.
+    pub repository: Option<ObjectRef>,
     pub retention_policy: RetentionPolicy,
     /// Suspends the CronJob; manual BackupSessions still run.
     pub paused: Option<bool>,

@@ -70,6 +70,9 @@ pub struct RepositoryStatus {
     pub snapshots_removed_on_last_cleanup: Option<i64>,
     /// The invokers that use this Repository.
     pub references: Option<Vec<ResourceRef>>,
+    /// Whether the backend and its Secret are usable and the restic repository is initialised
+    /// (`BackendSecretFound`, `BackendRepositoryInitialized`); an addition to Stash's status.
+    pub conditions: Option<Vec<crate::conditions::Condition>>,
 }
 
 #[serde_with::skip_serializing_none]

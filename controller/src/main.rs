@@ -2,6 +2,5 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let cli = stash_controller::Cli::parse();
-    stash_controller::run(cli, &mut std::io::stdout().lock())?;
-    Ok(())
+    stash_controller::main(cli)
 }

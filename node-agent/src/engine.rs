@@ -25,7 +25,7 @@ pub const STREAM_FILE: &str = "volume.tar";
 /// Tags that describe how a snapshot was made.
 pub const TAG_STREAM: &str = "stash.mode=stream";
 pub const TAG_DIRECT: &str = "stash.mode=direct";
-pub const TAG_KEY_PREFIX: &str = "stash.key=";
+pub use stash_rules::repository::{TAG_KEY_PREFIX, key_tag};
 pub const TAG_MANIFEST_PREFIX: &str = "stash.manifest=";
 /// On a snapshot that left out files it was not permitted to read: how many.
 pub const TAG_UNREADABLE_PREFIX: &str = "stash.unreadable=";
@@ -113,12 +113,6 @@ pub struct BackupResult {
     /// tagged with their count.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
-}
-
-/// The tag that names a volume's key on its snapshots.
-pub fn key_tag(key: &str) -> String {
-    // restic separates tags with commas; keep the key one tag.
-    format!("{TAG_KEY_PREFIX}{}", key.replace(',', "_"))
 }
 
 type Readers = std::collections::HashMap<[u8; 32], Arc<NativeRepository>>;

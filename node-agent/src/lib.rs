@@ -13,7 +13,6 @@ pub mod locks;
 pub mod metrics;
 pub mod pattern;
 pub mod pipe;
-pub mod repository;
 pub mod spec;
 pub mod status;
 pub mod stream;

@@ -1176,35 +1176,38 @@ async fn open_repository(
         .get(&repository.name)
         .await
         .map_err(AgentError::kube("read the Repository"))?;
-    let secret_name = repo
-        .spec
-        .backend
-        .storage_secret_name
-        .clone()
-        .ok_or_else(|| AgentError::InvalidRepository {
-            reason: format!(
-                "Repository {repo_ns}/{} names no storageSecretName",
-                repository.name
-            ),
-        })?;
+    let invalid = |e: stash_rules::repository::InvalidRepository| AgentError::InvalidRepository {
+        reason: format!("Repository {repo_ns}/{}: {e}", repository.name),
+    };
+    let secret_name = stash_rules::repository::secret_name(&repo.spec.backend).map_err(invalid)?;
     let secret = Api::<Secret>::namespaced(client.clone(), &repo_ns)
-        .get(&secret_name)
+        .get(secret_name)
         .await
         .map_err(AgentError::kube("read the storage Secret"))?;
-    let backend = crate::repository::backend(&repo.spec.backend)?;
+    let backend = stash_rules::repository::backend(&repo.spec.backend).map_err(invalid)?;
     let scratch = cfg.state_dir.join("scratch").join(uid);
     std::fs::create_dir_all(&scratch).map_err(|source| AgentError::Io {
         action: "create the scratch directory",
         source,
     })?;
-    let repository = Repository::new(backend, crate::repository::secrets(&secret), &scratch)?;
+    let repository = Repository::new(backend, stash_rules::repository::secrets(&secret), &scratch)?;
     let restic = Restic::new(repository)
         .with_program(&cfg.restic)
         .with_cache(Cache::Dir(cfg.state_dir.join("restic-cache")))
         .with_tmp_dir(&scratch)
         .with_timeout(cfg.restic_timeout)
         .with_spawn_observer(processes);
-    restic.ensure_initialized().await?;
+    // The operator initialises every repository before it assigns work into it; two agents
+    // initialising one repository at once would leave it unreadable, so the agent never does.
+    if !restic.exists().await? {
+        return Err(AgentError::InvalidRepository {
+            reason: format!(
+                "the repository {} is not initialised; the operator initialises it before \
+                 assigning a backup, so check the Repository's status",
+                restic.repository().display_name()
+            ),
+        });
+    }
     // Only this agent's own stale locks: a lock of anyone else stays, however old it looks.
     // Not fatal: a repository that cannot be read fails the work that follows with restic's
     // own, clearer error, and the journal keeps what was not removed for the next attempt.

@@ -1,0 +1,691 @@
+//! BackupSession: Stash's skip rules, then the target resolved to its Running pods and
+//! volumes and planned as one BackupAssignment per node (the node agents do the backup),
+//! the assignments' status aggregated into the session's, a deadline that cancels, and — once
+//! every host is done — retention under the repository's Lease, the Repository's status, the
+//! pushgateway push (the last step, as in Stash), history cleanup and retries.
+
+pub mod plan;
+pub mod post;
+pub mod status;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, Pod, ReplicationController,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use stash_api::assignment::BackupAssignment;
+use stash_api::backup_session::{
+    BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, HostBackupStats, HostPhase,
+};
+use stash_api::common::InvokerPhase;
+use stash_api::conditions::{Condition, find_condition, reasons, set_condition, types};
+use stash_api::{BackupConfiguration, BackupSession, labels};
+
+use crate::context::{Ctx, FIELD_MANAGER};
+use crate::error::{Error, is_conflict};
+
+/// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
+/// `retryConfig.delay` are written.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_end);
+        let value: f64 = num.parse().ok()?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let factor = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * factor;
+        rest = tail;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+fn selector_string(sel: &LabelSelector) -> String {
+    let mut parts: Vec<String> = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let vals = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({vals})", e.key),
+            "NotIn" => format!("{} notin ({vals})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// Reads what planning needs: the target's pods, claims and volumes, and the Ready agents.
+async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, Error> {
+    let ns = bc.namespace().unwrap_or_default();
+    let mut observed = plan::Observed {
+        total_hosts: 1,
+        ..plan::Observed::default()
+    };
+    let Some(target) = &bc.spec.target else {
+        return Ok(observed);
+    };
+    let tns = target.ref_.namespace.clone().unwrap_or(ns);
+    let c = ctx.client.clone();
+    let read = Error::kube("read the backup target");
+    let selector = match target.ref_.kind.as_str() {
+        "Deployment" => Api::<Deployment>::namespaced(c.clone(), &tns)
+            .get(&target.ref_.name)
+            .await
+            .map_err(read)?
+            .spec
+            .map(|s| selector_string(&s.selector)),
+        "StatefulSet" => {
+            let s = Api::<StatefulSet>::namespaced(c.clone(), &tns)
+                .get(&target.ref_.name)
+                .await
+                .map_err(read)?
+                .spec;
+            observed.total_hosts = s.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            s.map(|s| selector_string(&s.selector))
+        }
+        "DaemonSet" => {
+            let d = Api::<DaemonSet>::namespaced(c.clone(), &tns)
+                .get(&target.ref_.name)
+                .await
+                .map_err(read)?;
+            observed.total_hosts = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
+            d.spec.map(|s| selector_string(&s.selector))
+        }
+        "ReplicaSet" => Api::<ReplicaSet>::namespaced(c.clone(), &tns)
+            .get(&target.ref_.name)
+            .await
+            .map_err(read)?
+            .spec
+            .map(|s| selector_string(&s.selector)),
+        "ReplicationController" => Api::<ReplicationController>::namespaced(c.clone(), &tns)
+            .get(&target.ref_.name)
+            .await
+            .map_err(read)?
+            .spec
+            .and_then(|s| s.selector)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+        _ => Some(String::new()),
+    };
+    let Some(selector) =
+        selector.filter(|s| !s.is_empty() || target.ref_.kind == "PersistentVolumeClaim")
+    else {
+        return Ok(observed);
+    };
+    observed.pods = Api::<Pod>::namespaced(c.clone(), &tns)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::kube("list the target's pods"))?
+        .items;
+    observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list the claims"))?
+        .items;
+    let wanted: BTreeSet<String> = observed
+        .claims
+        .iter()
+        .filter_map(|c| c.spec.as_ref().and_then(|s| s.volume_name.clone()))
+        .collect();
+    for pv in wanted {
+        if let Some(v) = Api::<PersistentVolume>::all(c.clone())
+            .get_opt(&pv)
+            .await
+            .map_err(Error::kube("read a persistent volume"))?
+        {
+            observed.volumes.push(v);
+        }
+    }
+    let agents = Api::<Pod>::namespaced(c, &ctx.args.namespace)
+        .list(&ListParams::default().labels(&ctx.args.agent_selector))
+        .await
+        .map_err(Error::kube("list the node agents"))?
+        .items;
+    observed.ready_agents = agents
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .collect();
+    Ok(observed)
+}
+
+fn is_final(phase: Option<BackupSessionPhase>) -> bool {
+    matches!(
+        phase,
+        Some(
+            BackupSessionPhase::Succeeded
+                | BackupSessionPhase::Failed
+                | BackupSessionPhase::Skipped
+        )
+    )
+}
+
+pub async fn write_status(
+    ctx: &Ctx,
+    s: &BackupSession,
+    status: &BackupSessionStatus,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "stash.appscode.com/v1beta1",
+        "kind": "BackupSession",
+        "status": status,
+    });
+    Api::<BackupSession>::namespaced(ctx.client.clone(), &s.namespace().unwrap_or_default())
+        .patch_status(
+            &s.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::kube("write the BackupSession status"))?;
+    Ok(())
+}
+
+pub async fn event(ctx: &Ctx, s: &BackupSession, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Backup".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&ev, &s.object_ref(&())).await {
+        tracing::debug!(%error, "cannot record an event");
+    }
+}
+
+/// The invoker of a session: `spec.invoker`, or Stash's labels on older sessions.
+fn invoker_name(s: &BackupSession) -> Option<String> {
+    s.spec
+        .invoker
+        .as_ref()
+        .filter(|i| i.kind == "BackupConfiguration")
+        .map(|i| i.name.clone())
+        .or_else(|| s.labels().get(labels::INVOKER_NAME).cloned())
+        .or_else(|| s.labels().get(labels::LEGACY_BACKUP_CONFIGURATION).cloned())
+}
+
+struct Step<'a> {
+    ctx: &'a Ctx,
+    session: &'a BackupSession,
+    status: BackupSessionStatus,
+    now: Time,
+}
+
+impl Step<'_> {
+    fn set(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        let mut conds = self.status.conditions.clone().unwrap_or_default();
+        set_condition(
+            &mut conds,
+            Condition::new(type_, ok, reason, message),
+            self.now.clone(),
+        );
+        self.status.conditions = Some(conds);
+    }
+
+    fn cond(&self, type_: &str) -> Option<bool> {
+        find_condition(self.status.conditions.as_deref().unwrap_or_default(), type_)
+            .map(Condition::is_true)
+    }
+
+    async fn save(&mut self) -> Result<(), Error> {
+        self.status.phase = Some(status::session_phase(
+            self.status.conditions.as_deref().unwrap_or_default(),
+            self.status.targets.as_deref().unwrap_or_default(),
+        ));
+        if self.session.status.as_ref() != Some(&self.status) {
+            write_status(self.ctx, self.session, &self.status).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::metrics::KindLabels {
+            kind: "BackupSession",
+        })
+        .inc();
+    let ns = session.namespace().unwrap_or_default();
+    let now = Timestamp::now();
+    let mut step = Step {
+        ctx: &ctx,
+        session: &session,
+        status: session.status.clone().unwrap_or_default(),
+        now: Time(now),
+    };
+    let Some(bc_name) = invoker_name(&session) else {
+        step.set(
+            types::BACKUP_SKIPPED,
+            true,
+            reasons::SKIPPED_TAKING_NEW_BACKUP,
+            "the session names no BackupConfiguration in spec.invoker",
+        );
+        step.save().await?;
+        return Ok(Action::await_change());
+    };
+    let bc = Api::<BackupConfiguration>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&bc_name)
+        .await
+        .map_err(Error::kube("read the BackupConfiguration"))?;
+    if is_final(step.status.phase) {
+        return post::after_final(&ctx, &session, bc.as_ref()).await;
+    }
+    let Some(bc) = bc else {
+        step.set(
+            types::BACKUP_SKIPPED,
+            true,
+            reasons::SKIPPED_TAKING_NEW_BACKUP,
+            format!("BackupConfiguration {ns}/{bc_name} does not exist"),
+        );
+        step.save().await?;
+        return Ok(Action::await_change());
+    };
+    // Skip rules, decided once, before any work.
+    if step.status.targets.is_none() {
+        let phase = bc.status.as_ref().and_then(|s| s.phase);
+        if phase != Some(InvokerPhase::Ready) {
+            let why = bc
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| {
+                    cs.iter()
+                        .find(|c| !c.is_true())
+                        .and_then(|c| c.message.clone())
+                })
+                .unwrap_or_else(|| "it has not been reconciled yet".into());
+            // A configuration created together with its first session gets a moment.
+            let young = session
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| now.duration_since(t.0).as_secs_f64() < 10.0);
+            if young && phase.is_none() {
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+            step.set(
+                types::BACKUP_SKIPPED,
+                true,
+                reasons::SKIPPED_TAKING_NEW_BACKUP,
+                format!(
+                    "BackupConfiguration {bc_name} is not Ready ({}): {why}",
+                    phase.map_or("no phase".into(), |p| format!("{p:?}"))
+                ),
+            );
+            step.save().await?;
+            event(
+                &ctx,
+                &session,
+                true,
+                "BackupSkipped",
+                format!("BackupConfiguration {bc_name} is not Ready: {why}"),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+        let others = Api::<BackupSession>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default().labels(&format!("{}={bc_name}", labels::INVOKER_NAME)))
+            .await
+            .map_err(Error::kube("list the invoker's sessions"))?
+            .items;
+        let running = others.iter().find(|o| {
+            o.name_any() != session.name_any()
+                && o.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Running)
+        });
+        if let Some(r) = running {
+            step.set(
+                types::BACKUP_SKIPPED,
+                true,
+                reasons::SKIPPED_TAKING_NEW_BACKUP,
+                format!(
+                    "BackupSession {} of the same invoker is still running",
+                    r.name_any()
+                ),
+            );
+            step.save().await?;
+            return Ok(Action::await_change());
+        }
+    }
+    // The deadline.
+    if step.status.session_deadline.is_none()
+        && let Some(limit) = bc.spec.time_out.as_deref().and_then(parse_duration)
+        && let Some(created) = &session.metadata.creation_timestamp
+    {
+        let deadline = created
+            .0
+            .checked_add(k8s_openapi::jiff::SignedDuration::try_from(limit).unwrap_or_default())
+            .unwrap_or(created.0);
+        step.status.session_deadline = Some(Time(deadline));
+    }
+    let assignments_api: Api<BackupAssignment> = Api::namespaced(ctx.client.clone(), &ns);
+    let target_ref = bc
+        .spec
+        .target
+        .as_ref()
+        .map(|t| t.ref_.clone())
+        .unwrap_or_default();
+    let repo_ref = plan::repository_ref(&bc).unwrap_or_default();
+    let repo_key =
+        crate::repository::repo_key(repo_ref.namespace.as_deref().unwrap_or(&ns), &repo_ref.name);
+    if step.status.targets.is_none() {
+        // Pre-backup: the repository initialised once, by the operator, before any agent.
+        if step.cond(types::BACKEND_REPOSITORY_INITIALIZED) != Some(true) {
+            match post::initialise(&ctx, &repo_ref).await {
+                Ok(()) => step.set(
+                    types::BACKEND_REPOSITORY_INITIALIZED,
+                    true,
+                    reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
+                    "the repository is initialised",
+                ),
+                Err(e) if e.is_retryable() => {
+                    tracing::info!(error = %e, "repository not ready yet");
+                    return Ok(Action::requeue(Duration::from_secs(5)));
+                }
+                Err(e) => {
+                    step.set(
+                        types::BACKEND_REPOSITORY_INITIALIZED,
+                        false,
+                        reasons::FAILED_TO_INITIALIZE_BACKEND,
+                        e.to_string(),
+                    );
+                    step.status.targets = Some(vec![BackupTargetStatus {
+                        ref_: target_ref.clone(),
+                        total_hosts: Some(1),
+                        stats: Some(vec![HostBackupStats {
+                            hostname: "host-0".into(),
+                            phase: Some(HostPhase::Failed),
+                            error: Some(format!(
+                                "failed to complete backup for host host-0. Reason: {e}"
+                            )),
+                            ..HostBackupStats::default()
+                        }]),
+                        ..BackupTargetStatus::default()
+                    }]);
+                    step.save().await?;
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+            }
+        }
+        // No backup starts while retention holds the repository.
+        let lock = ctx.repo_lock(&repo_key);
+        let _held = lock.lock().await;
+        if crate::repo_lease::held(&ctx, &repo_key).await? {
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        let observed = resolve(&ctx, &bc).await?;
+        let planned = plan::plan(&session, &bc, &observed);
+        let created_secs = session
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0.0, |t| now.duration_since(t.0).as_secs_f64());
+        if !planned.waiting_for_agent.is_empty()
+            && created_secs < ctx.args.agent_wait_seconds as f64
+        {
+            tracing::info!(nodes = ?planned.waiting_for_agent, "waiting for node agents to be Ready");
+            return Ok(Action::requeue(Duration::from_secs(3)));
+        }
+        let mut problems = planned.problems.clone();
+        for a in &planned.assignments {
+            if planned.waiting_for_agent.contains(&a.spec.node_name) {
+                let mut hosts: Vec<String> =
+                    a.spec.volumes.iter().map(|v| v.host.clone()).collect();
+                hosts.dedup();
+                for host in hosts {
+                    problems.push(plan::HostProblem {
+                        host,
+                        node: Some(a.spec.node_name.clone()),
+                        error: format!("no Ready node agent on node {}", a.spec.node_name),
+                    });
+                }
+                continue;
+            }
+            match assignments_api.create(&PostParams::default(), a).await {
+                Ok(_) => {
+                    ctx.metrics.assignments_created.inc();
+                }
+                Err(e) if is_conflict(&e) => {}
+                Err(e) => return Err(Error::kube("create a BackupAssignment")(e)),
+            }
+        }
+        let stats: Vec<HostBackupStats> = problems
+            .iter()
+            .map(|p| HostBackupStats {
+                hostname: p.host.clone(),
+                phase: Some(HostPhase::Failed),
+                error: Some(format!(
+                    "failed to complete backup for host {}. Reason: {}",
+                    p.host, p.error
+                )),
+                ..HostBackupStats::default()
+            })
+            .collect();
+        let total = planned
+            .total_hosts
+            .max(i32::try_from(stats.len()).unwrap_or(0))
+            .max(1);
+        step.status.targets = Some(vec![BackupTargetStatus {
+            ref_: target_ref.clone(),
+            total_hosts: Some(total),
+            pre_backup_actions: Some(vec!["InitializeBackendRepository".into()]),
+            post_backup_actions: Some(vec![
+                "ApplyRetentionPolicy".into(),
+                "VerifyRepositoryIntegrity".into(),
+                "SendRepositoryMetrics".into(),
+            ]),
+            conditions: Some(vec![{
+                let mut c = Condition::new(
+                    types::BACKUP_EXECUTOR_ENSURED,
+                    true,
+                    reasons::ASSIGNED_TO_NODE_AGENT,
+                    format!(
+                        "{} BackupAssignment(s) for the node agents",
+                        planned.assignments.len()
+                    ),
+                );
+                c.last_transition_time = Some(Time(now));
+                c
+            }]),
+            stats: (!stats.is_empty()).then_some(stats),
+            ..BackupTargetStatus::default()
+        }]);
+        step.save().await?;
+        event(
+            &ctx,
+            &session,
+            false,
+            "BackupAssigned",
+            format!(
+                "assigned to the node agents of {} node(s)",
+                planned.assignments.len()
+            ),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    // Aggregate what the agents report.
+    let assignments = assignments_api
+        .list(&ListParams::default().labels(&format!("{}={}", labels::SESSION, session.name_any())))
+        .await
+        .map_err(Error::kube("list the session's BackupAssignments"))?
+        .items;
+    let deadline_passed = step
+        .status
+        .session_deadline
+        .as_ref()
+        .is_some_and(|d| d.0 < now);
+    let timeouts = status::Timeouts {
+        heartbeat: Duration::from_secs(ctx.args.heartbeat_timeout_seconds),
+        accept: Duration::from_secs(ctx.args.agent_wait_seconds),
+    };
+    if deadline_passed && step.cond(types::DEADLINE_EXCEEDED) != Some(true) {
+        step.set(
+            types::DEADLINE_EXCEEDED,
+            true,
+            reasons::FAILED_TO_COMPLETE_WITHIN_DEADLINE,
+            format!(
+                "the session did not finish within timeOut {}",
+                bc.spec.time_out.clone().unwrap_or_default()
+            ),
+        );
+    }
+    let mut to_cancel = Vec::new();
+    let previous: Vec<HostBackupStats> = step
+        .status
+        .targets
+        .as_ref()
+        .and_then(|t| t.first())
+        .and_then(|t| t.stats.clone())
+        .unwrap_or_default();
+    let mut stats = previous.clone();
+    for a in &assignments {
+        let silent = status::silent_agent(a, now, timeouts).or_else(|| {
+            deadline_passed.then(|| {
+                "the session's deadline passed (timeOut); the backup was canceled".to_owned()
+            })
+        });
+        if silent.is_some() && !status::unfinished(std::slice::from_ref(a)).is_empty() {
+            to_cancel.push(a.name_any());
+        }
+        status::merge_stats(&mut stats, status::host_stats(a, silent.as_deref()));
+    }
+    for name in to_cancel {
+        let patch = serde_json::json!({"metadata": {"annotations": {labels::CANCEL: "true"}}});
+        if let Err(error) = assignments_api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(%error, assignment = %name, "cannot cancel the assignment");
+        }
+    }
+    for s in stats.iter().filter(|s| {
+        !previous
+            .iter()
+            .any(|p| p.hostname == s.hostname && p.phase == s.phase)
+    }) {
+        let ok = s.phase == Some(HostPhase::Succeeded);
+        event(
+            &ctx,
+            &session,
+            !ok,
+            if ok {
+                "HostBackupSucceeded"
+            } else {
+                "HostBackupFailed"
+            },
+            match &s.error {
+                Some(e) => e.clone(),
+                None => format!("backup of host {} succeeded", s.hostname),
+            },
+        )
+        .await;
+    }
+    if let Some(t) = step.status.targets.as_mut().and_then(|t| t.first_mut()) {
+        t.stats = (!stats.is_empty()).then_some(stats);
+        t.phase = Some(status::target_phase(t));
+    }
+    let targets = step.status.targets.clone().unwrap_or_default();
+    if !status::targets_complete(&targets) {
+        step.save().await?;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    // Every host is done: the post-backup actions, once each, then the metrics push.
+    post::post_backup(&mut step, &bc, &assignments, &repo_ref).await?;
+    step.save().await?;
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            kind: "BackupSession",
+            category: error.category(),
+        })
+        .inc();
+    tracing::warn!(%error, "BackupSession reconcile failed");
+    Action::requeue(Duration::from_secs(if error.is_retryable() {
+        3
+    } else {
+        30
+    }))
+}
+
+pub async fn controller(ctx: Arc<Ctx>) {
+    let api: Api<BackupSession> = Api::all(ctx.client.clone());
+    let assignments: Api<BackupAssignment> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .owns(assignments, watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("5d"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+}

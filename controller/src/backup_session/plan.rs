@@ -1,0 +1,253 @@
+//! Pure planning: a session's target, as its Running pods and their volumes, becomes one
+//! BackupAssignment per node. Names are deterministic (`<session>-<node>`), so a restarted
+//! operator that plans again creates nothing twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use stash_api::assignment::{AssignedVolume, BackupAssignment, BackupAssignmentSpec};
+use stash_api::backup_session::BackupInvokerRef;
+use stash_api::common::ObjectRef;
+use stash_api::{BackupConfiguration, BackupSession, labels};
+use stash_rules::hosts::{host_name, select_volumes};
+use stash_rules::volumes::plan_volume;
+
+use crate::backup_configuration::build::bounded_name;
+
+/// What the reads found: the target's pods and what their volumes refer to.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub pods: Vec<Pod>,
+    pub claims: Vec<PersistentVolumeClaim>,
+    pub volumes: Vec<PersistentVolume>,
+    /// Hosts the target should have (StatefulSet replicas, DaemonSet scheduled pods, else 1).
+    pub total_hosts: i32,
+    /// Nodes whose agent is Ready.
+    pub ready_agents: BTreeSet<String>,
+}
+
+/// A host that cannot be backed up, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostProblem {
+    pub host: String,
+    pub node: Option<String>,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub total_hosts: i32,
+    pub assignments: Vec<BackupAssignment>,
+    pub problems: Vec<HostProblem>,
+    /// Nodes with work but no Ready agent (yet).
+    pub waiting_for_agent: BTreeSet<String>,
+}
+
+fn is_running(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+}
+
+pub fn assignment_name(session: &str, node: &str) -> String {
+    bounded_name(&format!("{session}-{node}"), 253)
+}
+
+/// The target's repository, with its namespace made explicit.
+pub fn repository_ref(bc: &BackupConfiguration) -> Option<ObjectRef> {
+    let ns = bc.namespace().unwrap_or_default();
+    bc.spec.repository.as_ref().map(|r| ObjectRef {
+        name: r.name.clone(),
+        namespace: Some(r.namespace.clone().unwrap_or(ns)),
+    })
+}
+
+/// Plans the session. Only Running pods are backed up; for a Deployment, ReplicaSet,
+/// ReplicationController or PVC one pod (the oldest) stands for the single host.
+pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observed) -> Plan {
+    let mut out = Plan {
+        total_hosts: observed.total_hosts,
+        ..Plan::default()
+    };
+    let Some(target) = &bc.spec.target else {
+        return out;
+    };
+    let Some(repository) = repository_ref(bc) else {
+        return out;
+    };
+    let kind = target.ref_.kind.as_str();
+    let ns = session.namespace().unwrap_or_default();
+    let mut pods: Vec<&Pod> = observed.pods.iter().filter(|p| is_running(p)).collect();
+    pods.sort_by(|a, b| {
+        let t = |p: &Pod| p.metadata.creation_timestamp.clone().map(|t| t.0);
+        t(a).cmp(&t(b))
+            .then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+    let single_host = !matches!(kind, "StatefulSet" | "DaemonSet");
+    if single_host {
+        pods.truncate(1);
+    }
+    let alias = target.alias.as_deref();
+    let mut by_node: BTreeMap<String, Vec<AssignedVolume>> = BTreeMap::new();
+    let mut seen_hosts = BTreeSet::new();
+    for pod in pods {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let pod_name = pod.name_any();
+        let host = host_name(kind, alias, &pod_name, &node);
+        seen_hosts.insert(host.clone());
+        let fail = |error: String| HostProblem {
+            host: host.clone(),
+            node: Some(node.clone()),
+            error,
+        };
+        let selected = if kind == "PersistentVolumeClaim" {
+            let vol = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.volumes.as_ref())
+                .and_then(|vs| {
+                    vs.iter().find(|v| {
+                        v.persistent_volume_claim
+                            .as_ref()
+                            .is_some_and(|c| c.claim_name == target.ref_.name)
+                    })
+                });
+            match vol {
+                Some(v) => Ok(vec![stash_rules::hosts::SelectedVolume {
+                    volume: v.name.clone(),
+                    paths: vec![],
+                }]),
+                None => Err(format!(
+                    "pod {pod_name} does not mount claim {}",
+                    target.ref_.name
+                )),
+            }
+        } else {
+            select_volumes(
+                pod,
+                target.volume_mounts.as_deref().unwrap_or_default(),
+                target.paths.as_deref().unwrap_or_default(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let selected = match selected {
+            Ok(s) => s,
+            Err(e) => {
+                out.problems.push(fail(e));
+                continue;
+            }
+        };
+        let mut volumes = Vec::new();
+        let mut failed = None;
+        for sel in selected {
+            match plan_volume(pod, &sel.volume, &observed.claims, &observed.volumes) {
+                Ok(Some(vp)) => volumes.push(AssignedVolume {
+                    pod_namespace: ns.clone(),
+                    pod_name: pod_name.clone(),
+                    pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    volume_name: sel.volume.clone(),
+                    source_kind: vp.kind,
+                    persistent_volume: vp.persistent_volume.clone(),
+                    host: host.clone(),
+                    snapshot_key: vp
+                        .claim_uid
+                        .clone()
+                        .unwrap_or_else(|| format!("{ns}/{}/{}", target.ref_.name, sel.volume)),
+                    paths: (!sel.paths.is_empty()).then(|| sel.paths.clone()),
+                    ..AssignedVolume::default()
+                }),
+                Ok(None) => {
+                    failed = Some(format!(
+                        "volume {} of pod {pod_name} holds no data to back up (secret, configMap or projected)",
+                        sel.volume
+                    ));
+                }
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        if let Some(e) = failed {
+            out.problems.push(fail(e));
+            continue;
+        }
+        if !observed.ready_agents.contains(&node) {
+            out.waiting_for_agent.insert(node.clone());
+        }
+        by_node.entry(node).or_default().extend(volumes);
+    }
+    // Hosts the target should have but that have no Running pod.
+    if kind == "StatefulSet" {
+        for ordinal in 0..observed.total_hosts.max(0) {
+            let host = host_name(kind, alias, &format!("x-{ordinal}"), "");
+            if !seen_hosts.contains(&host) {
+                out.problems.push(HostProblem {
+                    host,
+                    node: None,
+                    error: format!("pod {}-{ordinal} is not running", target.ref_.name),
+                });
+            }
+        }
+    } else if seen_hosts.is_empty() && out.problems.is_empty() {
+        out.problems.push(HostProblem {
+            host: host_name(kind, alias, "", ""),
+            node: None,
+            error: format!(
+                "{} {} has no Running pod to back up",
+                target.ref_.kind, target.ref_.name
+            ),
+        });
+    }
+    let labels: BTreeMap<String, String> = [
+        (labels::SESSION.to_owned(), session.name_any()),
+        (
+            labels::MANAGED_BY.to_owned(),
+            labels::MANAGED_BY_STASH.to_owned(),
+        ),
+        (
+            labels::INVOKER_TYPE.to_owned(),
+            "BackupConfiguration".to_owned(),
+        ),
+        (labels::INVOKER_NAME.to_owned(), bc.name_any()),
+    ]
+    .into();
+    for (node, volumes) in by_node {
+        if volumes.is_empty() {
+            continue;
+        }
+        let mut l = labels.clone();
+        l.insert(labels::NODE.to_owned(), node.clone());
+        out.assignments.push(BackupAssignment {
+            metadata: ObjectMeta {
+                name: Some(assignment_name(&session.name_any(), &node)),
+                namespace: Some(ns.clone()),
+                labels: Some(l),
+                owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
+                ..ObjectMeta::default()
+            },
+            spec: BackupAssignmentSpec {
+                backup_session: session.name_any(),
+                invoker: Some(BackupInvokerRef {
+                    api_group: Some(labels::GROUP.to_owned()),
+                    kind: "BackupConfiguration".into(),
+                    name: bc.name_any(),
+                }),
+                target: Some(target.ref_.clone()),
+                node_name: node,
+                repository: repository.clone(),
+                read_mode: bc.spec.read_mode,
+                io_budget: bc.spec.io_budget.clone(),
+                on_unreadable: bc.spec.on_unreadable,
+                exclude: target.exclude.clone().filter(|e| !e.is_empty()),
+                args: target.args.clone().filter(|a| !a.is_empty()),
+                volumes,
+            },
+            status: None,
+        });
+    }
+    out
+}

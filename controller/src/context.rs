@@ -1,0 +1,173 @@
+//! What every reconciler shares, and `stash-operator run`: wait for the CRDs, serve the probes,
+//! take the leader Lease, then run the controllers until SIGTERM or lost leadership.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::cli::RunArgs;
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// The field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "stash-operator";
+
+pub struct Ctx {
+    pub client: Client,
+    pub args: RunArgs,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// One async lock per repository: initialisation and retention of one repository never
+    /// run twice at once in this (the leader) process.
+    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").finish_non_exhaustive()
+    }
+}
+
+impl Ctx {
+    pub fn new(client: Client, args: RunArgs, metrics: Arc<Metrics>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stash-operator".into(),
+                instance: Some(args.pod_name.clone()),
+            },
+        );
+        Self {
+            client,
+            args,
+            recorder,
+            metrics,
+            repo_locks: Mutex::default(),
+        }
+    }
+
+    pub fn repo_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .repo_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+/// Waits until every CRD the operator serves is `Established`.
+async fn wait_for_crds(client: &Client) -> Result<(), Error> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in stash_api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let established = kube::runtime::wait::await_condition(
+            api.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_crd_established(),
+        );
+        match tokio::time::timeout(Duration::from_secs(300), established).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(Error::Invalid {
+                    action: "wait for the CRDs",
+                    reason: error.to_string(),
+                });
+            }
+            Err(_) => return Err(Error::CrdsNotEstablished { name }),
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `stash-operator run`.
+pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
+    let args = *args;
+    let client = Client::try_default()
+        .await
+        .map_err(Error::kube("connect to the API server"))?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(crate::server::serve(
+        args.metrics_port,
+        ready.clone(),
+        metrics.clone(),
+    ));
+    std::fs::create_dir_all(&args.state_dir).map_err(|source| Error::Io {
+        action: "create the state directory",
+        source,
+    })?;
+    tokio::select! {
+        r = wait_for_crds(&client) => r?,
+        _ = shutdown_signal() => return Ok(()),
+    }
+    ready.store(true, Ordering::Relaxed);
+    let elector = args.leader_elect.then(|| {
+        crate::leader::Elector::new(
+            client.clone(),
+            &args.namespace,
+            &args.leader_election_lease,
+            &args.pod_name,
+        )
+    });
+    if let Some(e) = &elector {
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+    }
+    metrics.leader.set(1);
+    let ctx = Arc::new(Ctx::new(client, args, metrics.clone()));
+    let controllers = async {
+        tokio::join!(
+            crate::repository::controller(ctx.clone()),
+            crate::backup_configuration::controller(ctx.clone()),
+            crate::backup_session::controller(ctx.clone()),
+        );
+    };
+    let keep = async {
+        match &elector {
+            Some(e) => e.keep().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = controllers => Ok(()),
+        e = keep => Err(e),
+        _ = shutdown_signal() => {
+            tracing::info!("SIGTERM: stopping");
+            Ok(())
+        }
+        r = server => match r {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
+        },
+    };
+    metrics.leader.set(0);
+    if let Some(e) = &elector
+        && result.is_ok()
+    {
+        e.release().await;
+    }
+    result
+}

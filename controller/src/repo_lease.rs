@@ -1,0 +1,137 @@
+//! The exclusive per-repository Lease: retention (`restic forget --prune`) holds it, and no
+//! backup is assigned into a repository while it is held, so a prune never races a backup.
+//! Leases live in the operator's namespace, named from a hash of the repository's key.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+
+use crate::context::Ctx;
+use crate::error::{Error, is_conflict, is_not_found};
+
+/// How long a holder may go without renewing before the Lease counts as free.
+pub const DURATION: Duration = Duration::from_secs(120);
+
+pub fn lease_name(repo_key: &str) -> String {
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(repo_key.as_bytes()));
+    format!("stash-repository-{}", &digest[..16])
+}
+
+fn api(ctx: &Ctx) -> Api<Lease> {
+    Api::namespaced(ctx.client.clone(), &ctx.args.namespace)
+}
+
+/// Whether someone holds the repository's Lease (and has renewed it in time).
+pub async fn held(ctx: &Ctx, repo_key: &str) -> Result<bool, Error> {
+    let lease = api(ctx)
+        .get_opt(&lease_name(repo_key))
+        .await
+        .map_err(Error::kube("read the repository Lease"))?;
+    Ok(lease.and_then(|l| l.spec).is_some_and(|s| {
+        s.holder_identity.as_deref().is_some_and(|h| !h.is_empty()) && still_valid(&s)
+    }))
+}
+
+fn still_valid(s: &LeaseSpec) -> bool {
+    let d = s
+        .lease_duration_seconds
+        .map_or(DURATION.as_secs() as i64, i64::from);
+    s.renew_time.as_ref().is_some_and(|MicroTime(t)| {
+        t.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(d))
+            .is_ok_and(|end| end > Timestamp::now())
+    })
+}
+
+/// Holds the Lease while alive (renewing it); deleting it when dropped.
+#[derive(Debug)]
+pub struct Held {
+    renew: tokio::task::JoinHandle<()>,
+    api: Api<Lease>,
+    name: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let (api, name) = (self.api.clone(), self.name.clone());
+        tokio::spawn(async move {
+            if let Err(error) = api.delete(&name, &DeleteParams::default()).await
+                && !is_not_found(&error)
+            {
+                tracing::warn!(%error, lease = %name, "cannot release the repository Lease; it expires by itself");
+            }
+        });
+    }
+}
+
+/// Takes the Lease for this replica; `None` while someone else holds it.
+pub async fn acquire(ctx: &Ctx, repo_key: &str) -> Result<Option<Held>, Error> {
+    let api = api(ctx);
+    let name = lease_name(repo_key);
+    let identity = ctx.args.pod_name.clone();
+    let spec = || LeaseSpec {
+        holder_identity: Some(identity.clone()),
+        lease_duration_seconds: Some(DURATION.as_secs() as i32),
+        acquire_time: Some(MicroTime(Timestamp::now())),
+        renew_time: Some(MicroTime(Timestamp::now())),
+        ..LeaseSpec::default()
+    };
+    match api
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube("read the repository Lease"))?
+    {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    annotations: Some(
+                        [(
+                            "stash.appscode.com/repository".to_owned(),
+                            repo_key.to_owned(),
+                        )]
+                        .into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(spec()),
+            };
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => {}
+                Err(e) if is_conflict(&e) => return Ok(None),
+                Err(e) => return Err(Error::kube("create the repository Lease")(e)),
+            }
+        }
+        Some(mut lease) => {
+            let current = lease.spec.clone().unwrap_or_default();
+            let mine = current.holder_identity.as_deref() == Some(identity.as_str());
+            if !mine && still_valid(&current) {
+                return Ok(None);
+            }
+            lease.spec = Some(spec());
+            match api.replace(&name, &PostParams::default(), &lease).await {
+                Ok(_) => {}
+                Err(e) if is_conflict(&e) => return Ok(None),
+                Err(e) => return Err(Error::kube("take the repository Lease")(e)),
+            }
+        }
+    }
+    let (renew_api, renew_name) = (api.clone(), name.clone());
+    let renew = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(DURATION / 4).await;
+            if let Ok(mut l) = renew_api.get(&renew_name).await
+                && let Some(s) = l.spec.as_mut()
+            {
+                s.renew_time = Some(MicroTime(Timestamp::now()));
+                let _ = renew_api
+                    .replace(&renew_name, &PostParams::default(), &l)
+                    .await;
+            }
+        }
+    });
+    Ok(Some(Held { renew, api, name }))
+}

@@ -1,0 +1,340 @@
+//! Repository: checks the backend and its Secret, initialises the restic repository once
+//! (before any assignment may use it: two agents initialising one repository at once leave it
+//! unreadable), and keeps its status — snapshot count and times from the native reader, the
+//! invokers that reference it — with conditions that say what is wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use restic_wrapper::{Cache, Restic};
+use stash_api::conditions::{Condition, reasons, set_condition, types};
+use stash_api::repository::{Repository, RepositoryStatus, ResourceRef};
+use stash_api::{BackupConfiguration, RestoreSession};
+
+use crate::context::{Ctx, FIELD_MANAGER};
+use crate::error::{Error, is_not_found};
+
+/// A repository opened for the operator's own restic commands.
+#[derive(Debug)]
+pub struct Opened {
+    pub restic: Restic,
+    pub backend: restic_wrapper::Backend,
+    pub secrets: restic_wrapper::Secrets,
+    /// `<namespace>/<name>`: the key of the per-repository lock and Lease.
+    pub key: String,
+}
+
+/// Why a repository cannot be opened, as the condition it becomes.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The spec or the Secret must change; the message says how.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+    Failed(Error),
+}
+
+impl From<Error> for OpenError {
+    fn from(e: Error) -> Self {
+        OpenError::Failed(e)
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Invalid { message, .. } => f.write_str(message),
+            OpenError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+pub fn repo_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// Opens a Repository's restic repository with its Secret (not yet checked to exist).
+pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
+    let ns = repo.namespace().unwrap_or_default();
+    let name = repo.name_any();
+    let invalid = |reason, e: stash_rules::repository::InvalidRepository| OpenError::Invalid {
+        reason,
+        message: format!("Repository {ns}/{name}: {e}"),
+    };
+    let backend = stash_rules::repository::backend(&repo.spec.backend)
+        .map_err(|e| invalid(reasons::REPOSITORY_NOT_AVAILABLE, e))?;
+    let secret_name = stash_rules::repository::secret_name(&repo.spec.backend)
+        .map_err(|e| invalid(reasons::BACKEND_SECRET_NOT_AVAILABLE, e))?;
+    let secret = match Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get(secret_name)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) if is_not_found(&e) => {
+            return Err(OpenError::Invalid {
+                reason: reasons::BACKEND_SECRET_NOT_AVAILABLE,
+                message: format!(
+                    "the storage Secret {ns}/{secret_name} of Repository {name} does not exist"
+                ),
+            });
+        }
+        Err(e) => return Err(Error::kube("read the storage Secret")(e).into()),
+    };
+    let secrets = stash_rules::repository::checked_secrets(&secret)
+        .map_err(|e| invalid(reasons::BACKEND_SECRET_NOT_AVAILABLE, e))?;
+    let key = repo_key(&ns, &name);
+    let scratch = ctx.args.state_dir.join("scratch").join(hex::encode(
+        <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()),
+    ));
+    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
+        action: "create the scratch directory",
+        source,
+    })?;
+    let repository = restic_wrapper::Repository::new(backend.clone(), secrets.clone(), &scratch)
+        .map_err(Error::restic("open the repository"))?;
+    let restic = Restic::new(repository)
+        .with_program(&ctx.args.restic)
+        .with_cache(Cache::Dir(ctx.args.state_dir.join("restic-cache")))
+        .with_tmp_dir(&scratch)
+        .with_timeout(Duration::from_secs(ctx.args.restic_timeout_seconds));
+    Ok(Opened {
+        restic,
+        backend,
+        secrets,
+        key,
+    })
+}
+
+/// Initialises the repository unless it exists, one repository at a time in this process.
+pub async fn ensure_initialized(ctx: &Ctx, opened: &Opened) -> Result<(), Error> {
+    let lock = ctx.repo_lock(&opened.key);
+    let _held = lock.lock().await;
+    opened
+        .restic
+        .ensure_initialized()
+        .await
+        .map_err(Error::restic("initialise the repository"))
+}
+
+/// The invokers that name this repository.
+fn references(
+    repo: &Repository,
+    configs: &[BackupConfiguration],
+    restores: &[RestoreSession],
+) -> Vec<ResourceRef> {
+    let ns = repo.namespace().unwrap_or_default();
+    let name = repo.name_any();
+    let names_it = |r: &stash_api::common::ObjectRef, own_ns: &str| {
+        r.name == name && r.namespace.as_deref().unwrap_or(own_ns) == ns
+    };
+    let mut out: Vec<ResourceRef> = configs
+        .iter()
+        .filter(|c| {
+            c.spec
+                .repository
+                .as_ref()
+                .is_some_and(|r| names_it(r, &c.namespace().unwrap_or_default()))
+        })
+        .map(|c| ResourceRef {
+            kind: "BackupConfiguration".into(),
+            namespace: c.namespace(),
+            name: c.name_any(),
+        })
+        .chain(
+            restores
+                .iter()
+                .filter(|r| {
+                    r.spec
+                        .repository
+                        .as_ref()
+                        .is_some_and(|x| names_it(x, &r.namespace().unwrap_or_default()))
+                })
+                .map(|r| ResourceRef {
+                    kind: "RestoreSession".into(),
+                    namespace: r.namespace(),
+                    name: r.name_any(),
+                }),
+        )
+        .collect();
+    out.sort_by(|a, b| (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name)));
+    out
+}
+
+fn parse_time(t: &str) -> Option<Timestamp> {
+    t.parse().ok()
+}
+
+/// The snapshot count and the first and last backup times, from the native reader.
+pub async fn listing(opened: &Opened) -> Result<(i64, Option<Time>, Option<Time>), String> {
+    let native = restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets)
+        .await
+        .map_err(|e| e.to_string())?;
+    let snaps = native.snapshots().await.map_err(|e| e.to_string())?;
+    let times: Vec<Timestamp> = snaps.iter().filter_map(|s| parse_time(&s.time)).collect();
+    Ok((
+        i64::try_from(snaps.len()).unwrap_or(i64::MAX),
+        times.iter().min().copied().map(Time),
+        times.iter().max().copied().map(Time),
+    ))
+}
+
+pub async fn write_status(
+    ctx: &Ctx,
+    repo: &Repository,
+    status: RepositoryStatus,
+) -> Result<(), Error> {
+    let api: Api<Repository> =
+        Api::namespaced(ctx.client.clone(), &repo.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "stash.appscode.com/v1alpha1",
+        "kind": "Repository",
+        "status": status,
+    });
+    api.patch_status(
+        &repo.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("write the Repository status"))?;
+    Ok(())
+}
+
+async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::metrics::KindLabels { kind: "Repository" })
+        .inc();
+    let now = Time(Timestamp::now());
+    let generation = repo.meta().generation;
+    let mut status = repo.status.clone().unwrap_or_default();
+    let mut conds = status.conditions.clone().unwrap_or_default();
+    let mut set = |c: Condition| {
+        let mut c = c;
+        c.observed_generation = generation;
+        set_condition(&mut conds, c, now.clone());
+    };
+    let requeue = match open(&ctx, &repo).await {
+        Err(OpenError::Invalid { reason, message }) => {
+            set(Condition::new(
+                types::BACKEND_SECRET_FOUND,
+                false,
+                reason,
+                message.clone(),
+            ));
+            set(Condition::new(
+                types::BACKEND_REPOSITORY_INITIALIZED,
+                false,
+                reasons::FAILED_TO_INITIALIZE_BACKEND,
+                message,
+            ));
+            Duration::from_secs(15)
+        }
+        Err(OpenError::Failed(e)) => return Err(e),
+        Ok(opened) => {
+            set(Condition::new(
+                types::BACKEND_SECRET_FOUND,
+                true,
+                reasons::BACKEND_SECRET_AVAILABLE,
+                "the storage Secret holds the repository password",
+            ));
+            match ensure_initialized(&ctx, &opened).await {
+                Err(e) => {
+                    set(Condition::new(
+                        types::BACKEND_REPOSITORY_INITIALIZED,
+                        false,
+                        reasons::FAILED_TO_INITIALIZE_BACKEND,
+                        e.to_string(),
+                    ));
+                    if e.is_retryable() {
+                        Duration::from_secs(30)
+                    } else {
+                        Duration::from_secs(120)
+                    }
+                }
+                Ok(()) => {
+                    set(Condition::new(
+                        types::BACKEND_REPOSITORY_INITIALIZED,
+                        true,
+                        reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
+                        "the restic repository exists and opens with the password",
+                    ));
+                    match listing(&opened).await {
+                        Ok((count, first, last)) => {
+                            status.snapshot_count = Some(count);
+                            status.first_backup_time = first.or(status.first_backup_time);
+                            status.last_backup_time = last.or(status.last_backup_time);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot list the repository's snapshots");
+                        }
+                    }
+                    Duration::from_secs(300)
+                }
+            }
+        }
+    };
+    let configs = Api::<BackupConfiguration>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list the BackupConfigurations"))?
+        .items;
+    let restores = Api::<RestoreSession>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list the RestoreSessions"))?
+        .items;
+    status.references = Some(references(&repo, &configs, &restores));
+    status.conditions = Some(conds);
+    status.observed_generation = generation;
+    if repo.status.as_ref() != Some(&status) {
+        write_status(&ctx, &repo, status).await?;
+    }
+    Ok(Action::requeue(requeue))
+}
+
+fn error_policy(_: Arc<Repository>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            kind: "Repository",
+            category: error.category(),
+        })
+        .inc();
+    tracing::warn!(%error, "Repository reconcile failed");
+    Action::requeue(if error.is_retryable() {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(120)
+    })
+}
+
+pub async fn controller(ctx: Arc<Ctx>) {
+    let repos: Api<Repository> = Api::all(ctx.client.clone());
+    let configs: Api<BackupConfiguration> = Api::all(ctx.client.clone());
+    Controller::new(repos, watcher::Config::default())
+        // A new or changed BackupConfiguration changes the references.
+        .watches(
+            configs,
+            watcher::Config::default(),
+            |c: BackupConfiguration| {
+                let ns = c.namespace().unwrap_or_default();
+                c.spec.repository.map(|r| {
+                    kube::runtime::reflector::ObjectRef::new(&r.name)
+                        .within(r.namespace.as_deref().unwrap_or(&ns))
+                })
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
