@@ -103,16 +103,18 @@ impl Env {
         let began = Instant::now();
         if self.sim.is_some() {
             let ns = self.stash_namespace.clone();
-            let out = self
-                .helm(&[
-                    "install",
-                    "stash",
-                    "charts/stash",
-                    "-n",
-                    &ns,
-                    "--create-namespace",
-                ])
-                .await?;
+            let mut args = vec![
+                "install",
+                "stash",
+                "charts/stash",
+                "-n",
+                &ns,
+                "--create-namespace",
+            ];
+            // Values to try the suite with (`--set agent.readMode=direct`); none by default.
+            let extra = var("STASH_E2E_HELM_ARGS").unwrap_or_default();
+            args.extend(extra.split_whitespace());
+            let out = self.helm(&args).await?;
             if !out.contains("STATUS: deployed") {
                 bail!("helm install did not deploy: {out}");
             }
@@ -298,22 +300,25 @@ impl Env {
         Ok(v["items"].as_array().map_or(0, Vec::len))
     }
 
-    /// The last `lines` lines of every container log of the chart's pods: read from the
+    /// The last `lines` lines of every container log of the pods in `ns`: read from the
     /// nodes' `/var/log/pods` on the simulated cluster, `kubectl logs` elsewhere.
-    pub async fn stash_logs(&self, lines: usize) -> String {
+    pub async fn logs(&self, ns: &str, lines: usize) -> String {
         let mut out = String::new();
-        let ns = &self.stash_namespace;
         if self.sim.is_none() {
-            for sel in [OPERATOR_SELECTOR, AGENT_SELECTOR] {
-                let tail = format!("--tail={lines}");
+            let tail = format!("--tail={lines}");
+            let pods = self.kube.json(&["get", "pods", "-n", ns]).await;
+            for p in pods
+                .iter()
+                .flat_map(|v| v["items"].as_array().cloned().unwrap_or_default())
+            {
+                let name = p["metadata"]["name"].as_str().unwrap_or_default();
                 let logs = self
                     .kube
                     .kubectl(&[
                         "logs",
                         "-n",
                         ns,
-                        "-l",
-                        sel,
+                        name,
                         "--all-containers",
                         "--prefix",
                         &tail,

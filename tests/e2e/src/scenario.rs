@@ -396,7 +396,8 @@ impl<'a> Scenario<'a> {
                 }
             }
         }
-        out.push_str(&self.env.stash_logs(40).await);
+        out.push_str(&self.env.logs(&self.ns, 20).await);
+        out.push_str(&self.env.logs(&self.env.stash_namespace, 40).await);
         out
     }
 }

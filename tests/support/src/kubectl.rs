@@ -52,9 +52,10 @@ impl Kubectl {
             .with_context(|| format!("kubectl {} printed no JSON", a.join(" ")))
     }
 
-    /// The object, or `None` when it does not exist.
+    /// `kubectl get <args>`: the object, or `None` when it does not exist.
     pub async fn get(&self, args: &[&str]) -> Result<Option<serde_json::Value>> {
-        let mut a = args.to_vec();
+        let mut a = vec!["get"];
+        a.extend_from_slice(args);
         a.push("--ignore-not-found");
         a.extend(["-o", "json"]);
         let out = self.kubectl(&a).await?;
