@@ -174,17 +174,47 @@ fn parse_time(t: &str) -> Option<Timestamp> {
 }
 
 /// The snapshot count and the first and last backup times, from the native reader.
-pub async fn listing(opened: &Opened) -> Result<(i64, Option<Time>, Option<Time>), String> {
-    let native = restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets)
-        .await
-        .map_err(|e| e.to_string())?;
-    let snaps = native.snapshots().await.map_err(|e| e.to_string())?;
+pub async fn listing(
+    opened: &Opened,
+) -> Result<(i64, Option<Time>, Option<Time>), restic_wrapper::NativeError> {
+    let native = restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await?;
+    let snaps = native.snapshots().await?;
     let times: Vec<Timestamp> = snaps.iter().filter_map(|s| parse_time(&s.time)).collect();
     Ok((
         i64::try_from(snaps.len()).unwrap_or(i64::MAX),
         times.iter().min().copied().map(Time),
         times.iter().max().copied().map(Time),
     ))
+}
+
+/// The message for a repository whose password opens no key.
+pub fn wrong_password(opened: &Opened) -> String {
+    format!(
+        "the password in the storage Secret does not open the repository {} (no key file opens \
+         with it); fix RESTIC_PASSWORD",
+        opened.restic.repository().display_name()
+    )
+}
+
+/// Initialises the repository if needed and checks that the password opens it: an existing
+/// repository is recognised by its config file alone, which says nothing about the password.
+pub async fn ensure_usable(ctx: &Ctx, opened: &Opened) -> Result<(), Error> {
+    ensure_initialized(ctx, opened).await?;
+    match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
+        Ok(_) => Ok(()),
+        Err(restic_wrapper::NativeError::WrongPassword) => Err(Error::Invalid {
+            action: "open the repository",
+            reason: wrong_password(opened),
+        }),
+        Err(e) if e.is_retryable() => Err(Error::Io {
+            action: "open the repository",
+            source: std::io::Error::other(e.to_string()),
+        }),
+        Err(e) => Err(Error::Invalid {
+            action: "open the repository",
+            reason: e.to_string(),
+        }),
+    }
 }
 
 pub async fn write_status(
@@ -247,7 +277,7 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
                 reasons::BACKEND_SECRET_AVAILABLE,
                 "the storage Secret holds the repository password",
             ));
-            match ensure_initialized(&ctx, &opened).await {
+            match ensure_usable(&ctx, &opened).await {
                 Err(e) => {
                     set(Condition::new(
                         types::BACKEND_REPOSITORY_INITIALIZED,
@@ -275,6 +305,7 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
                             status.last_backup_time = last.or(status.last_backup_time);
                         }
                         Err(error) => {
+                            // The last good figures stay; the next reconcile tries again.
                             tracing::warn!(%error, "cannot list the repository's snapshots");
                         }
                     }
