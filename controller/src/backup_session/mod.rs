@@ -291,6 +291,7 @@ impl Step<'_> {
     }
 }
 
+#[tracing::instrument(skip_all, fields(kind = "BackupSession", ns = %session.namespace().unwrap_or_default(), name = %session.name_any()))]
 async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles
