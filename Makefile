@@ -12,9 +12,15 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 setup:
 	bash scripts/setup.sh
 
-## demo: back up and restore a sample volume with the node agent, in both read modes
+## demo: the whole product on the simulated cluster (needs root): helm install, a backup of a running
+## pod without a restart, kubectl and stock restic showing the result
 demo: setup
 	bash scripts/demo.sh
+
+## demo-agent: the node agent alone, no cluster: a sample volume backed up and restored in both read modes
+.PHONY: demo-agent
+demo-agent: setup
+	bash scripts/demo-agent.sh
 
 ## generate: rewrite generated files (CRDs, then deploy/stash.yaml and the chart README's values table)
 generate:

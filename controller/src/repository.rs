@@ -174,17 +174,47 @@ fn parse_time(t: &str) -> Option<Timestamp> {
 }
 
 /// The snapshot count and the first and last backup times, from the native reader.
-pub async fn listing(opened: &Opened) -> Result<(i64, Option<Time>, Option<Time>), String> {
-    let native = restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets)
-        .await
-        .map_err(|e| e.to_string())?;
-    let snaps = native.snapshots().await.map_err(|e| e.to_string())?;
+pub async fn listing(
+    opened: &Opened,
+) -> Result<(i64, Option<Time>, Option<Time>), restic_wrapper::NativeError> {
+    let native = restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await?;
+    let snaps = native.snapshots().await?;
     let times: Vec<Timestamp> = snaps.iter().filter_map(|s| parse_time(&s.time)).collect();
     Ok((
         i64::try_from(snaps.len()).unwrap_or(i64::MAX),
         times.iter().min().copied().map(Time),
         times.iter().max().copied().map(Time),
     ))
+}
+
+/// The message for a repository whose password opens no key.
+pub fn wrong_password(opened: &Opened) -> String {
+    format!(
+        "the password in the storage Secret does not open the repository {} (no key file opens \
+         with it); fix RESTIC_PASSWORD",
+        opened.restic.repository().display_name()
+    )
+}
+
+/// Initialises the repository if needed and checks that the password opens it: an existing
+/// repository is recognised by its config file alone, which says nothing about the password.
+pub async fn ensure_usable(ctx: &Ctx, opened: &Opened) -> Result<(), Error> {
+    ensure_initialized(ctx, opened).await?;
+    match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
+        Ok(_) => Ok(()),
+        Err(restic_wrapper::NativeError::WrongPassword) => Err(Error::Invalid {
+            action: "open the repository",
+            reason: wrong_password(opened),
+        }),
+        Err(e) if e.is_retryable() => Err(Error::Io {
+            action: "open the repository",
+            source: std::io::Error::other(e.to_string()),
+        }),
+        Err(e) => Err(Error::Invalid {
+            action: "open the repository",
+            reason: e.to_string(),
+        }),
+    }
 }
 
 pub async fn write_status(
@@ -209,11 +239,112 @@ pub async fn write_status(
     Ok(())
 }
 
+/// Deletes every object of the repository from its backend (`wipeOut`).
+async fn wipe(opened: &Opened) -> Result<usize, Error> {
+    use futures::TryStreamExt;
+    let failed = |e: String| Error::Invalid {
+        action: "wipe the repository's data",
+        reason: e,
+    };
+    let (store, prefix) = restic_wrapper::native::store_for(&opened.backend, &opened.secrets)
+        .map_err(|e| failed(e.to_string()))?;
+    let objects: Vec<object_store::path::Path> = store
+        .list(Some(&prefix))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    for location in &objects {
+        store
+            .delete(location)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(objects.len())
+}
+
+async fn set_finalizer(ctx: &Ctx, repo: &Repository, present: bool) -> Result<(), Error> {
+    let mut finalizers: Vec<String> = repo
+        .finalizers()
+        .iter()
+        .filter(|f| f.as_str() != stash_api::labels::REPOSITORY_FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        finalizers.push(stash_api::labels::REPOSITORY_FINALIZER.to_owned());
+    }
+    // The resourceVersion makes this a compare-and-swap with other finalizer holders.
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": repo.resource_version()}
+    });
+    Api::<Repository>::namespaced(ctx.client.clone(), &repo.namespace().unwrap_or_default())
+        .patch(
+            &repo.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(Error::kube("update the Repository's finalizers"))?;
+    Ok(())
+}
+
+/// `wipeOut`: the finalizer `stash` is held while the Repository asks for its data to go with
+/// it; on deletion the data is deleted from the backend (under the repository's Lease, so no
+/// backup writes meanwhile), then the finalizer is released.
+async fn finalize(ctx: &Ctx, repo: &Repository) -> Result<Option<Action>, Error> {
+    let holds = repo
+        .finalizers()
+        .iter()
+        .any(|f| f == stash_api::labels::REPOSITORY_FINALIZER);
+    let wipe_out = repo.spec.wipe_out.unwrap_or(false);
+    if repo.meta().deletion_timestamp.is_none() {
+        if wipe_out != holds {
+            set_finalizer(ctx, repo, wipe_out).await?;
+        }
+        return Ok(None);
+    }
+    if !holds {
+        return Ok(Some(Action::await_change()));
+    }
+    if wipe_out {
+        match open(ctx, repo).await {
+            Ok(opened) => {
+                let lock = ctx.repo_lock(&opened.key);
+                let _in_process = lock.lock().await;
+                let Some(_lease) = crate::repo_lease::acquire(ctx, &opened.key).await? else {
+                    return Ok(Some(Action::requeue(Duration::from_secs(5))));
+                };
+                let removed = wipe(&opened).await?;
+                tracing::info!(repository = %opened.key, removed, "wiped the repository's data");
+            }
+            Err(OpenError::Invalid { message, .. }) => {
+                // Nothing can reach the data; keeping the Repository forever would not help.
+                tracing::warn!(%message, "cannot wipe the repository's data; releasing it");
+                let ev = kube::runtime::events::Event {
+                    type_: kube::runtime::events::EventType::Warning,
+                    reason: "WipeOutFailed".into(),
+                    note: Some(format!("the repository's data was not deleted: {message}")),
+                    action: "WipeOut".into(),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&ev, &repo.object_ref(&())).await;
+            }
+            Err(OpenError::Failed(e)) => return Err(e),
+        }
+    }
+    set_finalizer(ctx, repo, false).await?;
+    Ok(Some(Action::await_change()))
+}
+
+#[tracing::instrument(skip_all, fields(kind = "Repository", ns = %repo.namespace().unwrap_or_default(), name = %repo.name_any()))]
 async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles
         .get_or_create(&crate::metrics::KindLabels { kind: "Repository" })
         .inc();
+    if let Some(done) = finalize(&ctx, &repo).await? {
+        return Ok(done);
+    }
     let now = Time(Timestamp::now());
     let generation = repo.meta().generation;
     let mut status = repo.status.clone().unwrap_or_default();
@@ -247,7 +378,7 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
                 reasons::BACKEND_SECRET_AVAILABLE,
                 "the storage Secret holds the repository password",
             ));
-            match ensure_initialized(&ctx, &opened).await {
+            match ensure_usable(&ctx, &opened).await {
                 Err(e) => {
                     set(Condition::new(
                         types::BACKEND_REPOSITORY_INITIALIZED,
@@ -275,6 +406,7 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
                             status.last_backup_time = last.or(status.last_backup_time);
                         }
                         Err(error) => {
+                            // The last good figures stay; the next reconcile tries again.
                             tracing::warn!(%error, "cannot list the repository's snapshots");
                         }
                     }

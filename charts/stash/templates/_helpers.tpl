@@ -86,6 +86,11 @@ app.kubernetes.io/component: node-agent
 {{- printf "%s-admission" (include "stash.fullname" .) -}}
 {{- end -}}
 
+{{/* The ClusterRole of the trigger CronJobs' pods (rbac-operator.yaml). */}}
+{{- define "stash.triggerClusterRoleName" -}}
+{{- printf "%s-trigger" (include "stash.operator.fullname" .) -}}
+{{- end -}}
+
 {{- define "stash.leaseName" -}}
 {{- include "stash.operator.fullname" . -}}
 {{- end -}}

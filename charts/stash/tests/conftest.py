@@ -9,14 +9,18 @@ import pytest
 
 import chartlib
 
+# Both admission webhooks, off by default (the operator does not serve them yet).
+WEBHOOKS_ON: dict[str, Any] = {"validating": {"enabled": True}, "mutating": {"enabled": True}}
+
 # The variations the issue names, plus the knobs that change rendered objects. Each one is
 # rendered, linted strictly and checked for consistency; the tests of one feature pick theirs.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "webhooks-off": {"webhooks": {"validating": {"enabled": False}, "mutating": {"enabled": False}}},
-    "validating-only": {"webhooks": {"mutating": {"enabled": False}}},
+    "webhooks-on": {"webhooks": WEBHOOKS_ON},
+    "validating-only": {"webhooks": {"validating": {"enabled": True}}},
     "agent-off": {"agent": {"enabled": False}},
-    "cert-manager": {"certManager": {"enabled": True}},
+    # With the webhooks, so cert-manager's CA injection reaches every object that needs it.
+    "cert-manager": {"certManager": {"enabled": True}, "webhooks": WEBHOOKS_ON},
     "cert-manager-cluster-issuer": {
         "certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}
     },
@@ -47,7 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         },
         "pushgateway": {"enabled": False, "url": "http://pushgateway.monitoring.svc:9091"},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-        "webhooks": {"timeoutSeconds": 5, "excludeNamespaces": ["flux-system", "stash"]},
+        "webhooks": {**WEBHOOKS_ON, "timeoutSeconds": 5, "excludeNamespaces": ["flux-system", "stash"]},
         "certManager": {"enabled": True},
     },
 }
@@ -70,6 +74,11 @@ def variant(request: pytest.FixtureRequest) -> tuple[str, chartlib.Rendered]:
 @pytest.fixture
 def default() -> chartlib.Rendered:
     return rendered_variant("default")
+
+
+@pytest.fixture
+def webhooks_on() -> chartlib.Rendered:
+    return rendered_variant("webhooks-on")
 
 
 def render(values: dict[str, Any], **kwargs: Any) -> chartlib.Rendered:

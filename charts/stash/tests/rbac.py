@@ -24,6 +24,19 @@ def _matches(rule: dict[str, Any], group: str, resource: str, verb: str, name: s
     return not names or (name is not None and name in names)
 
 
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str | None]]:
+    """Every (apiGroup, resource, verb, resourceName or None) the rules name; wildcards stay "*"."""
+    out: set[tuple[str, str, str, str | None]] = set()
+    for rule in rules:
+        assert not rule.get("nonResourceURLs"), f"nonResourceURLs are not modelled: {rule}"
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                for verb in rule.get("verbs", []):
+                    for name in rule.get("resourceNames") or [None]:
+                        out.add((group, resource, verb, name))
+    return out
+
+
 def _bound(binding: dict[str, Any], namespace: str, sa: str) -> bool:
     return any(
         s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace") == namespace
@@ -73,3 +86,14 @@ class Permissions:
 
     def all_rules(self) -> list[dict[str, Any]]:
         return self.cluster + [r for rules in self.namespaced.values() for r in rules]
+
+    def missing(self, rules: list[dict[str, Any]], namespace: str) -> list[tuple[str, str, str, str | None]]:
+        """What of the rules this account does not hold in the namespace. Kubernetes refuses a
+        RoleBinding there to a role with these rules unless this is empty (RBAC escalation
+        prevention; the account has no `bind` on the role). A "*" in the rules is covered only
+        by a "*" of the account's."""
+        lacking = [
+            (group, res, verb, name) for group, res, verb, name in grants(rules)
+            if not self.can(verb, res, group, namespace=namespace, name=name)
+        ]
+        return sorted(lacking, key=str)

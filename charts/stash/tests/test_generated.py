@@ -9,6 +9,7 @@ import tomllib
 import yaml
 
 import chartlib
+from conftest import container, env
 
 
 def test_deploy_manifest_is_current() -> None:
@@ -87,6 +88,8 @@ def test_dockerfile_builds_the_images_the_chart_runs() -> None:
     restic_stage = text.split("AS restic\n", 1)[1].split("\nFROM ", 1)[0]
     assert "apt-get install -y --no-install-recommends restic" in restic_stage
     assert "restic >= 0.17 is required" in restic_stage
-    assert "COPY --from=restic /usr/bin/restic" in operator
+    # ...at the path the chart tells the operator (STASH_RESTIC).
+    restic = env(container(chartlib.render().get("Deployment", "stash-operator"), "operator"))["STASH_RESTIC"]
+    assert f"COPY --from=restic /usr/bin/restic {restic}\n" in operator
     ignored = (chartlib.REPO / ".dockerignore").read_text().split()
     assert "target" in ignored or "/target" in ignored

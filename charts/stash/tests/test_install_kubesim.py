@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 import chartlib
+from conftest import WEBHOOKS_ON
 
 CRD_COUNT = 12
 
@@ -80,9 +81,13 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         log.close()
 
 
-def kubectl(kc: Path, *args: str, input: str | None = None) -> str:
+def run_kubectl(kc: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KUBECONFIG=str(kc), KUBECACHEDIR=str(kc.parent / "cache"))
-    done = subprocess.run(["kubectl", *args], env=env, input=input, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["kubectl", *args], env=env, input=input, capture_output=True, text=True, timeout=60)
+
+
+def kubectl(kc: Path, *args: str, input: str | None = None) -> str:
+    done = run_kubectl(kc, *args, input=input)
     assert done.returncode == 0, f"kubectl {' '.join(args)} failed:\n{done.stderr}"
     return done.stdout
 
@@ -112,12 +117,13 @@ def key(obj: dict[str, Any]) -> tuple[str, str, str]:
 
 INSTALLS = {
     "default": {},
-    # Several replicas, no agent restore, another kubelet root, pull secrets, no mutating webhook.
+    # Several replicas, no agent restore, another kubelet root, pull secrets, both webhooks
+    # (off by default: the operator does not serve them yet).
     "variant": {
         "operator": {"replicas": 2},
         "agent": {"kubeletRoot": "/var/lib/k0s/kubelet", "restore": {"inPlace": False}, "ioUring": "off"},
         "imagePullSecrets": ["regcred"],
-        "webhooks": {"mutating": {"enabled": False}},
+        "webhooks": WEBHOOKS_ON,
     },
 }
 
@@ -180,3 +186,39 @@ def test_deploy_manifest_applies_with_kubectl(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "delete", "-f", str(chartlib.DEPLOY_MANIFEST), "--ignore-not-found", "--wait=false")
     left = kubectl(kubeconfig, "get", "-f", str(chartlib.DEPLOY_MANIFEST), "--ignore-not-found", "-o", "name")
     assert left.strip() == "", f"left after kubectl delete:\n{left}"
+
+
+def can_i(kc: Path, user: str, verb: str, resource: str, namespace: str) -> bool:
+    """`kubectl auth can-i` as the user, answered by kube-sim's RBAC (exit status 1 is "no")."""
+    done = run_kubectl(kc, "auth", "can-i", verb, resource, "-n", namespace, "--as", user)
+    assert done.returncode in (0, 1) and done.stdout.strip() in ("yes", "no"), done.stderr
+    return done.stdout.strip() == "yes"
+
+
+def test_operator_binds_a_trigger_service_account_to_the_trigger_role(kubeconfig: Path) -> None:
+    """What the operator does per BackupConfiguration, as the operator: a ServiceAccount and a
+    RoleBinding of it to the trigger ClusterRole, by server-side apply; the trigger pods may then
+    do exactly what the role says, there and nowhere else."""
+    kubectl(kubeconfig, "apply", "--server-side", "-f", str(chartlib.DEPLOY_MANIFEST))
+    kubectl(kubeconfig, "create", "namespace", "app")
+    operator = f"system:serviceaccount:{chartlib.NAMESPACE}:stash-operator"
+    trigger = "system:serviceaccount:app:stash-trigger-nightly"
+    role = "stash-operator-trigger"
+    objects = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "stash-trigger-nightly", "namespace": "app"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "stash-trigger-nightly", "namespace": "app"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+         "subjects": [{"kind": "ServiceAccount", "name": "stash-trigger-nightly", "namespace": "app"}]},
+    ]
+    assert not can_i(kubeconfig, trigger, "create", "backupsessions.stash.appscode.com", "app")  # not yet bound
+    kubectl(kubeconfig, "apply", "--server-side", "--field-manager=stash-operator", "--as", operator,
+            "-f", "-", input=yaml.safe_dump_all(objects))
+    bcs, sessions = "backupconfigurations.stash.appscode.com", "backupsessions.stash.appscode.com"
+    for verb, resource in [("get", bcs), ("create", sessions)]:
+        # Kubernetes lets the operator bind the role only because it holds these itself.
+        assert can_i(kubeconfig, operator, verb, resource, "app"), (verb, resource)
+        assert can_i(kubeconfig, trigger, verb, resource, "app"), (verb, resource)
+        assert not can_i(kubeconfig, trigger, verb, resource, "other"), (verb, resource)
+    for verb, resource in [("list", bcs), ("update", bcs), ("delete", sessions), ("get", "secrets"), ("create", "pods")]:
+        assert not can_i(kubeconfig, trigger, verb, resource, "app"), (verb, resource)

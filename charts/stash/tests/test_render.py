@@ -46,22 +46,34 @@ def test_operator_env_is_the_runtime_contract(default: chartlib.Rendered) -> Non
         "STASH_PUSHGATEWAY_URL": "http://localhost:56789",
         "STASH_WEBHOOK_PORT": "8443",
         "STASH_METRICS_PORT": "8080",
-        "STASH_ENABLE_MUTATING_WEBHOOK": "true",
-        "STASH_ENABLE_VALIDATING_WEBHOOK": "true",
+        "STASH_ENABLE_MUTATING_WEBHOOK": "false",
+        "STASH_ENABLE_VALIDATING_WEBHOOK": "false",
         "STASH_WEBHOOK_CONFIG_NAME": "stash-admission",
         "STASH_SERVICE_NAME": "stash",
         "STASH_CERT_DIR": "/var/serving-cert",
         "STASH_CERT_SOURCE": "operator",
         "STASH_CERT_SECRET_NAME": "stash-apiserver-cert",
-        "STASH_LEADER_ELECT": "false",
+        # Even with one replica: a rolling update briefly runs two operators.
+        "STASH_LEADER_ELECT": "true",
         "STASH_LEADER_ELECTION_LEASE": "stash-operator",
         "STASH_AGENT_IMAGE": "ghcr.io/stash-rs/stash-node-agent:0.1.0",
         "STASH_AGENT_SELECTOR": "app.kubernetes.io/component=node-agent,"
         "app.kubernetes.io/instance=stash,app.kubernetes.io/name=stash",
         "STASH_OPERATOR_IMAGE": "ghcr.io/stash-rs/stash-operator:0.1.0",
         "STASH_IMAGE_PULL_SECRETS": "",
+        "STASH_RESTIC": "/usr/local/bin/restic",
+        "STASH_STATE_DIR": "/tmp/stash-operator",
+        "STASH_TRIGGER_CLUSTER_ROLE": "stash-operator-trigger",
         "HOME": "/tmp",
     }
+
+
+def test_operator_state_dir_is_on_the_writable_tmp_volume(default: chartlib.Rendered) -> None:
+    dep = default.get("Deployment", "stash-operator")
+    op = container(dep, "operator")
+    assert op["securityContext"]["readOnlyRootFilesystem"] is True
+    assert mounts(op)["tmp"]["mountPath"] == "/tmp" and volumes(dep)["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert env(op)["STASH_STATE_DIR"].startswith("/tmp/")
 
 
 def test_operator_agent_selector_selects_the_agent_pods(default: chartlib.Rendered) -> None:
@@ -317,8 +329,8 @@ def test_agent_off_removes_every_agent_object() -> None:
 # --- webhooks, APIService, certificates ----------------------------------------------------
 
 
-def test_validating_webhooks(default: chartlib.Rendered) -> None:
-    cfg = default.get("ValidatingWebhookConfiguration", "stash-admission")
+def test_validating_webhooks(webhooks_on: chartlib.Rendered) -> None:
+    cfg = webhooks_on.get("ValidatingWebhookConfiguration", "stash-admission")
     got = {
         wh["clientConfig"]["service"]["path"]: (wh["rules"], wh["failurePolicy"]) for wh in cfg["webhooks"]
     }
@@ -338,8 +350,8 @@ def test_validating_webhooks(default: chartlib.Rendered) -> None:
         assert wh["clientConfig"]["service"] | {"path": ""} == {"name": "stash", "namespace": "stash", "port": 443, "path": ""}
 
 
-def test_mutating_webhooks(default: chartlib.Rendered) -> None:
-    cfg = default.get("MutatingWebhookConfiguration", "stash-admission")
+def test_mutating_webhooks(webhooks_on: chartlib.Rendered) -> None:
+    cfg = webhooks_on.get("MutatingWebhookConfiguration", "stash-admission")
     got = {wh["clientConfig"]["service"]["path"]: wh for wh in cfg["webhooks"]}
     assert set(got) == {"/mutate/deployments", "/mutate/statefulsets", "/mutate/daemonsets", "/mutate/restoresessions"}
     for workload in ("deployments", "statefulsets", "daemonsets"):
@@ -354,9 +366,9 @@ def test_mutating_webhooks(default: chartlib.Rendered) -> None:
     assert rs["rules"][0]["apiGroups"] == ["stash.appscode.com"]
 
 
-def test_webhooks_never_see_the_release_namespace_or_kube_system(default: chartlib.Rendered) -> None:
+def test_webhooks_never_see_the_release_namespace_or_kube_system(webhooks_on: chartlib.Rendered) -> None:
     for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
-        for wh in default.get(kind, "stash-admission")["webhooks"]:
+        for wh in webhooks_on.get(kind, "stash-admission")["webhooks"]:
             assert wh["namespaceSelector"] == {"matchExpressions": [{
                 "key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["stash", "kube-system"]
             }]}
@@ -367,8 +379,8 @@ def test_webhooks_never_see_the_release_namespace_or_kube_system(default: chartl
 
 
 def test_failure_policies_are_values() -> None:
-    r = render({"webhooks": {"validating": {"failurePolicy": "Ignore"},
-                             "mutating": {"failurePolicy": "Ignore", "workloadFailurePolicy": "Fail"}}})
+    r = render({"webhooks": {"validating": {"enabled": True, "failurePolicy": "Ignore"},
+                             "mutating": {"enabled": True, "failurePolicy": "Ignore", "workloadFailurePolicy": "Fail"}}})
     assert {wh["failurePolicy"] for wh in r.get("ValidatingWebhookConfiguration", "stash-admission")["webhooks"]} == {"Ignore"}
     policies = {wh["name"]: wh["failurePolicy"] for wh in r.get("MutatingWebhookConfiguration", "stash-admission")["webhooks"]}
     assert policies == {
@@ -379,17 +391,31 @@ def test_failure_policies_are_values() -> None:
     }
 
 
-def test_webhooks_off() -> None:
-    r = rendered_variant("webhooks-off")
-    assert r.all("ValidatingWebhookConfiguration") == [] and r.all("MutatingWebhookConfiguration") == []
+def webhook_switches(r: chartlib.Rendered) -> tuple[str, str]:
     e = env(container(r.get("Deployment", "stash-operator"), "operator"))
-    assert e["STASH_ENABLE_MUTATING_WEBHOOK"] == "false"
-    assert e["STASH_ENABLE_VALIDATING_WEBHOOK"] == "false"
+    return e["STASH_ENABLE_VALIDATING_WEBHOOK"], e["STASH_ENABLE_MUTATING_WEBHOOK"]
+
+
+def test_webhooks_are_off_by_default(default: chartlib.Rendered) -> None:
+    # The operator does not serve them yet: a registered Fail webhook would refuse every write.
+    assert default.all("ValidatingWebhookConfiguration") == [] and default.all("MutatingWebhookConfiguration") == []
+    assert webhook_switches(default) == ("false", "false")
     # The Snapshot API does not depend on the webhooks.
-    assert r.get("APIService", "v1alpha1.repositories.stash.appscode.com")
+    assert default.get("APIService", "v1alpha1.repositories.stash.appscode.com")
+    assert "the validating webhook is off" in default.notes and "the mutating webhook is off" in default.notes
+    assert "does not serve admission webhooks" not in default.notes
+
+
+def test_webhooks_turned_on_render_and_warn(webhooks_on: chartlib.Rendered) -> None:
+    assert len(webhooks_on.get("ValidatingWebhookConfiguration", "stash-admission")["webhooks"]) == 3
+    assert len(webhooks_on.get("MutatingWebhookConfiguration", "stash-admission")["webhooks"]) == 4
+    assert webhook_switches(webhooks_on) == ("true", "true")
+    assert "does not serve admission webhooks yet" in webhooks_on.notes
     only = rendered_variant("validating-only")
     assert only.all("MutatingWebhookConfiguration") == []
     assert len(only.get("ValidatingWebhookConfiguration", "stash-admission")["webhooks"]) == 3
+    assert webhook_switches(only) == ("true", "false")
+    assert "does not serve admission webhooks yet" in only.notes
 
 
 def test_apiservice(default: chartlib.Rendered) -> None:

@@ -108,6 +108,17 @@ pub fn validate(bc: &BackupConfiguration) -> Vec<String> {
                 .to_owned(),
         );
     }
+    if spec
+        .hooks
+        .as_ref()
+        .is_some_and(|h| h.pre_backup.is_some() || h.post_backup.is_some())
+    {
+        problems.push(
+            "backup hooks (spec.hooks) are not run yet; remove them, or the backup would run \
+             without the preparation they do"
+                .to_owned(),
+        );
+    }
     match &spec.target {
         None => problems.push("spec.target is required".to_owned()),
         Some(t) if !AGENT_TARGET_KINDS.contains(&t.ref_.kind.as_str()) => problems.push(format!(

@@ -157,6 +157,7 @@ where
     .map(|_| ())
 }
 
+#[tracing::instrument(skip_all, fields(kind = "BackupConfiguration", ns = %bc.namespace().unwrap_or_default(), name = %bc.name_any()))]
 async fn reconcile(bc: Arc<BackupConfiguration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles

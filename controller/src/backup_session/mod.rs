@@ -246,7 +246,7 @@ pub async fn event(ctx: &Ctx, s: &BackupSession, warning: bool, reason: &str, no
 }
 
 /// The invoker of a session: `spec.invoker`, or Stash's labels on older sessions.
-fn invoker_name(s: &BackupSession) -> Option<String> {
+pub(crate) fn invoker_name(s: &BackupSession) -> Option<String> {
     s.spec
         .invoker
         .as_ref()
@@ -291,6 +291,7 @@ impl Step<'_> {
     }
 }
 
+#[tracing::instrument(skip_all, fields(kind = "BackupSession", ns = %session.namespace().unwrap_or_default(), name = %session.name_any()))]
 async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles
@@ -377,12 +378,13 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
             return Ok(Action::await_change());
         }
         let others = Api::<BackupSession>::namespaced(ctx.client.clone(), &ns)
-            .list(&ListParams::default().labels(&format!("{}={bc_name}", labels::INVOKER_NAME)))
+            .list(&ListParams::default())
             .await
             .map_err(Error::kube("list the invoker's sessions"))?
             .items;
         let running = others.iter().find(|o| {
             o.name_any() != session.name_any()
+                && invoker_name(o).as_deref() == Some(bc_name.as_str())
                 && o.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Running)
         });
         if let Some(r) = running {

@@ -215,6 +215,19 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
         (labels::INVOKER_NAME.to_owned(), bc.name_any()),
     ]
     .into();
+    let mounts: Vec<String> = target
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.clone())
+        .chain(observed.pods.iter().flat_map(|p| {
+            p.spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.volume_mounts.iter().flatten())
+                .map(|m| m.mount_path.clone())
+        }))
+        .collect();
     for (node, volumes) in by_node {
         if volumes.is_empty() {
             continue;
@@ -242,7 +255,11 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
                 read_mode: bc.spec.read_mode,
                 io_budget: bc.spec.io_budget.clone(),
                 on_unreadable: bc.spec.on_unreadable,
-                exclude: target.exclude.clone().filter(|e| !e.is_empty()),
+                exclude: target
+                    .exclude
+                    .as_ref()
+                    .map(|e| volume_patterns(e, &mounts))
+                    .filter(|e| !e.is_empty()),
                 args: target.args.clone().filter(|a| !a.is_empty()),
                 volumes,
             },
@@ -250,4 +267,41 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
         });
     }
     out
+}
+
+/// Stash's exclude patterns name container paths (`/source/data/tmp`); the agent matches
+/// paths inside the volume, so an absolute pattern under a mount loses the mount's prefix.
+pub fn volume_patterns(patterns: &[String], mounts: &[String]) -> Vec<String> {
+    patterns
+        .iter()
+        .map(|p| {
+            let best = mounts
+                .iter()
+                .map(|m| m.trim_end_matches('/'))
+                .filter(|m| !m.is_empty())
+                .filter(|m| p.strip_prefix(m).is_some_and(|r| r.starts_with('/')))
+                .max_by_key(|m| m.len());
+            match best {
+                Some(m) => p[m.len()..].to_owned(),
+                None => p.clone(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_path_excludes_become_volume_paths() {
+        let mounts = vec!["/source/data".to_owned(), "/source".to_owned()];
+        assert_eq!(
+            volume_patterns(
+                &["/source/data/tmp".into(), "*.swp".into(), "/etc/x".into()],
+                &mounts
+            ),
+            vec!["/tmp".to_owned(), "*.swp".into(), "/etc/x".into()]
+        );
+    }
 }

@@ -48,7 +48,7 @@ async fn open_ref(ctx: &Ctx, r: &ObjectRef) -> Result<(Repository, Opened), Erro
 /// Initialises the session's repository unless it exists (InitializeBackendRepository).
 pub async fn initialise(ctx: &Ctx, r: &ObjectRef) -> Result<(), Error> {
     let (_, opened) = open_ref(ctx, r).await?;
-    crate::repository::ensure_initialized(ctx, &opened).await
+    crate::repository::ensure_usable(ctx, &opened).await
 }
 
 fn keep(n: Option<i64>) -> Option<u64> {
@@ -469,12 +469,14 @@ async fn clean_history(
     let limit = usize::try_from(bc.spec.backup_history_limit.unwrap_or(1).max(0)).unwrap_or(0);
     let ns = session.namespace().unwrap_or_default();
     let api: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &ns);
+    // By invoker, not by label alone: a session a user created by hand may carry no labels.
     let mut done: Vec<BackupSession> = api
-        .list(&ListParams::default().labels(&format!("{}={}", labels::INVOKER_NAME, bc.name_any())))
+        .list(&ListParams::default())
         .await
         .map_err(Error::kube("list the invoker's sessions"))?
         .items
         .into_iter()
+        .filter(|s| super::invoker_name(s).as_deref() == Some(bc.name_any().as_str()))
         .filter(|s| {
             s.name_any() == session.name_any()
                 || is_final(s.status.as_ref().and_then(|st| st.phase))
