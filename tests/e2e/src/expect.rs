@@ -49,12 +49,17 @@ pub const ASSIGNMENT_NODE_LABEL: &str = "stash.appscode.com/node";
 pub const SECRET_FOUND: &str = "BackendSecretFound";
 pub const SECRET_NOT_AVAILABLE: &str = "BackendSecretNotAvailable";
 
-/// restic's own words for a wrong password ("wrong password or no key found"); the agent's
-/// reason category is `wrong-password`. GUESS: one of them reaches the session's
-/// `status.targets[].stats[].error` (Stash: "failed to complete backup for host X. Reason:
-/// …") or the message of a False condition (`BackendRepositoryInitialized`, when the operator's
-/// repository check meets the wrong password first).
-pub const WRONG_PASSWORD_WORDS: [&str; 2] = ["wrong password", "wrong-password"];
+/// Whether a host's error tells the user the password is what is wrong: it names the
+/// password and says it does not work. GUESS at the wording, which is the operator's own
+/// (restic says "wrong password or no key found"; the agent's category is `wrong-password`;
+/// the operator says "the password in the storage Secret does not open the repository").
+pub fn blames_the_password(error: &str) -> bool {
+    let e = error.to_lowercase();
+    e.contains("password")
+        && ["wrong", "does not open", "no key", "incorrect"]
+            .iter()
+            .any(|w| e.contains(w))
+}
 
 /// Words that show a failure names the missing Secret. GUESS: the message names the Secret.
 pub fn missing_secret_words(secret: &str) -> Vec<String> {
@@ -92,6 +97,18 @@ pub fn is_triggered_session_name(bc: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_failure_is_recognised_by_what_it_says() {
+        assert!(blames_the_password("Fatal: wrong password or no key found"));
+        assert!(blames_the_password(
+            "the password in the storage Secret does not open the repository"
+        ));
+        assert!(!blames_the_password(
+            "failed to open the repository: timeout"
+        ));
+        assert!(!blames_the_password("RESTIC_PASSWORD is set"));
+    }
 
     #[test]
     fn triggered_names_end_in_unix_seconds() {
