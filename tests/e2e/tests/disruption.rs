@@ -110,6 +110,15 @@ async fn agent_killed_during_backup(s: &Scenario<'_>) -> Result<()> {
         .await?;
 
     let done = s.wait_session_final(&first).await?;
+    // Which of the two allowed endings happened, for whoever reads the log.
+    eprintln!(
+        "[disruption] the session whose agent was deleted ended {}: {}",
+        done["status"]["phase"],
+        Scenario::host_stats(&done)
+            .get(expect::DEPLOYMENT_HOST)
+            .map(|h| h["error"].to_string())
+            .unwrap_or_default()
+    );
     match done["status"]["phase"].as_str() {
         Some("Succeeded") => {}
         Some("Failed") => {
@@ -249,6 +258,11 @@ async fn operator_killed_during_reconciles(s: &Scenario<'_>) -> Result<()> {
             _ => bail!("{name} ended {phase}: {}", done["status"]),
         }
     }
+    eprintln!(
+        "[disruption] {} sessions with the operator deleted 5 times: {} succeeded, the rest skipped",
+        sessions.len(),
+        succeeded.len()
+    );
     ensure!(!succeeded.is_empty(), "no session succeeded");
     // A backup that ran twice would leave more snapshots than successful sessions.
     let snaps = repo.snapshots().await?;
