@@ -352,6 +352,12 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                     OnUnreadable::Warn => engine::UnreadablePolicy::Warn,
                 },
                 progress: Default::default(),
+                // Beside the persistent cache, when there is one: the agent's state lives there.
+                pending_dir: a
+                    .repo
+                    .cache_dir
+                    .as_ref()
+                    .map(|c| c.with_extension("pending")),
             };
             Ok(serde_json::to_string(&engine::backup(&restic, req).await?)?)
         }

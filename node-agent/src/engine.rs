@@ -40,6 +40,7 @@ pub enum ReadMode {
 }
 
 pub use crate::error::AgentError;
+use crate::pending;
 
 /// What to back up and how.
 #[derive(Clone, Debug)]
@@ -67,6 +68,9 @@ pub struct BackupRequest {
     pub on_unreadable: UnreadablePolicy,
     /// Counters the caller watches for progress reports.
     pub progress: Arc<Progress>,
+    /// Direct mode: where the records of backups in flight live (see `pending`); without
+    /// it, a partial snapshot of an agent that dies before judging it is not found again.
+    pub pending_dir: Option<PathBuf>,
 }
 
 impl BackupRequest {
@@ -87,6 +91,7 @@ impl BackupRequest {
             io_uring: true,
             on_unreadable: UnreadablePolicy::Fail,
             progress: Arc::default(),
+            pending_dir: None,
         }
     }
 }
@@ -367,6 +372,10 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
         ReadMode::Direct => {
             tags.push(TAG_DIRECT.into());
             found = key_snapshots(restic, req.host.as_deref(), req.key.as_deref()).await?;
+            let record = pending_record(restic, &req);
+            if let Some(file) = &record {
+                forget_unverified(restic, file, &mut found).await?;
+            }
             let parent = newest_complete(&found, Some(TAG_DIRECT));
             // restic starts inside the volume through the root's descriptor, never by a path
             // a tenant could change, and matches excludes against host paths: they are
@@ -387,6 +396,17 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 extra_args: req.restic_args.clone(),
                 ..BackupOptions::default()
             };
+            if let Some(file) = &record {
+                pending::write(
+                    file,
+                    &pending::Record {
+                        started: jiff::Timestamp::now(),
+                        repository: restic.repository().display_name(),
+                        host: req.host.clone().unwrap_or_default(),
+                        key: req.key.clone().unwrap_or_default(),
+                    },
+                )?;
+            }
             let mut run = restic.backup(&targets, Some(&cwd), &opts)?;
             // restic has its working directory; the descriptor has served.
             let host_path = volume.host_path().to_path_buf();
@@ -458,6 +478,11 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 }
                 Err(e) => return Err(e.into()),
             };
+            // The snapshot is judged (complete, or forgotten, or kept as partial under
+            // `Warn` with its tag): nothing is left to find.
+            if let Some(file) = &record {
+                pending::remove(file);
+            }
             let unchanged = summary.snapshot_id.is_none();
             BackupResult {
                 snapshot_id: summary.snapshot_id.or(parent.map(|p| p.id)),
@@ -473,6 +498,43 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     result.mode = Some(req.mode);
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
+}
+
+/// The record file of a direct backup of this repository, host and key, when the caller
+/// keeps records and the backup has a key.
+fn pending_record(restic: &Restic, req: &BackupRequest) -> Option<PathBuf> {
+    let (dir, key) = (req.pending_dir.as_ref()?, req.key.as_ref()?);
+    Some(pending::path(
+        dir,
+        &restic.repository().display_name(),
+        req.host.as_deref().unwrap_or_default(),
+        key,
+    ))
+}
+
+/// A record left behind means an agent died while its direct backup ran: every direct
+/// snapshot of the key since then is forgotten (none was seen complete; a partial one would
+/// look whole), and the record goes. If forgetting fails the record stays for the next try.
+async fn forget_unverified(
+    restic: &Restic,
+    file: &Path,
+    found: &mut Vec<restic_wrapper::Snapshot>,
+) -> Result<(), AgentError> {
+    let Some(record) = pending::read(file) else {
+        pending::remove(file);
+        return Ok(());
+    };
+    let ids: Vec<String> = pending::unverified(&record, found, TAG_DIRECT)
+        .into_iter()
+        .map(|s| s.id.clone())
+        .collect();
+    if !ids.is_empty() {
+        restic.forget_snapshots(&ids, false).await?;
+        tracing::info!(snapshots = ?ids, "forgot direct snapshots an agent never saw complete");
+        found.retain(|s| !ids.contains(&s.id));
+    }
+    pending::remove(file);
+    Ok(())
 }
 
 /// What restic backs up in direct mode, relative to the volume it starts in. restic itself

@@ -12,6 +12,7 @@ pub mod hostpath;
 pub mod locks;
 pub mod metrics;
 pub mod pattern;
+pub mod pending;
 pub mod pipe;
 pub mod spec;
 pub mod status;

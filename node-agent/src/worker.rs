@@ -1088,6 +1088,7 @@ async fn run_volume(
                 io_uring: cfg.io_uring,
                 on_unreadable,
                 progress,
+                pending_dir: Some(cfg.state_dir.join("pending")),
             };
             let r = engine::backup(restic, req).await?;
             let unpaced = (mode == ReadMode::Direct && cfg.budget.limits() != Limits::default())

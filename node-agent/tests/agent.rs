@@ -645,3 +645,88 @@ async fn a_block_volume_is_streamed_as_one_image_and_restored_onto_a_device() ->
     );
     Ok(())
 }
+
+/// An agent that dies after restic saved a direct snapshot but before judging it (a partial
+/// snapshot, exit code 3, is forgotten only then) leaves its record behind: the next direct
+/// backup of the key forgets every direct snapshot taken since, so a partial one never
+/// becomes the parent or `latest`, and the new snapshot holds the whole volume.
+#[tokio::test]
+async fn a_direct_snapshot_no_agent_judged_is_forgotten_by_the_next_backup() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = repo(dir.path()).await?;
+    let volume = dir.path().join("volume");
+    std::fs::create_dir_all(volume.join("a"))?;
+    std::fs::create_dir_all(volume.join("b"))?;
+    std::fs::write(volume.join("a/one"), pattern(10_000))?;
+    std::fs::write(volume.join("b/two"), pattern(20_000))?;
+    let pending = dir.path().join("pending");
+    let with_record = || BackupRequest {
+        pending_dir: Some(pending.clone()),
+        ..request(&volume, ReadMode::Direct)
+    };
+    let first = engine::backup(&restic, with_record()).await?;
+    assert!(
+        std::fs::read_dir(&pending)?.next().is_none(),
+        "a judged backup leaves no record"
+    );
+    // The dead agent: its record is written, then restic saves a snapshot that lacks `b`.
+    let record = stash_node_agent::pending::path(
+        &pending,
+        &restic.repository().display_name(),
+        "host-0",
+        "demo/app/data",
+    );
+    stash_node_agent::pending::write(
+        &record,
+        &stash_node_agent::pending::Record {
+            started: jiff::Timestamp::now(),
+            repository: restic.repository().display_name(),
+            host: "host-0".into(),
+            key: "demo/app/data".into(),
+        },
+    )?;
+    std::fs::write(volume.join("a/one"), pattern(11_000))?;
+    let partial = engine::backup(
+        &restic,
+        BackupRequest {
+            paths: vec![PathBuf::from("a")],
+            ..request(&volume, ReadMode::Direct)
+        },
+    )
+    .await?;
+    let partial_id = partial.snapshot_id.clone().unwrap_or_default();
+    assert_ne!(Some(&partial_id), first.snapshot_id.as_ref());
+    // The next agent.
+    let next = engine::backup(&restic, with_record()).await?;
+    assert!(!next.unchanged, "{next:?}");
+    let ids: Vec<String> = restic
+        .snapshots(&Default::default())
+        .await?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert!(
+        !ids.contains(&partial_id),
+        "the unjudged snapshot is gone: {ids:?}"
+    );
+    assert!(!record.exists(), "the record goes with it");
+    let latest = engine::latest(&restic, "host-0", "demo/app/data")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no latest snapshot"))?;
+    assert_eq!(Some(latest.id.clone()), next.snapshot_id);
+    let out = dir.path().join("restored");
+    engine::restore(
+        &restic,
+        RestoreRequest {
+            snapshot: latest.id,
+            target: out.clone(),
+            delete: false,
+            include: vec![],
+            owners: true,
+        },
+    )
+    .await?;
+    assert_eq!(std::fs::read(out.join("b/two"))?, pattern(20_000));
+    assert_eq!(std::fs::read(out.join("a/one"))?, pattern(11_000));
+    Ok(())
+}

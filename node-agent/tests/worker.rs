@@ -119,7 +119,15 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// The cluster with its repository initialised, as the operator leaves it before it
+    /// assigns any work (the agent never initialises one).
     async fn start(password: &str) -> Result<Cluster> {
+        let c = Self::start_uninitialised(password).await?;
+        init_repository(&c.repo_path, password)?;
+        Ok(c)
+    }
+
+    async fn start_uninitialised(password: &str) -> Result<Cluster> {
         let sim = kube_sim::KubeSim::start(kube_sim::Options::default()).await?;
         let client = sim.client().await?;
         install_crds(&client).await?;
@@ -783,7 +791,6 @@ async fn a_repository_locked_by_a_live_foreign_restic_is_waited_for() -> Result 
     let password = "lock test";
     let c = Cluster::start(password).await?;
     std::fs::write(c.volume.join("data"), vec![8u8; 100_000])?;
-    init_repository(&c.repo_path, password)?;
     // `restic key passwd` takes the repository's exclusive lock and then waits for the new
     // password on stdin: a live restic that holds the lock as long as its stdin stays open.
     let mut foreign = std::process::Command::new(restic_bin())
@@ -856,7 +863,7 @@ async fn a_repository_locked_by_a_live_foreign_restic_is_waited_for() -> Result 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_fails_at_once_with_a_permanent_reason() -> Result {
-    let c = Cluster::start("not the password").await?;
+    let c = Cluster::start_uninitialised("not the password").await?;
     std::fs::write(c.volume.join("data"), vec![8u8; 1000])?;
     init_repository(&c.repo_path, "the password")?;
     let assignments: Api<BackupAssignment> = Api::namespaced(c.client.clone(), "demo");

@@ -6,7 +6,6 @@
 //! Start it with [`Cluster::start`]; dropping the cluster (or [`Cluster::stop`]) stops
 //! every loop and process and undoes every mount and address it made.
 
-pub mod admission;
 pub mod bus;
 pub mod controllers;
 pub mod cron;
@@ -113,7 +112,7 @@ impl Cluster {
         std::fs::create_dir_all(&csi_root).map_err(Error::io("create", &csi_root))?;
         install_addons(&client).await?;
         let bus = Arc::new(Bus::default());
-        let mut tasks = vec![admission::start(client.clone(), gw.into()).await?];
+        let mut tasks = Vec::new();
         macro_rules! watch {
             ($t:ty, $kind:literal) => {
                 tasks.push(tokio::spawn(watch_kind(

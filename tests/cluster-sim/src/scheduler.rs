@@ -267,10 +267,8 @@ async fn mark_unschedulable(api: &Api<Pod>, pod: &Pod, message: &str, what: &str
     Ok(())
 }
 
-/// POSTs the Binding. kube-sim does not serve `pods/binding` yet; until it does, the
-/// scheduler makes the two writes the API server's BindingREST would make (nodeName, then
-/// `PodScheduled=True`), guarded by the pod's resourceVersion like a Binding's
-/// precondition.
+/// POSTs the Binding, as kube-scheduler's DefaultBinder does: the API server sets the
+/// pod's nodeName and its `PodScheduled` condition, once.
 async fn bind(api: &Api<Pod>, pod: &Pod, node: &str) -> Result<()> {
     let name = pod.name_any();
     let binding = Binding {
@@ -288,32 +286,16 @@ async fn bind(api: &Api<Pod>, pod: &Pod, node: &str) -> Result<()> {
         },
     };
     let what = format!("pod {}/{name}", pod.namespace().unwrap_or_default());
-    match api
-        .create_subresource::<Binding, serde_json::Value>(
-            "binding",
-            &name,
-            &PostParams::default(),
-            &binding,
-        )
-        .await
-    {
-        Ok(_) => return Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 405 => {}
-        Err(source) => {
-            return Err(Error::Kube {
-                action: format!("bind {what} to {node}"),
-                source,
-            });
-        }
-    }
-    let patch = json!({
-        "metadata": {"resourceVersion": pod.resource_version()},
-        "spec": {"nodeName": node},
-    });
-    util::merge_patch(api, &name, patch, &format!("bind {what} to {node}")).await?;
-    let current = serde_json::to_value(&pod.status).unwrap_or_default();
-    let mut conditions = util::conditions_of(Some(&current));
-    util::set_condition(&mut conditions, "PodScheduled", "True", "", "");
-    util::patch_status(api, &name, json!({"conditions": conditions}), &what).await?;
+    api.create_subresource::<Binding, serde_json::Value>(
+        "binding",
+        &name,
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        action: format!("bind {what} to {node}"),
+        source,
+    })?;
     Ok(())
 }

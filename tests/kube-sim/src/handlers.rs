@@ -889,6 +889,92 @@ async fn modify(
     Err(ApiError::stale(&cx.def.group, &cx.def.plural, name))
 }
 
+/// `POST pods/<name>/binding`, as the API server's BindingREST serves the scheduler: the pod
+/// is assigned to the Binding's node once (a pod already on a node, being deleted, or whose
+/// UID differs from the Binding's is a Conflict), and its `PodScheduled` condition becomes
+/// True. The answer is a Status of Success.
+pub async fn bind_pod(cx: &Ctx, name: &str, body: &[u8]) -> ApiResult<Response<Body>> {
+    let binding = parse_body(body, &cx.content_type)?;
+    let text = |p: &str| {
+        binding
+            .pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (node, kind, uid) = (
+        text("/target/name"),
+        text("/target/kind"),
+        text("/metadata/uid"),
+    );
+    if node.is_empty() || !(kind.is_empty() || kind == "Node") {
+        return Err(ApiError::invalid(
+            "",
+            "Binding",
+            name,
+            vec![Cause::invalid(
+                "target",
+                binding.get("target").unwrap_or(&Value::Null),
+                "must name a Node",
+            )],
+        ));
+    }
+    let conflict = |why: String| ApiError::conflict("", "pods/binding", name, &why);
+    let assign = |old: Option<&Value>| -> ApiResult<Option<Value>> {
+        let Some(old) = old else { return Ok(None) };
+        if !uid.is_empty() && meta_str(old, "uid") != uid {
+            return Err(conflict(format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                meta_str(old, "uid")
+            )));
+        }
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(conflict(format!(
+                "pod {name} is being deleted, cannot be assigned to a host"
+            )));
+        }
+        let current = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !current.is_empty() {
+            return Err(conflict(format!(
+                "pod {name} is already assigned to node \"{current}\""
+            )));
+        }
+        let mut new = old.clone();
+        new["spec"]["nodeName"] = json!(node);
+        Ok(Some(new))
+    };
+    modify(cx, name, "", false, &assign).await?;
+    let scheduled = |old: Option<&Value>| -> ApiResult<Option<Value>> {
+        let Some(old) = old else { return Ok(None) };
+        let mut new = old.clone();
+        let mut conditions: Vec<Value> = new
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        conditions.retain(|c| c["type"] != "PodScheduled");
+        conditions.push(json!({
+            "type": "PodScheduled",
+            "status": "True",
+            "lastProbeTime": null,
+            "lastTransitionTime": crate::util::now_rfc3339(),
+        }));
+        if !new["status"].is_object() {
+            new["status"] = json!({});
+        }
+        new["status"]["conditions"] = json!(conditions);
+        Ok(Some(new))
+    };
+    modify(cx, name, "status", false, &scheduled).await?;
+    Ok(json_response(
+        201,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
 pub async fn update(cx: &Ctx, name: &str, sub: &str, body: &[u8]) -> ApiResult<Response<Body>> {
     let body = parse_body(body, &cx.content_type)?;
     match sub {

@@ -703,3 +703,69 @@ spec:
     let got = s.get_json(&["gadget", "g"]).await;
     assert_eq!(got["spec"], json!({"size": 1}), "pruned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_assigns_a_pod_once_as_the_scheduler_expects() {
+    let s = Sim::start().await;
+    s.ok(&["run", "web", "--image=busybox", "--restart=Never"])
+        .await;
+    let pod = s.get_json(&["pod", "web"]).await;
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_owned();
+    let binding = |node: &str, uid: &str| {
+        json!({"apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": "web", "uid": uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+        .to_string()
+    };
+    let path = "/api/v1/namespaces/default/pods/web/binding";
+    let (code, _, st) = s
+        .raw(
+            "POST",
+            path,
+            "application/json",
+            &binding("node-1", "not-the-uid"),
+        )
+        .await;
+    assert_eq!(code, 409, "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("Precondition failed: UID in precondition")
+    );
+    let (code, _, st) = s
+        .raw("POST", path, "application/json", &binding("node-1", &uid))
+        .await;
+    assert_eq!(code, 201, "{st}");
+    assert_eq!(st["status"], "Success");
+    let pod = s.get_json(&["pod", "web"]).await;
+    assert_eq!(pod["spec"]["nodeName"], "node-1");
+    let scheduled = pod["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PodScheduled")
+        .cloned()
+        .unwrap();
+    assert_eq!(scheduled["status"], "True");
+    // A pod is bound once.
+    let (code, _, st) = s
+        .raw("POST", path, "application/json", &binding("node-2", &uid))
+        .await;
+    assert_eq!(code, 409, "{st}");
+    assert_eq!(
+        st["message"],
+        r#"Operation cannot be fulfilled on pods/binding "web": pod web is already assigned to node "node-1""#
+    );
+    let (code, _, st) = s
+        .raw(
+            "POST",
+            path,
+            "application/json",
+            &json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "web"},
+                "target": {"kind": "Pod", "name": "x"}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(code, 422, "{st}");
+}
