@@ -23,9 +23,10 @@ pub struct Ctx {
     pub args: RunArgs,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// One async lock per repository: initialisation and retention of one repository never
-    /// run twice at once in this (the leader) process.
-    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One async lock per repository in this (the leader) process: retention holds it
+    /// exclusively; initialisation and the planning of sessions share it, so no assignment is
+    /// created while a prune runs, yet sessions of one repository are planned side by side.
+    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -52,7 +53,7 @@ impl Ctx {
         }
     }
 
-    pub fn repo_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub fn repo_lock(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
         let mut locks = self
             .repo_locks
             .lock()

@@ -114,10 +114,12 @@ pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
     })
 }
 
-/// Initialises the repository unless it exists, one repository at a time in this process.
+/// Initialises the repository unless it exists, never while retention holds it. Two
+/// initialisations of one repository never overlap: `Restic::ensure_initialized` checks and
+/// initialises under its own per-repository lock, so this one is shared.
 pub async fn ensure_initialized(ctx: &Ctx, opened: &Opened) -> Result<(), Error> {
     let lock = ctx.repo_lock(&opened.key);
-    let _held = lock.lock().await;
+    let _held = lock.read().await;
     opened
         .restic
         .ensure_initialized()

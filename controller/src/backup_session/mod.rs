@@ -460,9 +460,11 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
                 }
             }
         }
-        // No backup starts while retention holds the repository.
+        // No backup starts while retention holds the repository; sessions share the lock
+        // (held from the Lease check until their assignments exist), so they are planned
+        // side by side.
         let lock = ctx.repo_lock(&repo_key);
-        let _held = lock.lock().await;
+        let held = lock.read().await;
         if crate::repo_lease::held(&ctx, &repo_key).await? {
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
@@ -502,6 +504,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
                 Err(e) => return Err(Error::kube("create a BackupAssignment")(e)),
             }
         }
+        drop(held);
         let stats: Vec<HostBackupStats> = problems
             .iter()
             .map(|p| HostBackupStats {
