@@ -6,10 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::cli::RunArgs;
 use crate::error::Error;
@@ -23,6 +27,10 @@ pub struct Ctx {
     pub args: RunArgs,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The node agents' pods, kept by a watch: every session checks for a Ready agent on its
+    /// nodes, and listing hundreds of agent pods per session cost the API server more than
+    /// the rest of planning (500 sessions at once: 100,000 pods served).
+    pub agents: Store<Pod>,
     /// One async lock per repository in this (the leader) process: retention holds it
     /// exclusively; initialisation and the planning of sessions share it, so no assignment is
     /// created while a prune runs, yet sessions of one repository are planned side by side.
@@ -36,7 +44,7 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
-    pub fn new(client: Client, args: RunArgs, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, args: RunArgs, metrics: Arc<Metrics>, agents: Store<Pod>) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -49,6 +57,7 @@ impl Ctx {
             args,
             recorder,
             metrics,
+            agents,
             repo_locks: Mutex::default(),
         }
     }
@@ -60,6 +69,33 @@ impl Ctx {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         locks.entry(key.to_owned()).or_default().clone()
     }
+}
+
+/// A cache of the objects `api` and `config` select, and the watch that fills it, which
+/// runs as long as it is polled.
+fn watch_into_store<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+) -> (Store<K>, impl Future<Output = ()> + use<K>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let watch =
+        reflector::reflector(writer, watcher(api, config).default_backoff()).for_each(move |r| {
+            if let Err(error) = r {
+                tracing::warn!(%error, what, "a cache's watch failed; retrying");
+            }
+            std::future::ready(())
+        });
+    (reader, watch)
 }
 
 /// Waits until every CRD the operator serves is `Established`.
@@ -138,9 +174,15 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         }
     }
     metrics.leader.set(1);
-    let ctx = Arc::new(Ctx::new(client, args, metrics.clone()));
+    let (agents, agent_watch) = watch_into_store(
+        Api::<Pod>::namespaced(client.clone(), &args.namespace),
+        watcher::Config::default().labels(&args.agent_selector),
+        "node agents",
+    );
+    let ctx = Arc::new(Ctx::new(client, args, metrics.clone(), agents));
     let controllers = async {
         tokio::join!(
+            agent_watch,
             crate::repository::controller(ctx.clone()),
             crate::backup_configuration::controller(ctx.clone()),
             crate::backup_session::controller(ctx.clone()),

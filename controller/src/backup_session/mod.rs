@@ -177,12 +177,13 @@ async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, 
             observed.volumes.push(v);
         }
     }
-    let agents = Api::<Pod>::namespaced(c, &ctx.args.namespace)
-        .list(&ListParams::default().labels(&ctx.args.agent_selector))
-        .await
-        .map_err(Error::kube("list the node agents"))?
-        .items;
-    observed.ready_agents = agents
+    ctx.agents.wait_until_ready().await.map_err(|e| Error::Io {
+        action: "watch the node agents",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    observed.ready_agents = ctx
+        .agents
+        .state()
         .iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
