@@ -130,7 +130,7 @@ pub async fn ensure_initialized(ctx: &Ctx, opened: &Opened) -> Result<(), Error>
 /// The invokers that name this repository.
 fn references(
     repo: &Repository,
-    configs: &[BackupConfiguration],
+    configs: &[Arc<BackupConfiguration>],
     restores: &[RestoreSession],
 ) -> Vec<ResourceRef> {
     let ns = repo.namespace().unwrap_or_default();
@@ -316,11 +316,14 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
             }
         }
     };
-    let configs = Api::<BackupConfiguration>::all(ctx.client.clone())
-        .list(&ListParams::default())
+    ctx.configs
+        .wait_until_ready()
         .await
-        .map_err(Error::kube("list the BackupConfigurations"))?
-        .items;
+        .map_err(|e| Error::Io {
+            action: "watch the BackupConfigurations",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let configs = ctx.configs.state();
     let restores = Api::<RestoreSession>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
