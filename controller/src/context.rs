@@ -23,6 +23,17 @@ use crate::metrics::Metrics;
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "stash-operator";
 
+/// Reconciles of one kind that run at once. Unbounded, the first pass over 1,000
+/// BackupConfigurations ran all 1,000 at once, their requests and responses in flight
+/// together, and left the process at 250 MiB resident when it was done (130 MiB with 16);
+/// the API server bounds the throughput either way.
+pub const MAX_CONCURRENT_RECONCILES: u16 = 16;
+
+/// The settings every controller of the operator runs with.
+pub fn controller_config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES)
+}
+
 pub struct Ctx {
     pub client: Client,
     pub args: RunArgs,

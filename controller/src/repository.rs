@@ -358,6 +358,7 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let repos: Api<Repository> = Api::all(ctx.client.clone());
     let configs: Api<BackupConfiguration> = Api::all(ctx.client.clone());
     Controller::new(repos, watcher::Config::default())
+        .with_config(crate::context::controller_config())
         // A new or changed BackupConfiguration changes the references.
         .watches(
             configs,

@@ -673,6 +673,7 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let api: Api<BackupSession> = Api::all(ctx.client.clone());
     let assignments: Api<BackupAssignment> = Api::all(ctx.client.clone());
     Controller::new(api, watcher::Config::default())
+        .with_config(crate::context::controller_config())
         .owns(assignments, watcher::Config::default())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
