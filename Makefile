@@ -95,5 +95,5 @@ cluster-down:
 ## bench: benchmarks (ours and the baseline alternately), figures to bench/results/latest.json
 .PHONY: bench
 bench: setup
-	$(CARGO) build --release --locked -p stash-node-agent
+	$(CARGO) build --release --locked -p stash-node-agent -p stash-controller
 	$(CARGO) run --release --locked -p stash-bench -- $(SCENARIOS)

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod kubesim;
+pub mod operator;
 pub mod restore;
 pub mod snapshots;
 

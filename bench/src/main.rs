@@ -41,6 +41,11 @@ async fn main() -> anyhow::Result<()> {
     if wanted(stash_bench::restore::SCENARIO) {
         more.extend(stash_bench::restore::run(&data, rounds.min(3)).await?);
     }
+    if wanted(stash_bench::operator::SCENARIO) {
+        // The operator built next to this binary, so from the same checkout and target dir.
+        let operator = std::env::current_exe()?.with_file_name("stash-operator");
+        more.extend(stash_bench::operator::run(&restic, &operator, &data).await?);
+    }
     if wanted("kube-sim") {
         more.extend(stash_bench::kubesim::run(rounds).await?);
     }

@@ -6,10 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use stash_api::BackupConfiguration;
 
 use crate::cli::RunArgs;
 use crate::error::Error;
@@ -18,14 +23,34 @@ use crate::metrics::Metrics;
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "stash-operator";
 
+/// Reconciles of one kind that run at once. Unbounded, the first pass over 1,000
+/// BackupConfigurations ran all 1,000 at once, their requests and responses in flight
+/// together, and left the process at 250 MiB resident when it was done (130 MiB with 16);
+/// the API server bounds the throughput either way.
+pub const MAX_CONCURRENT_RECONCILES: u16 = 16;
+
+/// The settings every controller of the operator runs with.
+pub fn controller_config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES)
+}
+
 pub struct Ctx {
     pub client: Client,
     pub args: RunArgs,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// One async lock per repository: initialisation and retention of one repository never
-    /// run twice at once in this (the leader) process.
-    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The node agents' pods, kept by a watch: every session checks for a Ready agent on its
+    /// nodes, and listing hundreds of agent pods per session cost the API server more than
+    /// the rest of planning (500 sessions at once: 100,000 pods served).
+    pub agents: Store<Pod>,
+    /// Every BackupConfiguration, kept by a watch: a Repository's references are computed
+    /// from it. Listing all of them on each Repository reconcile (and every configuration's
+    /// change starts one) listed 1,000 configurations some 900 times while 1,000 became Ready.
+    pub configs: Store<BackupConfiguration>,
+    /// One async lock per repository in this (the leader) process: retention holds it
+    /// exclusively; initialisation and the planning of sessions share it, so no assignment is
+    /// created while a prune runs, yet sessions of one repository are planned side by side.
+    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -35,7 +60,13 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
-    pub fn new(client: Client, args: RunArgs, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        args: RunArgs,
+        metrics: Arc<Metrics>,
+        agents: Store<Pod>,
+        configs: Store<BackupConfiguration>,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -48,17 +79,46 @@ impl Ctx {
             args,
             recorder,
             metrics,
+            agents,
+            configs,
             repo_locks: Mutex::default(),
         }
     }
 
-    pub fn repo_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub fn repo_lock(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
         let mut locks = self
             .repo_locks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         locks.entry(key.to_owned()).or_default().clone()
     }
+}
+
+/// A cache of the objects `api` and `config` select, and the watch that fills it, which
+/// runs as long as it is polled.
+fn watch_into_store<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+) -> (Store<K>, impl Future<Output = ()> + use<K>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let watch =
+        reflector::reflector(writer, watcher(api, config).default_backoff()).for_each(move |r| {
+            if let Err(error) = r {
+                tracing::warn!(%error, what, "a cache's watch failed; retrying");
+            }
+            std::future::ready(())
+        });
+    (reader, watch)
 }
 
 /// Waits until every CRD the operator serves is `Established`.
@@ -137,9 +197,21 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         }
     }
     metrics.leader.set(1);
-    let ctx = Arc::new(Ctx::new(client, args, metrics.clone()));
+    let (agents, agent_watch) = watch_into_store(
+        Api::<Pod>::namespaced(client.clone(), &args.namespace),
+        watcher::Config::default().labels(&args.agent_selector),
+        "node agents",
+    );
+    let (configs, config_watch) = watch_into_store(
+        Api::<BackupConfiguration>::all(client.clone()),
+        watcher::Config::default(),
+        "BackupConfigurations",
+    );
+    let ctx = Arc::new(Ctx::new(client, args, metrics.clone(), agents, configs));
     let controllers = async {
         tokio::join!(
+            agent_watch,
+            config_watch,
             crate::repository::controller(ctx.clone()),
             crate::backup_configuration::controller(ctx.clone()),
             crate::backup_session::controller(ctx.clone()),

@@ -114,10 +114,12 @@ pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
     })
 }
 
-/// Initialises the repository unless it exists, one repository at a time in this process.
+/// Initialises the repository unless it exists, never while retention holds it. Two
+/// initialisations of one repository never overlap: `Restic::ensure_initialized` checks and
+/// initialises under its own per-repository lock, so this one is shared.
 pub async fn ensure_initialized(ctx: &Ctx, opened: &Opened) -> Result<(), Error> {
     let lock = ctx.repo_lock(&opened.key);
-    let _held = lock.lock().await;
+    let _held = lock.read().await;
     opened
         .restic
         .ensure_initialized()
@@ -128,7 +130,7 @@ pub async fn ensure_initialized(ctx: &Ctx, opened: &Opened) -> Result<(), Error>
 /// The invokers that name this repository.
 fn references(
     repo: &Repository,
-    configs: &[BackupConfiguration],
+    configs: &[Arc<BackupConfiguration>],
     restores: &[RestoreSession],
 ) -> Vec<ResourceRef> {
     let ns = repo.namespace().unwrap_or_default();
@@ -415,11 +417,14 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
             }
         }
     };
-    let configs = Api::<BackupConfiguration>::all(ctx.client.clone())
-        .list(&ListParams::default())
+    ctx.configs
+        .wait_until_ready()
         .await
-        .map_err(Error::kube("list the BackupConfigurations"))?
-        .items;
+        .map_err(|e| Error::Io {
+            action: "watch the BackupConfigurations",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let configs = ctx.configs.state();
     let restores = Api::<RestoreSession>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
@@ -454,6 +459,7 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let repos: Api<Repository> = Api::all(ctx.client.clone());
     let configs: Api<BackupConfiguration> = Api::all(ctx.client.clone());
     Controller::new(repos, watcher::Config::default())
+        .with_config(crate::context::controller_config())
         // A new or changed BackupConfiguration changes the references.
         .watches(
             configs,

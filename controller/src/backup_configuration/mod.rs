@@ -397,7 +397,8 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let cronjobs: Api<CronJob> = Api::all(ctx.client.clone());
     let repos: Api<Repository> = Api::all(ctx.client.clone());
     let store_ctx = ctx.clone();
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(crate::context::controller_config());
     let configs = controller.store();
     controller
         .owns(cronjobs, watcher::Config::default())

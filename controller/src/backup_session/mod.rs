@@ -177,12 +177,13 @@ async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, 
             observed.volumes.push(v);
         }
     }
-    let agents = Api::<Pod>::namespaced(c, &ctx.args.namespace)
-        .list(&ListParams::default().labels(&ctx.args.agent_selector))
-        .await
-        .map_err(Error::kube("list the node agents"))?
-        .items;
-    observed.ready_agents = agents
+    ctx.agents.wait_until_ready().await.map_err(|e| Error::Io {
+        action: "watch the node agents",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    observed.ready_agents = ctx
+        .agents
+        .state()
         .iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
@@ -461,9 +462,11 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
                 }
             }
         }
-        // No backup starts while retention holds the repository.
+        // No backup starts while retention holds the repository; sessions share the lock
+        // (held from the Lease check until their assignments exist), so they are planned
+        // side by side.
         let lock = ctx.repo_lock(&repo_key);
-        let _held = lock.lock().await;
+        let held = lock.read().await;
         if crate::repo_lease::held(&ctx, &repo_key).await? {
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
@@ -503,6 +506,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
                 Err(e) => return Err(Error::kube("create a BackupAssignment")(e)),
             }
         }
+        drop(held);
         let stats: Vec<HostBackupStats> = problems
             .iter()
             .map(|p| HostBackupStats {
@@ -670,6 +674,7 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let api: Api<BackupSession> = Api::all(ctx.client.clone());
     let assignments: Api<BackupAssignment> = Api::all(ctx.client.clone());
     Controller::new(api, watcher::Config::default())
+        .with_config(crate::context::controller_config())
         .owns(assignments, watcher::Config::default())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})

@@ -156,7 +156,7 @@ pub(super) async fn post_backup(
         let key = crate::repository::repo_key(r.namespace.as_deref().unwrap_or_default(), &r.name);
         let opened = open_ref(ctx, r).await;
         let lock = ctx.repo_lock(&key);
-        let _in_process = lock.lock().await;
+        let _in_process = lock.write().await;
         if repository_busy(ctx, r).await? {
             // Another session is writing into the repository: prune after it.
             return Ok(());
