@@ -23,6 +23,66 @@ use crate::metrics::Metrics;
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "stash-operator";
 
+/// The object as JSON with its `apiVersion` and `kind`, which server-side apply requires.
+fn typed<K>(obj: &K) -> serde_json::Value
+where
+    K: kube::Resource<DynamicType = ()> + serde::Serialize,
+{
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    v["apiVersion"] = K::api_version(&()).into();
+    v["kind"] = K::kind(&()).into();
+    v
+}
+
+/// Applies an object under the operator's field manager.
+pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()>
+        + serde::Serialize
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let params = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&name, &params, &kube::api::Patch::Apply(&typed(obj)))
+        .await
+        .map(|_| ())
+}
+
+/// Applies `status` to the status subresource of `obj`, under the operator's field manager:
+/// the one writer of its kinds' status.
+pub async fn apply_status<K, S>(
+    client: &Client,
+    obj: &K,
+    status: &S,
+    action: &'static str,
+) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    S: serde::Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let ns = obj.meta().namespace.clone().unwrap_or_default();
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Api::<K>::namespaced(client.clone(), &ns)
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+            &kube::api::Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::kube(action))?;
+    Ok(())
+}
+
 /// Reconciles of one kind that run at once. Unbounded, the first pass over 1,000
 /// BackupConfigurations ran all 1,000 at once, their requests and responses in flight
 /// together, and left the process at 250 MiB resident when it was done (130 MiB with 16);
@@ -43,9 +103,10 @@ pub struct Ctx {
     /// nodes, and listing hundreds of agent pods per session cost the API server more than
     /// the rest of planning (500 sessions at once: 100,000 pods served).
     pub agents: Store<Pod>,
-    /// Every BackupConfiguration, kept by a watch: a Repository's references are computed
-    /// from it. Listing all of them on each Repository reconcile (and every configuration's
-    /// change starts one) listed 1,000 configurations some 900 times while 1,000 became Ready.
+    /// Every BackupConfiguration: the BackupConfiguration controller's own cache, from which
+    /// a Repository's references are computed. Listing them on each Repository reconcile (and
+    /// every configuration's change starts one) listed 1,000 configurations some 900 times
+    /// while 1,000 became Ready.
     pub configs: Store<BackupConfiguration>,
     /// One async lock per repository in this (the leader) process: retention holds it
     /// exclusively; initialisation and the planning of sessions share it, so no assignment is
@@ -92,6 +153,19 @@ impl Ctx {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         locks.entry(key.to_owned()).or_default().clone()
     }
+}
+
+/// Everything a cache holds, once its first listing is in (an empty cache before then would
+/// look like "nothing exists").
+pub async fn cached<K>(store: &Store<K>, what: &'static str) -> Result<Vec<Arc<K>>, Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped { what })?;
+    Ok(store.state())
 }
 
 /// A cache of the objects `api` and `config` select, and the watch that fills it, which
@@ -202,18 +276,19 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         watcher::Config::default().labels(&args.agent_selector),
         "node agents",
     );
-    let (configs, config_watch) = watch_into_store(
-        Api::<BackupConfiguration>::all(client.clone()),
-        watcher::Config::default(),
-        "BackupConfigurations",
-    );
-    let ctx = Arc::new(Ctx::new(client, args, metrics.clone(), agents, configs));
+    let configs = crate::backup_configuration::new_controller(&client);
+    let ctx = Arc::new(Ctx::new(
+        client,
+        args,
+        metrics.clone(),
+        agents,
+        configs.store(),
+    ));
     let controllers = async {
         tokio::join!(
             agent_watch,
-            config_watch,
             crate::repository::controller(ctx.clone()),
-            crate::backup_configuration::controller(ctx.clone()),
+            crate::backup_configuration::run(configs, ctx.clone()),
             crate::backup_session::controller(ctx.clone()),
         );
     };

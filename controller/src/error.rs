@@ -39,6 +39,8 @@ pub enum Error {
     },
     #[error("lost the leader Lease {lease}: another replica took over")]
     LostLeadership { lease: String },
+    #[error("failed to read the cache of {what}: its watch stopped")]
+    CacheStopped { what: &'static str },
     #[error("timed out waiting for the CRD {name} to be established")]
     CrdsNotEstablished { name: String },
 }
@@ -64,6 +66,7 @@ impl Error {
             Error::Serve { .. } | Error::Io { .. } => "io",
             Error::LostLeadership { .. } => "leadership",
             Error::CrdsNotEstablished { .. } => "crds",
+            Error::CacheStopped { .. } => "cache",
         }
     }
 
@@ -74,7 +77,9 @@ impl Error {
                 _ => true,
             },
             Error::Restic { source, .. } => source.is_retryable(),
-            Error::Io { .. } | Error::CrdsNotEstablished { .. } => true,
+            Error::Io { .. } | Error::CrdsNotEstablished { .. } | Error::CacheStopped { .. } => {
+                true
+            }
             _ => false,
         }
     }

@@ -14,6 +14,7 @@ pub mod repo_lease;
 pub mod repository;
 pub mod schedule;
 pub mod server;
+pub mod target;
 pub mod trigger;
 
 use std::io::Write;

@@ -19,7 +19,7 @@ use stash_api::conditions::{Condition, reasons, set_condition, types};
 use stash_api::repository::{Repository, RepositoryStatus, ResourceRef};
 use stash_api::{BackupConfiguration, RestoreSession};
 
-use crate::context::{Ctx, FIELD_MANAGER};
+use crate::context::Ctx;
 use crate::error::{Error, is_not_found};
 
 /// A repository opened for the operator's own restic commands.
@@ -175,18 +175,31 @@ fn parse_time(t: &str) -> Option<Timestamp> {
     t.parse().ok()
 }
 
-/// The snapshot count and the first and last backup times, from the native reader.
-pub async fn listing(
-    opened: &Opened,
-) -> Result<(i64, Option<Time>, Option<Time>), restic_wrapper::NativeError> {
-    let native = restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await?;
-    let snaps = native.snapshots().await?;
-    let times: Vec<Timestamp> = snaps.iter().filter_map(|s| parse_time(&s.time)).collect();
-    Ok((
-        i64::try_from(snaps.len()).unwrap_or(i64::MAX),
-        times.iter().min().copied().map(Time),
-        times.iter().max().copied().map(Time),
-    ))
+/// The snapshot count and the first and last backup times, from the native reader, into
+/// the status; on failure the last good figures stay.
+pub async fn record_listing(
+    status: &mut RepositoryStatus,
+    native: &restic_wrapper::NativeRepository,
+) {
+    match native.snapshots().await {
+        Ok(snaps) => {
+            let times: Vec<Timestamp> = snaps.iter().filter_map(|s| parse_time(&s.time)).collect();
+            status.snapshot_count = Some(i64::try_from(snaps.len()).unwrap_or(i64::MAX));
+            status.first_backup_time = times
+                .iter()
+                .min()
+                .copied()
+                .map(Time)
+                .or(status.first_backup_time.take());
+            status.last_backup_time = times
+                .iter()
+                .max()
+                .copied()
+                .map(Time)
+                .or(status.last_backup_time.take());
+        }
+        Err(error) => tracing::warn!(%error, "cannot list the repository's snapshots"),
+    }
 }
 
 /// The message for a repository whose password opens no key.
@@ -200,10 +213,14 @@ pub fn wrong_password(opened: &Opened) -> String {
 
 /// Initialises the repository if needed and checks that the password opens it: an existing
 /// repository is recognised by its config file alone, which says nothing about the password.
-pub async fn ensure_usable(ctx: &Ctx, opened: &Opened) -> Result<(), Error> {
+/// Returns the repository opened by the native reader.
+pub async fn ensure_usable(
+    ctx: &Ctx,
+    opened: &Opened,
+) -> Result<restic_wrapper::NativeRepository, Error> {
     ensure_initialized(ctx, opened).await?;
     match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
-        Ok(_) => Ok(()),
+        Ok(native) => Ok(native),
         Err(restic_wrapper::NativeError::WrongPassword) => Err(Error::Invalid {
             action: "open the repository",
             reason: wrong_password(opened),
@@ -224,21 +241,7 @@ pub async fn write_status(
     repo: &Repository,
     status: RepositoryStatus,
 ) -> Result<(), Error> {
-    let api: Api<Repository> =
-        Api::namespaced(ctx.client.clone(), &repo.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "stash.appscode.com/v1alpha1",
-        "kind": "Repository",
-        "status": status,
-    });
-    api.patch_status(
-        &repo.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube("write the Repository status"))?;
-    Ok(())
+    crate::context::apply_status(&ctx.client, repo, &status, "write the Repository status").await
 }
 
 /// Deletes every object of the repository from its backend (`wipeOut`).
@@ -312,7 +315,7 @@ async fn finalize(ctx: &Ctx, repo: &Repository) -> Result<Option<Action>, Error>
         match open(ctx, repo).await {
             Ok(opened) => {
                 let lock = ctx.repo_lock(&opened.key);
-                let _in_process = lock.lock().await;
+                let _in_process = lock.write().await;
                 let Some(_lease) = crate::repo_lease::acquire(ctx, &opened.key).await? else {
                     return Ok(Some(Action::requeue(Duration::from_secs(5))));
                 };
@@ -394,37 +397,20 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
                         Duration::from_secs(120)
                     }
                 }
-                Ok(()) => {
+                Ok(native) => {
                     set(Condition::new(
                         types::BACKEND_REPOSITORY_INITIALIZED,
                         true,
                         reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
                         "the restic repository exists and opens with the password",
                     ));
-                    match listing(&opened).await {
-                        Ok((count, first, last)) => {
-                            status.snapshot_count = Some(count);
-                            status.first_backup_time = first.or(status.first_backup_time);
-                            status.last_backup_time = last.or(status.last_backup_time);
-                        }
-                        Err(error) => {
-                            // The last good figures stay; the next reconcile tries again.
-                            tracing::warn!(%error, "cannot list the repository's snapshots");
-                        }
-                    }
+                    record_listing(&mut status, &native).await;
                     Duration::from_secs(300)
                 }
             }
         }
     };
-    ctx.configs
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::Io {
-            action: "watch the BackupConfigurations",
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    let configs = ctx.configs.state();
+    let configs = crate::context::cached(&ctx.configs, "BackupConfigurations").await?;
     let restores = Api::<RestoreSession>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await

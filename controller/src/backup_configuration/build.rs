@@ -180,28 +180,28 @@ fn invoker_labels(bc: &BackupConfiguration) -> BTreeMap<String, String> {
     .collect()
 }
 
+/// The metadata of an object the configuration owns: its namespace, Stash's invoker labels,
+/// and the configuration as controller, so it goes when the configuration goes.
+fn owned_meta(bc: &BackupConfiguration, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: bc.namespace(),
+        labels: Some(invoker_labels(bc)),
+        owner_references: Some(owner(bc)),
+        ..ObjectMeta::default()
+    }
+}
+
 pub fn build_service_account(bc: &BackupConfiguration) -> ServiceAccount {
     ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some(trigger_account_name(bc)),
-            namespace: bc.namespace(),
-            labels: Some(invoker_labels(bc)),
-            owner_references: Some(owner(bc)),
-            ..ObjectMeta::default()
-        },
+        metadata: owned_meta(bc, trigger_account_name(bc)),
         ..ServiceAccount::default()
     }
 }
 
 pub fn build_role_binding(bc: &BackupConfiguration, settings: &TriggerSettings) -> RoleBinding {
     RoleBinding {
-        metadata: ObjectMeta {
-            name: Some(trigger_account_name(bc)),
-            namespace: bc.namespace(),
-            labels: Some(invoker_labels(bc)),
-            owner_references: Some(owner(bc)),
-            ..ObjectMeta::default()
-        },
+        metadata: owned_meta(bc, trigger_account_name(bc)),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
@@ -264,13 +264,7 @@ pub fn build_cronjob(bc: &BackupConfiguration, settings: &TriggerSettings) -> Cr
         ..PodSpec::default()
     };
     CronJob {
-        metadata: ObjectMeta {
-            name: Some(cronjob_name(bc)),
-            namespace: bc.namespace(),
-            labels: Some(invoker_labels(bc)),
-            owner_references: Some(owner(bc)),
-            ..ObjectMeta::default()
-        },
+        metadata: owned_meta(bc, cronjob_name(bc)),
         spec: Some(CronJobSpec {
             schedule: bc.spec.schedule.clone().unwrap_or_default(),
             suspend: Some(bc.spec.paused.unwrap_or(false)),

@@ -8,62 +8,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::{
-    Namespace, PersistentVolumeClaim, ReplicationController, Secret, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use stash_api::BackupConfiguration;
 use stash_api::backup_configuration::BackupConfigurationStatus;
-use stash_api::common::{FromNamespaces, TargetRef};
+use stash_api::common::FromNamespaces;
 use stash_api::conditions::{Condition, reasons, set_condition, types};
 use stash_api::repository::Repository;
 
-use crate::context::{Ctx, FIELD_MANAGER};
+use crate::context::Ctx;
 use crate::error::{Error, is_not_found};
 
 pub use build::TriggerSettings;
-
-/// Whether the target exists; `Ok(false)` when it does not.
-pub async fn target_exists(ctx: &Ctx, ns: &str, t: &TargetRef) -> Result<bool, Error> {
-    let ns = t.namespace.as_deref().unwrap_or(ns);
-    let c = ctx.client.clone();
-    let r = match t.kind.as_str() {
-        "Deployment" => Api::<Deployment>::namespaced(c, ns)
-            .get_opt(&t.name)
-            .await
-            .map(|o| o.is_some()),
-        "StatefulSet" => Api::<StatefulSet>::namespaced(c, ns)
-            .get_opt(&t.name)
-            .await
-            .map(|o| o.is_some()),
-        "DaemonSet" => Api::<DaemonSet>::namespaced(c, ns)
-            .get_opt(&t.name)
-            .await
-            .map(|o| o.is_some()),
-        "ReplicaSet" => Api::<ReplicaSet>::namespaced(c, ns)
-            .get_opt(&t.name)
-            .await
-            .map(|o| o.is_some()),
-        "ReplicationController" => Api::<ReplicationController>::namespaced(c, ns)
-            .get_opt(&t.name)
-            .await
-            .map(|o| o.is_some()),
-        "PersistentVolumeClaim" => Api::<PersistentVolumeClaim>::namespaced(c, ns)
-            .get_opt(&t.name)
-            .await
-            .map(|o| o.is_some()),
-        _ => return Ok(false),
-    };
-    r.map_err(Error::kube("read the backup target"))
-}
 
 fn selector_matches(
     sel: &LabelSelector,
@@ -124,37 +87,6 @@ pub async fn usage_allowed(
             }
         }
     }
-}
-
-/// The object as JSON with its `apiVersion` and `kind`, which server-side apply requires.
-fn typed<K>(obj: K) -> serde_json::Value
-where
-    K: Resource<DynamicType = ()> + serde::Serialize,
-{
-    let mut v = serde_json::to_value(&obj).unwrap_or_default();
-    v["apiVersion"] = K::api_version(&()).into();
-    v["kind"] = K::kind(&()).into();
-    v
-}
-
-/// Applies an object with the operator's field manager.
-async fn apply_typed<K>(api: &Api<K>, obj: K) -> Result<(), kube::Error>
-where
-    K: Resource<DynamicType = ()>
-        + serde::Serialize
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let v = typed(obj);
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&v),
-    )
-    .await
-    .map(|_| ())
 }
 
 #[tracing::instrument(skip_all, fields(kind = "BackupConfiguration", ns = %bc.namespace().unwrap_or_default(), name = %bc.name_any()))]
@@ -268,7 +200,10 @@ async fn reconcile(bc: Arc<BackupConfiguration>, ctx: Arc<Ctx>) -> Result<Action
     if let Some(t) = &bc.spec.target
         && valid
     {
-        if target_exists(&ctx, &ns, &t.ref_).await? {
+        if crate::target::read(&ctx.client, &ns, &t.ref_)
+            .await?
+            .is_some()
+        {
             set(
                 types::BACKUP_TARGET_FOUND,
                 true,
@@ -297,17 +232,17 @@ async fn reconcile(bc: Arc<BackupConfiguration>, ctx: Arc<Ctx>) -> Result<Action
                     cluster_role: ctx.args.trigger_cluster_role.clone(),
                 };
                 let applied = async {
-                    apply_typed(
+                    crate::context::apply(
                         &Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns),
-                        build::build_service_account(&bc),
+                        &build::build_service_account(&bc),
                     )
                     .await?;
-                    apply_typed(
+                    crate::context::apply(
                         &Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns),
-                        build::build_role_binding(&bc, &settings),
+                        &build::build_role_binding(&bc, &settings),
                     )
                     .await?;
-                    apply_typed(&cronjobs, build::build_cronjob(&bc, &settings)).await
+                    crate::context::apply(&cronjobs, &build::build_cronjob(&bc, &settings)).await
                 }
                 .await;
                 match applied {
@@ -359,19 +294,13 @@ async fn reconcile(bc: Arc<BackupConfiguration>, ctx: Arc<Ctx>) -> Result<Action
         conditions: Some(conds),
     };
     if bc.status.as_ref() != Some(&status) {
-        let patch = serde_json::json!({
-            "apiVersion": "stash.appscode.com/v1beta1",
-            "kind": "BackupConfiguration",
-            "status": status,
-        });
-        Api::<BackupConfiguration>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(
-                &bc.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(Error::kube("write the BackupConfiguration status"))?;
+        crate::context::apply_status(
+            &ctx.client,
+            &*bc,
+            &status,
+            "write the BackupConfiguration status",
+        )
+        .await?;
     }
     Ok(Action::requeue(requeue))
 }
@@ -392,11 +321,12 @@ fn error_policy(_: Arc<BackupConfiguration>, error: &Error, ctx: Arc<Ctx>) -> Ac
     }))
 }
 
-pub async fn controller(ctx: Arc<Ctx>) {
-    let api: Api<BackupConfiguration> = Api::all(ctx.client.clone());
-    let cronjobs: Api<CronJob> = Api::all(ctx.client.clone());
-    let repos: Api<Repository> = Api::all(ctx.client.clone());
-    let store_ctx = ctx.clone();
+/// The BackupConfiguration controller, not yet running. Its cache of configurations is the
+/// operator's one: the Repository reconciler reads references from it (`Ctx::configs`).
+pub fn new_controller(client: &kube::Client) -> Controller<BackupConfiguration> {
+    let api: Api<BackupConfiguration> = Api::all(client.clone());
+    let cronjobs: Api<CronJob> = Api::all(client.clone());
+    let repos: Api<Repository> = Api::all(client.clone());
     let controller = Controller::new(api, watcher::Config::default().any_semantic())
         .with_config(crate::context::controller_config());
     let configs = controller.store();
@@ -422,7 +352,11 @@ pub async fn controller(ctx: Arc<Ctx>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(reconcile, error_policy, store_ctx)
+}
+
+pub async fn run(controller: Controller<BackupConfiguration>, ctx: Arc<Ctx>) {
+    controller
+        .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
 }

@@ -13,11 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{
-    PersistentVolume, PersistentVolumeClaim, Pod, ReplicationController,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -32,7 +29,7 @@ use stash_api::common::InvokerPhase;
 use stash_api::conditions::{Condition, find_condition, reasons, set_condition, types};
 use stash_api::{BackupConfiguration, BackupSession, labels};
 
-use crate::context::{Ctx, FIELD_MANAGER};
+use crate::context::Ctx;
 use crate::error::{Error, is_conflict};
 
 /// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
@@ -72,25 +69,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
-fn selector_string(sel: &LabelSelector) -> String {
-    let mut parts: Vec<String> = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in sel.match_expressions.iter().flatten() {
-        let vals = e.values.clone().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({vals})", e.key),
-            "NotIn" => format!("{} notin ({vals})", e.key),
-            "Exists" => e.key.clone(),
-            _ => format!("!{}", e.key),
-        });
-    }
-    parts.join(",")
-}
-
 /// Reads what planning needs: the target's pods, claims and volumes, and the Ready agents.
 async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, Error> {
     let ns = bc.namespace().unwrap_or_default();
@@ -103,56 +81,15 @@ async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, 
     };
     let tns = target.ref_.namespace.clone().unwrap_or(ns);
     let c = ctx.client.clone();
-    let read = Error::kube("read the backup target");
-    let selector = match target.ref_.kind.as_str() {
-        "Deployment" => Api::<Deployment>::namespaced(c.clone(), &tns)
-            .get(&target.ref_.name)
-            .await
-            .map_err(read)?
-            .spec
-            .map(|s| selector_string(&s.selector)),
-        "StatefulSet" => {
-            let s = Api::<StatefulSet>::namespaced(c.clone(), &tns)
-                .get(&target.ref_.name)
-                .await
-                .map_err(read)?
-                .spec;
-            observed.total_hosts = s.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            s.map(|s| selector_string(&s.selector))
-        }
-        "DaemonSet" => {
-            let d = Api::<DaemonSet>::namespaced(c.clone(), &tns)
-                .get(&target.ref_.name)
-                .await
-                .map_err(read)?;
-            observed.total_hosts = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
-            d.spec.map(|s| selector_string(&s.selector))
-        }
-        "ReplicaSet" => Api::<ReplicaSet>::namespaced(c.clone(), &tns)
-            .get(&target.ref_.name)
-            .await
-            .map_err(read)?
-            .spec
-            .map(|s| selector_string(&s.selector)),
-        "ReplicationController" => Api::<ReplicationController>::namespaced(c.clone(), &tns)
-            .get(&target.ref_.name)
-            .await
-            .map_err(read)?
-            .spec
-            .and_then(|s| s.selector)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            }),
-        _ => Some(String::new()),
-    };
-    let Some(selector) =
-        selector.filter(|s| !s.is_empty() || target.ref_.kind == "PersistentVolumeClaim")
-    else {
+    let Some(workload) = crate::target::read(&c, &tns, &target.ref_).await? else {
         return Ok(observed);
     };
+    // A workload without a selector has no pods of its own; a PVC's pods are found among all.
+    if workload.selector.is_empty() && target.ref_.kind != "PersistentVolumeClaim" {
+        return Ok(observed);
+    }
+    observed.total_hosts = workload.total_hosts;
+    let selector = workload.selector;
     observed.pods = Api::<Pod>::namespaced(c.clone(), &tns)
         .list(&ListParams::default().labels(&selector))
         .await
@@ -177,13 +114,8 @@ async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, 
             observed.volumes.push(v);
         }
     }
-    ctx.agents.wait_until_ready().await.map_err(|e| Error::Io {
-        action: "watch the node agents",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    observed.ready_agents = ctx
-        .agents
-        .state()
+    observed.ready_agents = crate::context::cached(&ctx.agents, "node agents")
+        .await?
         .iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
@@ -213,20 +145,7 @@ pub async fn write_status(
     s: &BackupSession,
     status: &BackupSessionStatus,
 ) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "stash.appscode.com/v1beta1",
-        "kind": "BackupSession",
-        "status": status,
-    });
-    Api::<BackupSession>::namespaced(ctx.client.clone(), &s.namespace().unwrap_or_default())
-        .patch_status(
-            &s.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(Error::kube("write the BackupSession status"))?;
-    Ok(())
+    crate::context::apply_status(&ctx.client, s, status, "write the BackupSession status").await
 }
 
 pub async fn event(ctx: &Ctx, s: &BackupSession, warning: bool, reason: &str, note: String) {

@@ -12,8 +12,8 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use restic_wrapper::{ForgetOptions, PruneOptions, SnapshotFilter, StatsMode};
-use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
-use stash_api::backup_session::{BackupSessionPhase, BackupSessionSpec, HostPhase};
+use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase, VolumeProgress};
+use stash_api::backup_session::{BackupSessionPhase, BackupSessionSpec, HostPhase, TargetPhase};
 use stash_api::common::ObjectRef;
 use stash_api::conditions::{reasons, types};
 use stash_api::repository::Repository;
@@ -45,10 +45,29 @@ async fn open_ref(ctx: &Ctx, r: &ObjectRef) -> Result<(Repository, Opened), Erro
     }
 }
 
-/// Initialises the session's repository unless it exists (InitializeBackendRepository).
+/// Whether the Repository reconciler found this spec initialised and opening with its
+/// password: then a session need not reach the backend to know.
+fn known_usable(repo: &Repository) -> bool {
+    repo.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .and_then(|cs| {
+            stash_api::conditions::find_condition(cs, types::BACKEND_REPOSITORY_INITIALIZED)
+        })
+        .is_some_and(|c| c.is_true() && c.observed_generation == repo.metadata.generation)
+}
+
+/// The session's repository initialised and opening with its password
+/// (InitializeBackendRepository). What the Repository reconciler already established is
+/// taken from its status, so a burst of sessions does not each go to the backend.
 pub async fn initialise(ctx: &Ctx, r: &ObjectRef) -> Result<(), Error> {
-    let (_, opened) = open_ref(ctx, r).await?;
-    crate::repository::ensure_usable(ctx, &opened).await
+    let (repo, opened) = open_ref(ctx, r).await?;
+    if known_usable(&repo) {
+        return Ok(());
+    }
+    crate::repository::ensure_usable(ctx, &opened)
+        .await
+        .map(|_| ())
 }
 
 fn keep(n: Option<i64>) -> Option<u64> {
@@ -303,10 +322,9 @@ async fn update_repository(
     removed: i64,
 ) -> pushgateway::RepositoryMetrics {
     let mut status = repo.status.clone().unwrap_or_default();
-    if let Ok((count, first, last)) = crate::repository::listing(opened).await {
-        status.snapshot_count = Some(count);
-        status.first_backup_time = first.or(status.first_backup_time);
-        status.last_backup_time = last.or(status.last_backup_time);
+    match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
+        Ok(native) => crate::repository::record_listing(&mut status, &native).await,
+        Err(error) => tracing::warn!(%error, "cannot open the repository to count its snapshots"),
     }
     let size = match opened.restic.stats(StatsMode::RawData, None).await {
         Ok(s) => Some(s.total_size),
@@ -341,6 +359,36 @@ async fn update_repository(
     }
 }
 
+/// A host's metrics: its stats, and the sums of what the agents reported for its volumes.
+fn host_metrics(
+    h: &stash_api::backup_session::HostBackupStats,
+    assignments: &[BackupAssignment],
+) -> pushgateway::HostMetrics {
+    let vols = super::status::host_progress(assignments, &h.hostname);
+    let sum = |f: fn(&VolumeProgress) -> Option<i64>| vols.iter().filter_map(|p| f(p)).sum::<i64>();
+    let seconds = h
+        .duration
+        .as_deref()
+        .and_then(parse_duration)
+        .map_or(0.0, |d| d.as_secs_f64());
+    pushgateway::HostMetrics {
+        hostname: h.hostname.clone(),
+        success: h.phase == Some(HostPhase::Succeeded),
+        duration_seconds: seconds,
+        data_size_bytes: sum(|p| p.bytes_total) as f64,
+        // The agent reports neither uploaded bytes nor new and modified files yet.
+        uploaded_bytes: 0.0,
+        processing_time_seconds: seconds,
+        files_total: sum(|p| p.files_total),
+        files_new: 0,
+        files_modified: 0,
+        files_unmodified: sum(|p| {
+            p.files_total
+                .filter(|_| p.phase == Some(VolumePhase::Unchanged))
+        }),
+    }
+}
+
 fn session_metrics(
     step: &Step<'_>,
     bc: &BackupConfiguration,
@@ -354,92 +402,36 @@ fn session_metrics(
         .targets
         .iter()
         .flatten()
-        .map(|t| {
-            let hosts: Vec<pushgateway::HostMetrics> = t
+        .map(|t| pushgateway::TargetMetrics {
+            kind: t.ref_.kind.clone(),
+            // The API group: `apps` of `apps/v1`, empty for the core `v1`.
+            group: t
+                .ref_
+                .api_version
+                .rsplit_once('/')
+                .map(|(g, _)| g.to_owned())
+                .unwrap_or_default(),
+            name: t.ref_.name.clone(),
+            success: super::status::target_phase(t) == TargetPhase::Succeeded,
+            host_count: i64::from(t.total_hosts.unwrap_or(0)),
+            hosts: t
                 .stats
                 .iter()
                 .flatten()
-                .map(|h| {
-                    let vols = assignments
-                        .iter()
-                        .flat_map(|a| {
-                            let progress = a
-                                .status
-                                .as_ref()
-                                .and_then(|s| s.volumes.clone())
-                                .unwrap_or_default();
-                            a.spec
-                                .volumes
-                                .iter()
-                                .filter(|v| v.host == h.hostname)
-                                .filter_map(move |v| {
-                                    progress
-                                        .iter()
-                                        .find(|p| {
-                                            p.pod_name == v.pod_name
-                                                && p.volume_name == v.volume_name
-                                        })
-                                        .cloned()
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                        .collect::<Vec<_>>();
-                    let sum = |f: fn(&stash_api::assignment::VolumeProgress) -> Option<i64>| {
-                        vols.iter().filter_map(f).sum::<i64>()
-                    };
-                    let secs = |t: &Option<String>| {
-                        t.as_deref()
-                            .and_then(parse_duration)
-                            .map_or(0.0, |d| d.as_secs_f64())
-                    };
-                    pushgateway::HostMetrics {
-                        hostname: h.hostname.clone(),
-                        success: h.phase == Some(HostPhase::Succeeded),
-                        duration_seconds: secs(&h.duration),
-                        data_size_bytes: sum(|p| p.bytes_total) as f64,
-                        uploaded_bytes: 0.0,
-                        processing_time_seconds: secs(&h.duration),
-                        files_total: sum(|p| p.files_total),
-                        files_new: 0,
-                        files_modified: 0,
-                        files_unmodified: vols
-                            .iter()
-                            .filter(|p| p.phase == Some(VolumePhase::Unchanged))
-                            .filter_map(|p| p.files_total)
-                            .sum(),
-                    }
-                })
-                .collect();
-            pushgateway::TargetMetrics {
-                kind: t.ref_.kind.clone(),
-                group: t
-                    .ref_
-                    .api_version
-                    .split('/')
-                    .next()
-                    .filter(|_| t.ref_.api_version.contains('/'))
-                    .unwrap_or("")
-                    .to_owned(),
-                name: t.ref_.name.clone(),
-                success: super::status::target_phase(t)
-                    == stash_api::backup_session::TargetPhase::Succeeded,
-                host_count: i64::from(t.total_hosts.unwrap_or(0)),
-                hosts,
-            }
+                .map(|h| host_metrics(h, assignments))
+                .collect(),
         })
         .collect();
-    let conds = step.status.conditions.as_deref().unwrap_or_default();
-    let post_ok = [
-        types::RETENTION_POLICY_APPLIED,
-        types::BACKUP_HISTORY_CLEANED,
-        types::DEADLINE_EXCEEDED,
-    ]
-    .iter()
-    .all(|t| match stash_api::conditions::find_condition(conds, t) {
-        Some(c) if *t == types::DEADLINE_EXCEEDED => !c.is_true(),
-        Some(c) => c.is_true(),
-        None => true,
-    });
+    // The phase the session gets once its metrics are out: the push is the last step, and
+    // its success flag is that phase, by the one rule that decides it.
+    let mut pushed = step.status.conditions.clone().unwrap_or_default();
+    stash_api::conditions::set_condition(
+        &mut pushed,
+        stash_api::conditions::Condition::new(types::METRICS_PUSHED, true, "", ""),
+        Time(now),
+    );
+    let phase =
+        super::status::session_phase(&pushed, step.status.targets.as_deref().unwrap_or_default());
     pushgateway::BackupSessionMetrics {
         invoker_kind: "BackupConfiguration".into(),
         invoker_name: bc.name_any(),
@@ -451,7 +443,7 @@ fn session_metrics(
             .as_ref()
             .map(|r| r.name.clone())
             .unwrap_or_default(),
-        success: post_ok && targets.iter().all(|t| t.success),
+        success: phase == BackupSessionPhase::Succeeded,
         duration_seconds: duration.as_secs_f64(),
         finished_at: now.as_second(),
         targets,

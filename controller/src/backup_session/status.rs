@@ -6,7 +6,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase};
+use stash_api::assignment::{
+    AssignedVolume, AssignmentPhase, BackupAssignment, VolumePhase, VolumeProgress,
+};
 use stash_api::backup_session::{
     BackupSessionPhase, BackupTargetStatus, FileStats, HostBackupStats, HostPhase, SnapshotStats,
     TargetPhase,
@@ -90,10 +92,37 @@ pub fn silent_agent(a: &BackupAssignment, now: Timestamp, limits: Timeouts) -> O
     }
 }
 
+/// What the agent reported for one of the assignment's volumes.
+pub fn progress_of<'a>(a: &'a BackupAssignment, v: &AssignedVolume) -> Option<&'a VolumeProgress> {
+    a.status
+        .as_ref()
+        .and_then(|s| s.volumes.as_deref())
+        .and_then(|ps| {
+            ps.iter()
+                .find(|p| p.pod_name == v.pod_name && p.volume_name == v.volume_name)
+        })
+}
+
+/// What the agents reported for every volume of one host, across the assignments.
+pub fn host_progress<'a>(
+    assignments: &'a [BackupAssignment],
+    host: &str,
+) -> Vec<&'a VolumeProgress> {
+    assignments
+        .iter()
+        .flat_map(|a| {
+            a.spec
+                .volumes
+                .iter()
+                .filter(move |v| v.host == host)
+                .filter_map(move |v| progress_of(a, v))
+        })
+        .collect()
+}
+
 /// The stats of every host an assignment covers that is final, and the hosts still working.
 pub fn host_stats(a: &BackupAssignment, silent: Option<&str>) -> Vec<HostBackupStats> {
     let status = a.status.clone().unwrap_or_default();
-    let progress = status.volumes.clone().unwrap_or_default();
     let assignment_failed = matches!(
         status.phase,
         Some(AssignmentPhase::Failed) | Some(AssignmentPhase::Canceled)
@@ -108,9 +137,7 @@ pub fn host_stats(a: &BackupAssignment, silent: Option<&str>) -> Vec<HostBackupS
         let mut all_final = true;
         let (mut start, mut end): (Option<Time>, Option<Time>) = (None, None);
         for v in &vols {
-            let p = progress
-                .iter()
-                .find(|p| p.pod_name == v.pod_name && p.volume_name == v.volume_name);
+            let p = progress_of(a, v);
             let phase = p.and_then(|p| p.phase);
             match phase {
                 Some(VolumePhase::Succeeded) | Some(VolumePhase::Unchanged) => {}
