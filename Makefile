@@ -85,7 +85,7 @@ cluster: setup
 	echo "pushgateway: http://$(PUSHGATEWAY_ADDR) (log $(CLUSTER_STATE)/pushgateway.log)"; \
 	"$$bin/cluster-sim" up --state $(CLUSTER_STATE) --nodes $(NODES) \
 	  --image-binary stash-node-agent=$$bin/stash-node-agent,stash-operator=$$bin/stash-operator,pushgateway=.tools/bin/pushgateway \
-	  --image-file /usr/local/bin/restic=.tools/bin/restic
+	  --image-file /usr/local/bin/restic=.tools/bin/restic --run-image busybox
 
 ## cluster-down: stop the cluster `make cluster` started
 cluster-down:

@@ -185,18 +185,12 @@ pub async fn record_listing(
         Ok(snaps) => {
             let times: Vec<Timestamp> = snaps.iter().filter_map(|s| parse_time(&s.time)).collect();
             status.snapshot_count = Some(i64::try_from(snaps.len()).unwrap_or(i64::MAX));
-            status.first_backup_time = times
-                .iter()
-                .min()
-                .copied()
-                .map(Time)
-                .or(status.first_backup_time.take());
-            status.last_backup_time = times
-                .iter()
-                .max()
-                .copied()
-                .map(Time)
-                .or(status.last_backup_time.take());
+            // The first backup stays the first even once its snapshot is forgotten, and a
+            // later backup of an unchanged volume (no new snapshot) keeps the last time.
+            let first = status.first_backup_time.take().map(|t| t.0);
+            let last = status.last_backup_time.take().map(|t| t.0);
+            status.first_backup_time = times.iter().copied().chain(first).min().map(Time);
+            status.last_backup_time = times.iter().copied().chain(last).max().map(Time);
         }
         Err(error) => tracing::warn!(%error, "cannot list the repository's snapshots"),
     }

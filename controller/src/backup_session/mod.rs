@@ -507,6 +507,13 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
             ),
         );
     }
+    let mounts: std::collections::BTreeMap<String, String> = bc
+        .spec
+        .target
+        .iter()
+        .flat_map(|t| t.volume_mounts.iter().flatten())
+        .map(|m| (m.name.clone(), m.mount_path.clone()))
+        .collect();
     let mut to_cancel = Vec::new();
     let previous: Vec<HostBackupStats> = step
         .status
@@ -525,7 +532,10 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         if silent.is_some() && !status::unfinished(std::slice::from_ref(a)).is_empty() {
             to_cancel.push(a.name_any());
         }
-        status::merge_stats(&mut stats, status::host_stats(a, silent.as_deref()));
+        status::merge_stats(
+            &mut stats,
+            status::host_stats(a, silent.as_deref(), &mounts),
+        );
     }
     for name in to_cancel {
         let patch = serde_json::json!({"metadata": {"annotations": {labels::CANCEL: "true"}}});

@@ -326,6 +326,9 @@ async fn update_repository(
         Ok(native) => crate::repository::record_listing(&mut status, &native).await,
         Err(error) => tracing::warn!(%error, "cannot open the repository to count its snapshots"),
     }
+    // This session backed up at least one host now; an unchanged volume writes no snapshot,
+    // so the newest snapshot's time alone would make backups look stale.
+    status.last_backup_time = Some(Time(Timestamp::now()));
     let size = match opened.restic.stats(StatsMode::RawData, None).await {
         Ok(s) => Some(s.total_size),
         Err(error) => {

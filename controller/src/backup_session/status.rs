@@ -121,7 +121,13 @@ pub fn host_progress<'a>(
 }
 
 /// The stats of every host an assignment covers that is final, and the hosts still working.
-pub fn host_stats(a: &BackupAssignment, silent: Option<&str>) -> Vec<HostBackupStats> {
+/// `mounts`: where the target mounts each volume (`volumeMounts`), so a snapshot's `path` is
+/// the path the user configured, as Stash reports it.
+pub fn host_stats(
+    a: &BackupAssignment,
+    silent: Option<&str>,
+    mounts: &std::collections::BTreeMap<String, String>,
+) -> Vec<HostBackupStats> {
     let status = a.status.clone().unwrap_or_default();
     let assignment_failed = matches!(
         status.phase,
@@ -174,7 +180,7 @@ pub fn host_stats(a: &BackupAssignment, silent: Option<&str>) -> Vec<HostBackupS
                 if let Some(id) = &p.snapshot_id {
                     snapshots.push(SnapshotStats {
                         name: Some(id.chars().take(8).collect()),
-                        path: Some(format!("/{}", v.volume_name)),
+                        path: Some(snapshot_path(v, mounts)),
                         total_size: p.bytes_total.map(human_size),
                         uploaded: None,
                         processing_time: secs_between(&p.start_time, &p.completion_time)
@@ -215,6 +221,25 @@ pub fn host_stats(a: &BackupAssignment, silent: Option<&str>) -> Vec<HostBackupS
         });
     }
     out
+}
+
+/// The container path a volume's snapshot holds: its mount (and the sub-directories backed
+/// up), or `/<volume>` when the target names no mount for it.
+fn snapshot_path(
+    v: &AssignedVolume,
+    mounts: &std::collections::BTreeMap<String, String>,
+) -> String {
+    let Some(mount) = mounts.get(&v.volume_name) else {
+        return format!("/{}", v.volume_name);
+    };
+    match v.paths.as_deref() {
+        Some(dirs) if !dirs.is_empty() => dirs
+            .iter()
+            .map(|d| format!("{}/{d}", mount.trim_end_matches('/')))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => mount.clone(),
+    }
 }
 
 /// Upserts host stats by hostname, keeping the order hosts first appeared in.
@@ -374,7 +399,7 @@ mod tests {
             &[("host-0", "web-0"), ("host-1", "web-1")],
             &[Some(VolumePhase::Succeeded), Some(VolumePhase::Running)],
         );
-        let stats = host_stats(&a, None);
+        let stats = host_stats(&a, None, &Default::default());
         assert_eq!(stats.len(), 1);
         assert_eq!(stats[0].hostname, "host-0");
         assert_eq!(stats[0].phase, Some(HostPhase::Succeeded));
@@ -391,7 +416,7 @@ mod tests {
         let later = Timestamp::from_second(200).unwrap();
         let why = silent_agent(&a, later, limits).unwrap();
         assert!(why.contains("stopped reporting"), "{why}");
-        let stats = host_stats(&a, Some(&why));
+        let stats = host_stats(&a, Some(&why), &Default::default());
         assert_eq!(stats[1].phase, Some(HostPhase::Failed));
         assert!(stats[1].error.as_ref().unwrap().contains("host host-1"));
     }
@@ -399,7 +424,7 @@ mod tests {
     #[test]
     fn a_failed_volume_fails_its_host_with_the_reason() {
         let a = assignment(&[("host-0", "app-x")], &[Some(VolumePhase::Failed)]);
-        let stats = host_stats(&a, None);
+        let stats = host_stats(&a, None, &Default::default());
         assert_eq!(stats[0].phase, Some(HostPhase::Failed));
         assert!(stats[0].error.as_ref().unwrap().contains("disk on fire"));
     }
@@ -445,6 +470,23 @@ mod tests {
         );
         let skipped = Condition::new(types::BACKUP_SKIPPED, true, "R", "");
         assert_eq!(session_phase(&[skipped], &[]), BackupSessionPhase::Skipped);
+    }
+
+    #[test]
+    fn snapshot_paths_are_the_container_paths_the_user_named() {
+        let mounts = [("data".to_owned(), "/source/data".to_owned())].into();
+        let mut v = AssignedVolume {
+            volume_name: "data".into(),
+            ..AssignedVolume::default()
+        };
+        assert_eq!(snapshot_path(&v, &mounts), "/source/data");
+        v.paths = Some(vec!["a".into(), "b/c".into()]);
+        assert_eq!(
+            snapshot_path(&v, &mounts),
+            "/source/data/a,/source/data/b/c"
+        );
+        v.volume_name = "other".into();
+        assert_eq!(snapshot_path(&v, &mounts), "/other");
     }
 
     #[test]
