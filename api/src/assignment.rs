@@ -123,6 +123,10 @@ pub struct AssignedVolume {
     pub snapshot_key: String,
     /// Sub-directories of the volume to include; all of it when empty.
     pub paths: Option<Vec<String>>,
+    /// Backup: where the target's containers mount the volume (`/source/data`). Its snapshot
+    /// is tagged with it, so a restore finds it by the path Stash's users name, also into a
+    /// new claim of another workload.
+    pub mount_path: Option<String>,
     /// Restore only: the snapshot to restore (an id, or `latest` of this host and key).
     pub snapshot: Option<String>,
     /// Restore only: include patterns.

@@ -140,6 +140,7 @@ async fn ours(
             target: target.to_path_buf(),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: true,
         },
     )

@@ -90,6 +90,32 @@ where
 pub const MAX_CONCURRENT_RECONCILES: u16 = 16;
 
 /// The settings every controller of the operator runs with.
+/// What every controller does with a failed reconcile: counted by kind and category, logged,
+/// and tried again — soon when a retry can help, later when the object must change.
+pub fn after_error(
+    ctx: &Ctx,
+    kind: &'static str,
+    error: &Error,
+    retryable: u64,
+    permanent: u64,
+) -> kube::runtime::controller::Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            kind,
+            category: error.category(),
+        })
+        .inc();
+    tracing::warn!(%error, kind, "reconcile failed");
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(
+        if error.is_retryable() {
+            retryable
+        } else {
+            permanent
+        },
+    ))
+}
+
 pub fn controller_config() -> kube::runtime::controller::Config {
     kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES)
 }
@@ -290,6 +316,7 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
             crate::repository::controller(ctx.clone()),
             crate::backup_configuration::run(configs, ctx.clone()),
             crate::backup_session::controller(ctx.clone()),
+            crate::restore_session::controller(ctx.clone()),
         );
     };
     let keep = async {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pushgateway;
 pub mod repo_lease;
 pub mod repository;
+pub mod restore_session;
 pub mod schedule;
 pub mod server;
 pub mod target;

@@ -420,19 +420,7 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
 }
 
 fn error_policy(_: Arc<Repository>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics
-        .errors
-        .get_or_create(&crate::metrics::ErrorLabels {
-            kind: "Repository",
-            category: error.category(),
-        })
-        .inc();
-    tracing::warn!(%error, "Repository reconcile failed");
-    Action::requeue(if error.is_retryable() {
-        Duration::from_secs(10)
-    } else {
-        Duration::from_secs(120)
-    })
+    crate::context::after_error(&ctx, "Repository", error, 10, 120)
 }
 
 pub async fn controller(ctx: Arc<Ctx>) {

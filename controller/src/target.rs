@@ -1,14 +1,20 @@
-//! A backup target as the operator reads it: the label selector of its pods and how many
-//! hosts it should have. One read serves both the BackupConfiguration's `BackupTargetFound`
-//! and a session's planning.
+//! A backup or restore target as the operator reads it: the label selector of its pods and
+//! how many hosts it should have, then its pods, their claims and volumes, and the nodes with
+//! a Ready agent. One read serves both the BackupConfiguration's `BackupTargetFound` and a
+//! session's planning.
+
+use std::collections::BTreeSet;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ReplicationController};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, Pod, ReplicationController,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::Client;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use stash_api::common::TargetRef;
 
+use crate::context::Ctx;
 use crate::error::Error;
 
 /// What planning needs of a target workload.
@@ -109,4 +115,104 @@ pub async fn read(client: &Client, ns: &str, t: &TargetRef) -> Result<Option<Wor
             .map(|_| one(String::new())),
         _ => None,
     })
+}
+
+/// What the reads found: the target's pods and what their volumes refer to.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The target exists (and is of a kind the agent serves).
+    pub found: bool,
+    pub pods: Vec<Pod>,
+    pub claims: Vec<PersistentVolumeClaim>,
+    pub volumes: Vec<PersistentVolume>,
+    /// Hosts the target should have (StatefulSet replicas, DaemonSet scheduled pods, else 1).
+    pub total_hosts: i32,
+    /// Nodes whose agent is Ready.
+    pub ready_agents: BTreeSet<String>,
+}
+
+/// Whether a pod's agent reports Ready.
+fn is_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Reads what planning needs: the target's pods, claims and volumes, and the Ready agents.
+/// `ns` is the session's namespace, the target's unless its ref names another.
+pub async fn observe(ctx: &Ctx, ns: &str, target: Option<&TargetRef>) -> Result<Observed, Error> {
+    let mut observed = Observed {
+        total_hosts: 1,
+        ..Observed::default()
+    };
+    let Some(target) = target else {
+        return Ok(observed);
+    };
+    let tns = target.namespace.clone().unwrap_or_else(|| ns.to_owned());
+    let c = ctx.client.clone();
+    let Some(workload) = read(&c, &tns, target).await? else {
+        return Ok(observed);
+    };
+    observed.found = true;
+    // A workload without a selector has no pods of its own; a PVC's pods are found among all.
+    if workload.selector.is_empty() && target.kind != "PersistentVolumeClaim" {
+        return Ok(observed);
+    }
+    observed.total_hosts = workload.total_hosts;
+    observed.pods = Api::<Pod>::namespaced(c.clone(), &tns)
+        .list(&ListParams::default().labels(&workload.selector))
+        .await
+        .map_err(Error::kube("list the target's pods"))?
+        .items;
+    observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list the claims"))?
+        .items;
+    let wanted: BTreeSet<String> = observed
+        .claims
+        .iter()
+        .filter_map(|c| c.spec.as_ref().and_then(|s| s.volume_name.clone()))
+        .collect();
+    for pv in wanted {
+        if let Some(v) = Api::<PersistentVolume>::all(c.clone())
+            .get_opt(&pv)
+            .await
+            .map_err(Error::kube("read a persistent volume"))?
+        {
+            observed.volumes.push(v);
+        }
+    }
+    observed.ready_agents = crate::context::cached(&ctx.agents, "node agents")
+        .await?
+        .iter()
+        .filter(|p| is_ready(p))
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .collect();
+    Ok(observed)
+}
+
+/// Whether a pod is Running on a node, and not being deleted.
+pub fn is_running(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+}
+
+/// The Running pods of a target, oldest first; for a kind that is one host (a Deployment,
+/// ReplicaSet, ReplicationController or PVC) only the oldest, which stands for that host.
+pub fn running_pods<'a>(kind: &str, pods: &'a [Pod]) -> Vec<&'a Pod> {
+    use kube::ResourceExt;
+    let mut out: Vec<&Pod> = pods.iter().filter(|p| is_running(p)).collect();
+    out.sort_by(|a, b| {
+        let t = |p: &Pod| p.metadata.creation_timestamp.clone().map(|t| t.0);
+        t(a).cmp(&t(b))
+            .then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+    if !matches!(kind, "StatefulSet" | "DaemonSet") {
+        out.truncate(1);
+    }
+    out
 }

@@ -181,6 +181,9 @@ pub struct RestoreArgs {
     /// Restore only what these restic patterns select (restic's `--include`, in both modes).
     #[arg(long = "include")]
     pub include: Vec<String>,
+    /// Leave out what these restic patterns select (restic's `--exclude`, in both modes).
+    #[arg(long = "exclude")]
+    pub exclude: Vec<String>,
     /// Leave owners as the restore creates them (the agent's own). By default owners are
     /// restored whenever the agent may (as root), as restic and GNU tar do.
     #[arg(long, env = "STASH_RESTORE_NO_OWNERS", conflicts_with = "owners")]
@@ -369,6 +372,7 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 target: a.target,
                 delete: a.delete,
                 include: a.include,
+                exclude: a.exclude,
                 owners: !a.no_owners,
             };
             Ok(serde_json::to_string(

@@ -22,10 +22,9 @@ use crate::walk::{Manifest, Volume, volume_paths};
 
 /// The file name of the tar stream inside a stream-mode snapshot.
 pub const STREAM_FILE: &str = "volume.tar";
-/// Tags that describe how a snapshot was made.
-pub const TAG_STREAM: &str = "stash.mode=stream";
-pub const TAG_DIRECT: &str = "stash.mode=direct";
+/// Tags that describe how a snapshot was made, and the completeness rule the operator shares.
 pub use stash_rules::repository::{TAG_KEY_PREFIX, key_tag};
+pub use stash_rules::snapshots::{TAG_DIRECT, TAG_STREAM, is_complete, mount_tag};
 pub const TAG_MANIFEST_PREFIX: &str = "stash.manifest=";
 /// On a snapshot that left out files it was not permitted to read: how many.
 pub const TAG_UNREADABLE_PREFIX: &str = "stash.unreadable=";
@@ -208,25 +207,6 @@ async fn key_snapshots(
         host.is_none_or(|h| s.hostname == h) && key_tag.as_deref().is_none_or(|t| s.has_tag(t))
     });
     Ok(snapshots)
-}
-
-/// Whether a snapshot holds what its backup read. A stream that ends because its agent
-/// died (or failed) ends for restic in a read error, never an end of file (see
-/// `restic_wrapper::Restic::backup_stdin`): restic then saves a snapshot *without* the
-/// stream's file and exits 3, and a dead agent cannot delete it. Such a snapshot is never a
-/// parent, an "unchanged" reference or a restore's `latest`, is refused by a restore, and
-/// the next backup of its key deletes it. restic (≥ 0.17) records what it saved in the
-/// snapshot's summary; a snapshot without one (older restic, never a stream) is complete.
-pub fn is_complete(snapshot: &restic_wrapper::Snapshot) -> bool {
-    if !snapshot.has_tag(TAG_STREAM) {
-        return true;
-    }
-    snapshot
-        .summary
-        .as_ref()
-        .and_then(|s| s.get("total_files_processed"))
-        .and_then(serde_json::Value::as_u64)
-        .is_none_or(|files| files > 0)
 }
 
 /// The newest complete snapshot of `snapshots` (in one read mode, when given).
@@ -706,6 +686,8 @@ pub struct RestoreRequest {
     pub delete: bool,
     /// restic include patterns (in both modes, restic's semantics).
     pub include: Vec<String>,
+    /// restic exclude patterns (in both modes, restic's semantics).
+    pub exclude: Vec<String>,
     /// Restore owners when the agent may (as root); on by default.
     pub owners: bool,
 }
@@ -837,6 +819,7 @@ async fn restore_direct(
         snapshot: id.to_owned(),
         target: staging.path().to_path_buf(),
         includes: req.include.clone(),
+        excludes: req.exclude.clone(),
         overwrite: Overwrite::IfChanged,
         delete: true,
         ..RestoreOptions::default()
@@ -877,6 +860,14 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
     let started = Instant::now();
     // Bad patterns are refused before anything is read or written.
     let include = Patterns::new(&req.include)?;
+    let exclude = Patterns::new(&req.exclude)?;
+    if !include.is_empty() && !exclude.is_empty() {
+        return Err(AgentError::invalid(
+            "restore",
+            "include and exclude patterns are mutually exclusive (as in restic restore); give \
+             one or the other",
+        ));
+    }
     let wanted = req.snapshot.clone();
     let snap = with_native(restic, |r| {
         let wanted = wanted.clone();
@@ -895,6 +886,7 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
     let opts = ExtractOptions {
         delete_extraneous: req.delete,
         include,
+        exclude,
         owners: req.owners,
     };
     let (report, mode) = if snap.has_tag(TAG_STREAM) {

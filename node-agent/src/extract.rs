@@ -32,6 +32,9 @@ pub struct ExtractOptions {
     pub delete_extraneous: bool,
     /// restic include patterns, matched against `/<path in the volume>`; all when empty.
     pub include: Patterns,
+    /// restic exclude patterns: what they match (and everything below it) is neither written
+    /// nor, with `delete_extraneous`, removed.
+    pub exclude: Patterns,
     /// Restore owners (needs CAP_CHOWN; without it, owners are left as they are).
     pub owners: bool,
 }
@@ -614,12 +617,15 @@ impl Extractor {
 
     /// Whether `rel` is selected (and whether something below it may be).
     fn selected(&self, rel: &Path) -> (bool, bool) {
+        let path = Path::new("/").join(rel);
+        // restic's exclude patterns match a directory's descendants too.
+        if !self.opts.exclude.is_empty() && self.opts.exclude.matches(&path) {
+            return (false, false);
+        }
         if self.opts.include.is_empty() {
             return (true, true);
         }
-        self.opts
-            .include
-            .matches_with_child(&Path::new("/").join(rel))
+        self.opts.include.matches_with_child(&path)
     }
 
     fn fail(&mut self, rel: &Path, error: impl std::fmt::Display) {

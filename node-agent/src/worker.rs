@@ -30,7 +30,7 @@ use stash_api::labels;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::budget::{IoBudget, Limits};
-use crate::engine::{self, BackupRequest, ReadMode, RestoreRequest};
+use crate::engine::{self, BackupRequest, ReadMode, RestoreRequest, mount_tag};
 use crate::error::AgentError;
 use crate::hostpath;
 use crate::locks::{Identity, Journal};
@@ -185,16 +185,6 @@ impl Assignment for RestoreAssignment {
         let own = spec::limits(self.spec.io_budget.as_ref(), None)?;
         for v in &self.spec.volumes {
             spec::volume_fields(v, false)?;
-            if v.exclude.as_ref().is_some_and(|e| !e.is_empty()) {
-                return Err(AgentError::invalid(
-                    "assignment",
-                    format!(
-                        "volume {}: exclude patterns are not supported for in-place restores \
-                         yet; use include",
-                        v.volume_name
-                    ),
-                ));
-            }
         }
         Ok(Plan {
             operation: Operation::Restore,
@@ -1077,7 +1067,8 @@ async fn run_volume(
                 path,
                 mode,
                 host: Some(v.host.clone()),
-                tags: vec![],
+                // Where the volume was mounted: a restore finds the snapshot by that path.
+                tags: v.mount_path.as_deref().map(mount_tag).into_iter().collect(),
                 key: Some(v.snapshot_key.clone()),
                 excludes,
                 paths: spec::paths(v)?,
@@ -1146,6 +1137,7 @@ async fn run_volume(
                 target: path,
                 delete: v.delete_extraneous.unwrap_or(false),
                 include: v.include.clone().unwrap_or_default(),
+                exclude: v.exclude.clone().unwrap_or_default(),
                 owners: true,
             };
             let r = engine::restore(restic, req).await?;

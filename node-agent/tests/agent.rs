@@ -167,6 +167,7 @@ async fn every_file_type_round_trips_through_a_stream_backup() -> Result {
             target: target.clone(),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: true,
         },
     )
@@ -207,6 +208,7 @@ async fn restore_in_place_overwrites_changes_and_deletes_extraneous_files() -> R
                 target: live.clone(),
                 delete: false,
                 include: vec![],
+                exclude: vec![],
                 owners: true,
             },
         )
@@ -222,6 +224,7 @@ async fn restore_in_place_overwrites_changes_and_deletes_extraneous_files() -> R
                 target: live.clone(),
                 delete: true,
                 include: vec![],
+                exclude: vec![],
                 owners: true,
             },
         )
@@ -322,6 +325,7 @@ async fn sparse_files_round_trip_through_restic_and_gnu_tar() -> Result {
             target: target.clone(),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: true,
         },
     )
@@ -634,6 +638,7 @@ async fn a_block_volume_is_streamed_as_one_image_and_restored_onto_a_device() ->
             target: dst.0.clone(),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: false,
         },
     )
@@ -722,6 +727,7 @@ async fn a_direct_snapshot_no_agent_judged_is_forgotten_by_the_next_backup() -> 
             target: out.clone(),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: true,
         },
     )

@@ -197,6 +197,7 @@ async fn a_stream_cut_short_is_saved_without_its_file_and_never_used() -> Result
             target: dir.path().join("target"),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: false,
         },
     )

@@ -96,13 +96,26 @@ impl World {
         include: &[&str],
         delete: bool,
     ) -> std::result::Result<engine::RestoreResult, AgentError> {
+        self.ours_excluding(id, target, include, &[], delete).await
+    }
+
+    async fn ours_excluding(
+        &self,
+        id: &str,
+        target: &Path,
+        include: &[&str],
+        exclude: &[&str],
+        delete: bool,
+    ) -> std::result::Result<engine::RestoreResult, AgentError> {
+        let strings = |p: &[&str]| p.iter().map(|s| s.to_string()).collect();
         engine::restore(
             &self.restic,
             RestoreRequest {
                 snapshot: id.to_owned(),
                 target: target.to_path_buf(),
                 delete,
-                include: include.iter().map(|s| s.to_string()).collect(),
+                include: strings(include),
+                exclude: strings(exclude),
                 owners: true,
             },
         )
@@ -111,6 +124,17 @@ impl World {
 
     /// Stock `restic restore` of a snapshot: the reference.
     fn stock(&self, id: &str, target: &Path, include: &[&str], delete: bool) -> Result {
+        self.stock_excluding(id, target, include, &[], delete)
+    }
+
+    fn stock_excluding(
+        &self,
+        id: &str,
+        target: &Path,
+        include: &[&str],
+        exclude: &[&str],
+        delete: bool,
+    ) -> Result {
         let mut cmd = std::process::Command::new(restic_bin());
         cmd.args(["restore", "--no-cache", id, "--target"])
             .arg(target)
@@ -118,6 +142,9 @@ impl World {
             .env("RESTIC_PASSWORD", PASSWORD);
         for i in include {
             cmd.args(["--include", i]);
+        }
+        for e in exclude {
+            cmd.args(["--exclude", e]);
         }
         if delete {
             cmd.arg("--delete");
@@ -411,6 +438,7 @@ struct Case {
     name: &'static str,
     live: Live,
     include: &'static [&'static str],
+    exclude: &'static [&'static str],
     delete: bool,
 }
 
@@ -419,66 +447,91 @@ const CASES: &[Case] = &[
         name: "into an empty directory",
         live: Live::Empty,
         include: &[],
+        exclude: &[],
         delete: false,
     },
     Case {
         name: "in place over identical files",
         live: Live::Identical,
         include: &[],
+        exclude: &[],
         delete: true,
     },
     Case {
         name: "in place over changed files, with --delete",
         live: Live::Changed,
         include: &[],
+        exclude: &[],
         delete: true,
     },
     Case {
         name: "in place over changed files, without --delete",
         live: Live::Changed,
         include: &[],
+        exclude: &[],
         delete: false,
     },
     Case {
         name: "include a glob",
         live: Live::Changed,
         include: &["data/*.db"],
+        exclude: &[],
         delete: false,
     },
     Case {
         name: "include ** at any depth",
         live: Live::Changed,
         include: &["**/a.db"],
+        exclude: &[],
         delete: false,
     },
     Case {
         name: "include ./data with --delete",
         live: Live::Changed,
         include: &["./data"],
+        exclude: &[],
         delete: true,
     },
     Case {
         name: "include a directory with --delete",
         live: Live::Changed,
         include: &["data"],
+        exclude: &[],
         delete: true,
     },
     Case {
         name: "include the second name of a hard link only",
         live: Live::Empty,
         include: &["y"],
+        exclude: &[],
         delete: false,
     },
     Case {
         name: "include one hard link name over a changed first name",
         live: Live::Changed,
         include: &["y/g"],
+        exclude: &[],
         delete: false,
     },
     Case {
         name: "include both hard link names",
         live: Live::Empty,
         include: &["x", "y"],
+        exclude: &[],
+        delete: false,
+    },
+    Case {
+        name: "exclude a glob with --delete",
+        live: Live::Changed,
+        include: &[],
+        exclude: &["*.db"],
+        delete: true,
+    },
+    Case {
+        name: "exclude a directory",
+        live: Live::Changed,
+        include: &[],
+        exclude: &["data"],
         delete: false,
     },
 ];
@@ -511,14 +564,20 @@ async fn every_case_restores_as_stock_restic_does_in_both_modes() -> Result {
     for (n, case) in CASES.iter().enumerate() {
         let reference = w.path(&format!("stock-{n}"));
         prepare(&w, &direct, &reference, case.live)?;
-        w.stock(&direct, &reference, case.include, case.delete)?;
+        w.stock_excluding(&direct, &reference, case.include, case.exclude, case.delete)?;
         let want = describe(&reference)?;
         for mode in MODES {
             let live = w.path(&format!("live-{n}-{mode:?}"));
             prepare(&w, &direct, &live, case.live)?;
             let before = inodes(&live)?;
             let done = w
-                .ours(&ids[&format!("{mode:?}")], &live, case.include, case.delete)
+                .ours_excluding(
+                    &ids[&format!("{mode:?}")],
+                    &live,
+                    case.include,
+                    case.exclude,
+                    case.delete,
+                )
                 .await;
             let label = format!("{} ({mode:?})", case.name);
             match done {
@@ -566,6 +625,7 @@ async fn owners_are_restored_by_default_and_left_with_no_owners() -> Result {
                 target: target.clone(),
                 delete: false,
                 include: vec![],
+                exclude: vec![],
                 owners: false,
             },
         )

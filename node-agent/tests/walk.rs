@@ -43,6 +43,7 @@ async fn restore(restic: &Restic, snapshot: &str, target: &Path) -> Result {
         target: target.to_path_buf(),
         delete: false,
         include: vec![],
+        exclude: vec![],
         owners: false,
     };
     engine::restore(restic, req).await?;

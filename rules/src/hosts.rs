@@ -174,6 +174,21 @@ pub fn select_volumes(
         .collect())
 }
 
+/// Where a pod's containers see a volume: the target's own `volumeMounts` entry for it, or
+/// else the first container mount of it, as Stash's users name the path in restore rules.
+pub fn mount_path_of(pod: &Pod, volume_mounts: &[VolumeMount], volume: &str) -> Option<String> {
+    volume_mounts
+        .iter()
+        .chain(
+            pod.spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.volume_mounts.iter().flatten()),
+        )
+        .find(|m| m.name == volume)
+        .map(|m| m.mount_path.clone())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -306,19 +306,7 @@ async fn reconcile(bc: Arc<BackupConfiguration>, ctx: Arc<Ctx>) -> Result<Action
 }
 
 fn error_policy(_: Arc<BackupConfiguration>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics
-        .errors
-        .get_or_create(&crate::metrics::ErrorLabels {
-            kind: "BackupConfiguration",
-            category: error.category(),
-        })
-        .inc();
-    tracing::warn!(%error, "BackupConfiguration reconcile failed");
-    Action::requeue(Duration::from_secs(if error.is_retryable() {
-        5
-    } else {
-        60
-    }))
+    crate::context::after_error(&ctx, "BackupConfiguration", error, 5, 60)
 }
 
 /// The BackupConfiguration controller, not yet running. Its cache of configurations is the

@@ -8,12 +8,10 @@ pub mod plan;
 pub mod post;
 pub mod status;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -67,66 +65,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         rest = tail;
     }
     Some(Duration::from_secs_f64(total))
-}
-
-/// Reads what planning needs: the target's pods, claims and volumes, and the Ready agents.
-async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, Error> {
-    let ns = bc.namespace().unwrap_or_default();
-    let mut observed = plan::Observed {
-        total_hosts: 1,
-        ..plan::Observed::default()
-    };
-    let Some(target) = &bc.spec.target else {
-        return Ok(observed);
-    };
-    let tns = target.ref_.namespace.clone().unwrap_or(ns);
-    let c = ctx.client.clone();
-    let Some(workload) = crate::target::read(&c, &tns, &target.ref_).await? else {
-        return Ok(observed);
-    };
-    // A workload without a selector has no pods of its own; a PVC's pods are found among all.
-    if workload.selector.is_empty() && target.ref_.kind != "PersistentVolumeClaim" {
-        return Ok(observed);
-    }
-    observed.total_hosts = workload.total_hosts;
-    let selector = workload.selector;
-    observed.pods = Api::<Pod>::namespaced(c.clone(), &tns)
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(Error::kube("list the target's pods"))?
-        .items;
-    observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("list the claims"))?
-        .items;
-    let wanted: BTreeSet<String> = observed
-        .claims
-        .iter()
-        .filter_map(|c| c.spec.as_ref().and_then(|s| s.volume_name.clone()))
-        .collect();
-    for pv in wanted {
-        if let Some(v) = Api::<PersistentVolume>::all(c.clone())
-            .get_opt(&pv)
-            .await
-            .map_err(Error::kube("read a persistent volume"))?
-        {
-            observed.volumes.push(v);
-        }
-    }
-    observed.ready_agents = crate::context::cached(&ctx.agents, "node agents")
-        .await?
-        .iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
-        .collect();
-    Ok(observed)
 }
 
 fn is_final(phase: Option<BackupSessionPhase>) -> bool {
@@ -389,7 +327,8 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         if crate::repo_lease::held(&ctx, &repo_key).await? {
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
-        let observed = resolve(&ctx, &bc).await?;
+        let observed =
+            crate::target::observe(&ctx, &ns, bc.spec.target.as_ref().map(|t| &t.ref_)).await?;
         let planned = plan::plan(&session, &bc, &observed);
         let created_secs = session
             .metadata
@@ -584,19 +523,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
 }
 
 fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics
-        .errors
-        .get_or_create(&crate::metrics::ErrorLabels {
-            kind: "BackupSession",
-            category: error.category(),
-        })
-        .inc();
-    tracing::warn!(%error, "BackupSession reconcile failed");
-    Action::requeue(Duration::from_secs(if error.is_retryable() {
-        3
-    } else {
-        30
-    }))
+    crate::context::after_error(&ctx, "BackupSession", error, 3, 30)
 }
 
 pub async fn controller(ctx: Arc<Ctx>) {

@@ -4,29 +4,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use stash_api::assignment::{AssignedVolume, BackupAssignment, BackupAssignmentSpec};
 use stash_api::backup_session::BackupInvokerRef;
 use stash_api::common::ObjectRef;
 use stash_api::{BackupConfiguration, BackupSession, labels};
-use stash_rules::hosts::{host_name, select_volumes};
+use stash_rules::hosts::{host_name, mount_path_of, select_volumes};
 use stash_rules::volumes::plan_volume;
 
 use crate::backup_configuration::build::bounded_name;
 
-/// What the reads found: the target's pods and what their volumes refer to.
-#[derive(Clone, Debug, Default)]
-pub struct Observed {
-    pub pods: Vec<Pod>,
-    pub claims: Vec<PersistentVolumeClaim>,
-    pub volumes: Vec<PersistentVolume>,
-    /// Hosts the target should have (StatefulSet replicas, DaemonSet scheduled pods, else 1).
-    pub total_hosts: i32,
-    /// Nodes whose agent is Ready.
-    pub ready_agents: BTreeSet<String>,
-}
+pub use crate::target::Observed;
 
 /// A host that cannot be backed up, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,12 +32,6 @@ pub struct Plan {
     pub problems: Vec<HostProblem>,
     /// Nodes with work but no Ready agent (yet).
     pub waiting_for_agent: BTreeSet<String>,
-}
-
-fn is_running(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_none()
-        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
 }
 
 pub fn assignment_name(session: &str, node: &str) -> String {
@@ -79,16 +62,7 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
     };
     let kind = target.ref_.kind.as_str();
     let ns = session.namespace().unwrap_or_default();
-    let mut pods: Vec<&Pod> = observed.pods.iter().filter(|p| is_running(p)).collect();
-    pods.sort_by(|a, b| {
-        let t = |p: &Pod| p.metadata.creation_timestamp.clone().map(|t| t.0);
-        t(a).cmp(&t(b))
-            .then_with(|| a.name_any().cmp(&b.name_any()))
-    });
-    let single_host = !matches!(kind, "StatefulSet" | "DaemonSet");
-    if single_host {
-        pods.truncate(1);
-    }
+    let pods = crate::target::running_pods(kind, &observed.pods);
     let alias = target.alias.as_deref();
     let mut by_node: BTreeMap<String, Vec<AssignedVolume>> = BTreeMap::new();
     let mut seen_hosts = BTreeSet::new();
@@ -160,6 +134,11 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
                         .clone()
                         .unwrap_or_else(|| format!("{ns}/{}/{}", target.ref_.name, sel.volume)),
                     paths: (!sel.paths.is_empty()).then(|| sel.paths.clone()),
+                    mount_path: mount_path_of(
+                        pod,
+                        target.volume_mounts.as_deref().unwrap_or_default(),
+                        &sel.volume,
+                    ),
                     ..AssignedVolume::default()
                 }),
                 Ok(None) => {

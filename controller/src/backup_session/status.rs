@@ -7,7 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use stash_api::assignment::{
-    AssignedVolume, AssignmentPhase, BackupAssignment, VolumePhase, VolumeProgress,
+    AssignedVolume, AssignmentPhase, AssignmentStatus, BackupAssignment, VolumePhase,
+    VolumeProgress,
 };
 use stash_api::backup_session::{
     BackupSessionPhase, BackupTargetStatus, FileStats, HostBackupStats, HostPhase, SnapshotStats,
@@ -70,21 +71,36 @@ fn age(t: Option<&Time>, now: Timestamp) -> Duration {
 
 /// Why an assignment will not report any more, if it will not: its agent went quiet.
 pub fn silent_agent(a: &BackupAssignment, now: Timestamp, limits: Timeouts) -> Option<String> {
-    let status = a.status.as_ref();
+    silent(
+        a.status.as_ref(),
+        &a.spec.node_name,
+        a.metadata.creation_timestamp.as_ref(),
+        now,
+        limits,
+    )
+}
+
+/// [`silent_agent`] for any assignment: its status, node and creation time.
+pub fn silent(
+    status: Option<&AssignmentStatus>,
+    node: &str,
+    created: Option<&Time>,
+    now: Timestamp,
+    limits: Timeouts,
+) -> Option<String> {
     if status
         .and_then(|s| s.phase)
         .is_some_and(AssignmentPhase::is_final)
     {
         return None;
     }
-    let node = &a.spec.node_name;
     match status.and_then(|s| s.last_heartbeat_time.as_ref().or(s.start_time.as_ref())) {
         Some(beat) if age(Some(beat), now) > limits.heartbeat => Some(format!(
             "the node agent on {node} stopped reporting (no heartbeat for {}s)",
             age(Some(beat), now).as_secs()
         )),
         Some(_) => None,
-        None if age(a.metadata.creation_timestamp.as_ref(), now) > limits.accept => Some(format!(
+        None if age(created, now) > limits.accept => Some(format!(
             "no node agent on {node} took the assignment within {}s",
             limits.accept.as_secs()
         )),

@@ -256,6 +256,7 @@ impl Ledger {
             target: target.clone(),
             delete: false,
             include: vec![],
+            exclude: vec![],
             owners: false,
         };
         engine::restore(&self.restic, req)

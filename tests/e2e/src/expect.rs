@@ -5,6 +5,10 @@
 
 /// Session phases a session never leaves.
 pub const FINAL_SESSION_PHASES: [&str; 3] = ["Succeeded", "Failed", "Skipped"];
+/// A RestoreSession's phases once it is over (STASH-API.md §3.4).
+pub const FINAL_RESTORE_PHASES: [&str; 4] = ["Succeeded", "Failed", "Unknown", "Invalid"];
+/// Stash's restore metric (§4.8).
+pub const RESTORE_SUCCESS_METRIC: &str = "stash_appscode_com_restoresession_success";
 
 /// BackupConfiguration phase once its Repository, Secret and CronJob are in place (§3.2).
 pub const BC_READY: &str = "Ready";

@@ -208,6 +208,7 @@ impl Workload {
         }
         let script = serde_json::to_string(&self.script()).unwrap_or_default();
         let env = "[{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}, \
+                   {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}, \
                    {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]";
         let pod = format!(
             "    metadata: {{labels: {labels}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n\
@@ -336,6 +337,37 @@ pub fn backup_session(name: &str, ns: &str, bc: &str, w: &Workload) -> String {
          spec:\n  invoker: {{apiGroup: stash.appscode.com, kind: BackupConfiguration, name: {bc}}}\n",
         w.kind.name(),
         w.name
+    )
+}
+
+/// A RestoreSession as Stash's guides write it: the repository, the target with the volumes
+/// to restore into, and `rules` (YAML flow sequences, e.g. `[{paths: [/data]}]`; empty for
+/// none); `extra` lines go under `target:` (e.g. `    args: [--delete]`).
+pub fn restore_session(
+    name: &str,
+    ns: &str,
+    repository: &str,
+    w: &Workload,
+    rules: &str,
+    extra: &str,
+) -> String {
+    let mounts: Vec<String> = w
+        .volumes
+        .iter()
+        .map(|v| format!("{{name: {}, mountPath: '{}'}}", v.name, v.mount))
+        .collect();
+    let rules = if rules.is_empty() {
+        String::new()
+    } else {
+        format!("    rules: {rules}\n")
+    };
+    format!(
+        "apiVersion: stash.appscode.com/v1beta1\nkind: RestoreSession\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n\
+         \x20 repository: {{name: {repository}}}\n  target:\n    ref: {{apiVersion: apps/v1, kind: {}, name: {}}}\n\
+         \x20   volumeMounts: [{}]\n{rules}{extra}",
+        w.kind.name(),
+        w.name,
+        mounts.join(", "),
     )
 }
 

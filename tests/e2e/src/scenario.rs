@@ -346,6 +346,71 @@ impl<'a> Scenario<'a> {
         Ok(())
     }
 
+    /// `kubectl exec <pod> -- sh -c <script>`, the user's way into a running container. The
+    /// simulated cluster serves no `pods/exec`, so there the same shell enters the
+    /// container's mount namespace and root with nsenter, as a container runtime's exec does.
+    pub async fn exec(&self, pod: &str, script: &str) -> Result<String> {
+        if !self.env.is_simulated() {
+            return self.kubectl(&["exec", pod, "--", "sh", "-c", script]).await;
+        }
+        let pid = container_pid(&self.ns, pod)?;
+        let out = tokio::process::Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "-r", "-w", "sh", "-c", script])
+            .output()
+            .await
+            .context("run nsenter")?;
+        if !out.status.success() {
+            bail!(
+                "exec in {pod}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// What a running container sees under `dir`: every regular file's SHA-256, by path
+    /// relative to `dir`, read inside the container.
+    pub async fn digests(
+        &self,
+        pod: &str,
+        dir: &str,
+        skip: &[&str],
+    ) -> Result<BTreeMap<String, String>> {
+        let out = self
+            .exec(
+                pod,
+                &format!("cd '{dir}' && find . -type f | sort | while read -r f; do sha256sum \"$f\"; done"),
+            )
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once("  "))
+            .map(|(h, p)| (p.trim_start_matches("./").to_owned(), h.to_owned()))
+            .filter(|(p, _)| !skip.contains(&p.as_str()))
+            .collect())
+    }
+
+    /// `kubectl apply` of a RestoreSession, then its phase once final.
+    pub async fn restore(&self, yaml: &str, name: &str) -> Result<Value> {
+        self.apply(yaml).await?;
+        self.wait_restore_final(name).await
+    }
+
+    /// The RestoreSession once its phase is final.
+    pub async fn wait_restore_final(&self, name: &str) -> Result<Value> {
+        until(
+            &format!("RestoreSession {name} to finish"),
+            WAIT,
+            || async {
+                let v = self.json(&["get", "restoresession", name]).await?;
+                let phase = v["status"]["phase"].as_str().unwrap_or_default();
+                Ok(expect::FINAL_RESTORE_PHASES.contains(&phase).then_some(v))
+            },
+        )
+        .await
+    }
+
     /// The restart counts of the chart's pods (operator and agents), by pod name.
     pub async fn stash_restarts(&self) -> Result<BTreeMap<String, i64>> {
         let v = self
@@ -408,4 +473,33 @@ pub fn is_ready(pod: &Value) -> bool {
         .into_iter()
         .flatten()
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// The process of a container of pod `ns/pod` in the simulated cluster: the first process
+/// whose environment names the pod (the e2e workloads carry `POD_NAME` and `POD_NAMESPACE`
+/// from the downward API), whose parent does not.
+fn container_pid(ns: &str, pod: &str) -> Result<u32> {
+    let wanted = [
+        format!("POD_NAME={pod}").into_bytes(),
+        format!("POD_NAMESPACE={ns}").into_bytes(),
+    ];
+    let of_pod = |pid: u32| -> bool {
+        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+            let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+            wanted.iter().all(|w| vars.contains(&w.as_slice()))
+        })
+    };
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    };
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid| of_pod(*pid))
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter()
+        .find(|pid| parent(*pid).is_none_or(|pp| !of_pod(pp)))
+        .with_context(|| format!("no process of pod {ns}/{pod} on this machine"))
 }

@@ -1,5 +1,5 @@
-//! The backup suite: what a user does with Stash on a healthy cluster, typed with kubectl and
-//! checked with stock restic. The scenarios share one cluster, each in its own namespace,
+//! The backup suite: what a user does with Stash on a healthy cluster — backups and in-place
+//! restores — typed with kubectl and checked with stock restic and from inside the pods. The scenarios share one cluster, each in its own namespace,
 //! and run at the same time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,6 +13,10 @@ use stash_test_support::{pseudo_random, until};
 use std::collections::BTreeSet;
 
 const PASSWORD: &str = "e2e correct horse battery staple";
+
+#[path = "scenarios/restore.rs"]
+mod restore;
+use restore::{restore_in_place, restore_into_new_workload, restore_rules, restore_statefulset};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_suite() -> Result<()> {
@@ -29,6 +33,10 @@ async fn backup_suite() -> Result<()> {
             scenario!(wrong_password),
             scenario!(missing_secret),
             scenario!(pushgateway_metrics),
+            scenario!(restore_in_place),
+            scenario!(restore_statefulset),
+            scenario!(restore_into_new_workload),
+            scenario!(restore_rules),
         ]],
     )
     .await
