@@ -82,6 +82,14 @@ pub async fn restore_in_place(s: &Scenario<'_>) -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no pod"))?;
     damage(s, &pod, "/data").await?;
     s.exec(&pod, "rm -f /cache/c.bin").await?;
+    for v in &w.volumes {
+        let damaged = s.digests(&pod, &v.mount, &[]).await?;
+        ensure!(
+            damaged != want(&w, v, None),
+            "the container does not see the damage to {}",
+            v.mount
+        );
+    }
     let before = s.pods_snapshot(&w).await?;
     let rs = s
         .restore(
@@ -146,11 +154,14 @@ pub async fn restore_statefulset(s: &Scenario<'_>) -> Result<()> {
     let bc = BackupConfig::new("db-backup", "s3-repo");
     backed_up_once(s, &w, &bc).await?;
     for i in 0..3 {
-        s.exec(
-            &format!("db-{i}"),
-            "echo lost > /data/pod.txt; rm /data/a.txt",
-        )
-        .await?;
+        let pod = format!("db-{i}");
+        s.exec(&pod, "echo lost > /data/pod.txt; rm /data/a.txt")
+            .await?;
+        let damaged = s.digests(&pod, "/data", &[]).await?;
+        ensure!(
+            damaged.len() == 1 && damaged.contains_key("pod.txt"),
+            "{pod} after the damage: {damaged:?}"
+        );
     }
     let rs = s
         .restore(
