@@ -138,6 +138,15 @@ impl Workload {
         files
     }
 
+    /// [`Workload::expected`] as SHA-256 digests, as `Scenario::digests` reads a volume.
+    pub fn expected_digests(&self, v: &Volume, who: Option<&str>) -> BTreeMap<String, String> {
+        use sha2::Digest;
+        self.expected(v, who)
+            .into_iter()
+            .map(|(p, bytes)| (p, hex::encode(sha2::Sha256::digest(&bytes))))
+            .collect()
+    }
+
     /// The container's script: copy the seeds, write the rest, say Ready, then idle (or
     /// tick) until SIGTERM.
     fn script(&self) -> String {

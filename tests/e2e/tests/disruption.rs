@@ -1,5 +1,5 @@
-//! The disruption suite: Stash's own pods deleted in the middle of its work, as a node
-//! drain or a rollout does. It has a cluster of its own, so the kills never reach the
+//! The disruption suite: Stash's own pods deleted in the middle of its work (backups and
+//! restores), as a node drain or a rollout does. It has a cluster of its own, so the kills never reach the
 //! backup suite's scenarios, and its scenarios run one after the other, so each kill is
 //! the only disturbance its scenario sees.
 
@@ -21,6 +21,7 @@ async fn disruption_suite() -> Result<()> {
         "disruption",
         &[
             &[scenario!(agent_killed_during_backup)],
+            &[scenario!(agent_killed_during_restore)],
             &[scenario!(operator_killed_during_reconciles)],
         ],
     )
@@ -49,6 +50,37 @@ async fn assignment_phases(
             )
         })
         .collect())
+}
+
+/// `kubectl delete pod` of the node agent on `node`, as a drain does.
+async fn delete_agent_on(s: &Scenario<'_>, node: &str) -> Result<()> {
+    let agents = s
+        .env
+        .kube
+        .json(&[
+            "get",
+            "pods",
+            "-n",
+            &s.env.stash_namespace,
+            "-l",
+            AGENT_SELECTOR,
+        ])
+        .await?;
+    let agent = agents["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["spec"]["nodeName"] == node)
+        .and_then(|p| p["metadata"]["name"].as_str())
+        .map(str::to_owned);
+    let Some(agent) = agent else {
+        bail!("no agent pod on {node}");
+    };
+    s.env
+        .kube
+        .kubectl(&["delete", "pod", &agent, "-n", &s.env.stash_namespace])
+        .await
+        .map(drop)
 }
 
 /// h. The node agent's pod deleted while it backs up a slow (IO-budgeted) volume: the
@@ -82,32 +114,7 @@ async fn agent_killed_during_backup(s: &Scenario<'_>) -> Result<()> {
             .map(|(_, node, _)| node))
     })
     .await?;
-    let agents = s
-        .env
-        .kube
-        .json(&[
-            "get",
-            "pods",
-            "-n",
-            &s.env.stash_namespace,
-            "-l",
-            AGENT_SELECTOR,
-        ])
-        .await?;
-    let agent = agents["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["spec"]["nodeName"] == node.as_str())
-        .and_then(|p| p["metadata"]["name"].as_str())
-        .map(str::to_owned);
-    let Some(agent) = agent else {
-        bail!("no agent pod on {node}");
-    };
-    s.env
-        .kube
-        .kubectl(&["delete", "pod", &agent, "-n", &s.env.stash_namespace])
-        .await?;
+    delete_agent_on(s, &node).await?;
 
     let done = s.wait_session_final(&first).await?;
     // Which of the two allowed endings happened, for whoever reads the log.
@@ -152,6 +159,83 @@ async fn agent_killed_during_backup(s: &Scenario<'_>) -> Result<()> {
             snap.short_id
         );
     }
+    Ok(())
+}
+
+/// j. The node agent's pod deleted during an in-place restore: the session either succeeds
+/// (the replacement agent finishes the assignment) or fails that host with a reason; the
+/// next restore succeeds and the container sees exactly what was backed up, with no
+/// half-written file or temporary name left behind.
+async fn agent_killed_during_restore(s: &Scenario<'_>) -> Result<()> {
+    let w = Workload::new(
+        Kind::Deployment,
+        "big",
+        vec![
+            Volume::new("data", Source::Pvc, "/data")
+                .with_seq(3_700_000)
+                .with_file("small.txt", "small\n"),
+        ],
+    );
+    let bc = BackupConfig::new("big-backup", "s3-repo");
+    s.s3_repository(&bc.repository, "s3-secret", PASSWORD)
+        .await?;
+    s.deploy(&w).await?;
+    s.backup_config(&bc, &w).await?;
+    let session = s.create_session(&bc.name, &w).await?;
+    s.wait_session_succeeded(&session).await?;
+    let pod = s.pods(&w).await?[0]["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    s.exec(&pod, "rm /data/big.txt; echo damaged > /data/small.txt")
+        .await?;
+    let restore =
+        |name: &str| stash_e2e::manifests::restore_session(name, &s.ns, &bc.repository, &w, "", "");
+    s.apply(&restore("first")).await?;
+    let node = until("the RestoreAssignment", WAIT, || async {
+        let v = s
+            .json(&[
+                "get",
+                "restoreassignments",
+                "-l",
+                &format!("{}=first", expect::ASSIGNMENT_SESSION_LABEL),
+            ])
+            .await?;
+        Ok(v["items"][0]["spec"]["nodeName"]
+            .as_str()
+            .map(str::to_owned))
+    })
+    .await?;
+    delete_agent_on(s, &node).await?;
+    let done = s.wait_restore_final("first").await?;
+    eprintln!(
+        "[disruption] the restore whose agent was deleted ended {}: {}",
+        done["status"]["phase"], done["status"]["stats"]
+    );
+    match done["status"]["phase"].as_str() {
+        Some("Succeeded") => {}
+        Some("Failed") => ensure!(
+            done["status"]["stats"][0]["error"]
+                .as_str()
+                .is_some_and(|e| !e.trim().is_empty()),
+            "the failed host gives no reason: {}",
+            done["status"]
+        ),
+        other => bail!(
+            "the interrupted restore ended {other:?}: {}",
+            done["status"]
+        ),
+    }
+    s.env.wait_agents().await?;
+    let again = s.restore(&restore("second"), "second").await?;
+    ensure!(
+        again["status"]["phase"] == "Succeeded",
+        "the restore after the agent came back: {}",
+        again["status"]
+    );
+    let got = s.digests(&pod, "/data", &[]).await?;
+    let want = w.expected_digests(&w.volumes[0], None);
+    ensure!(got == want, "the volume after the second restore: {got:?}");
     Ok(())
 }
 

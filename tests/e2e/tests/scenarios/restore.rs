@@ -14,10 +14,7 @@ use super::PASSWORD;
 
 /// The SHA-256 of every file a volume should hold, as [`Scenario::digests`] reports them.
 fn want(w: &Workload, v: &Volume, who: Option<&str>) -> BTreeMap<String, String> {
-    w.expected(v, who)
-        .into_iter()
-        .map(|(p, bytes)| (p, hex::encode(Sha256::digest(&bytes))))
-        .collect()
+    w.expected_digests(v, who)
 }
 
 /// Backs the workload up once (Repository, BackupConfiguration, an instant session).
