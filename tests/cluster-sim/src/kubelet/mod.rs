@@ -588,7 +588,9 @@ impl Kubelet {
         }
         // Probes of a running process.
         let c = &mut rec.ctrs[idx];
-        if c.proc.is_none() || !matches!(c.state, State::Running { .. }) {
+        // A container already told to stop is not probed again: a new failure would push its
+        // kill back by another grace period, for ever.
+        if c.proc.is_none() || !matches!(c.state, State::Running { .. }) || c.kill_at.is_some() {
             return;
         }
         let since = c.running_since.map_or(Duration::ZERO, |t| t.elapsed());
@@ -620,7 +622,7 @@ impl Kubelet {
                         c.live_fail += 1;
                         if c.live_fail >= sp.failure_threshold.unwrap_or(3) {
                             kill(c);
-                            c.kill_at = Some(Instant::now() + grace(pod));
+                            c.kill_at = Some(Instant::now() + probe_grace(&sp, pod));
                         }
                     }
                 }
@@ -638,7 +640,7 @@ impl Kubelet {
                     tracing::debug!(container = c.spec.name, %message, "liveness probe failed");
                     if c.live_fail >= lp.failure_threshold.unwrap_or(3) {
                         kill(c);
-                        c.kill_at = Some(Instant::now() + grace(pod));
+                        c.kill_at = Some(Instant::now() + probe_grace(&lp, pod));
                         return;
                     }
                 }
@@ -1139,6 +1141,15 @@ fn grace(pod: &Pod) -> Duration {
         .and_then(|s| s.termination_grace_period_seconds)
         .unwrap_or(30);
     Duration::from_secs(u64::try_from(s).unwrap_or(30))
+}
+
+/// The grace period of a kill for a failed liveness or startup probe: the probe's own
+/// `terminationGracePeriodSeconds`, else the pod's [api: core/v1 `Probe`].
+fn probe_grace(probe: &k8s_openapi::api::core::v1::Probe, pod: &Pod) -> Duration {
+    probe
+        .termination_grace_period_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or_else(|| grace(pod), Duration::from_secs)
 }
 
 /// `GeneratePodHostNameAndDomain`: the hostname and the FQDN.
