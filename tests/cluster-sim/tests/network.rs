@@ -154,6 +154,9 @@ async fn a_service_lists_its_pods_by_readiness_in_endpoint_slices() -> Result<()
             .then_some(()))
     })
     .await?;
+    // Pods reach each other at their addresses.
+    let target = format!("/get?{}:8080/readyz", pods[1].1);
+    assert_eq!(http_get(&pods[0].1, &target).await?, (200, "200".into()));
     let ep = sim
         .until("the Endpoints with both addresses", || async {
             let ep = sim.json(&["get", "endpoints", "web"]).await?;

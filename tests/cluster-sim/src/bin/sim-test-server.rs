@@ -2,7 +2,8 @@
 //! from inside. `/readyz` answers 503 until `/ready-now` was called; `/env` is the
 //! environment, `/exit?<code>` ends the process, `/file?<path>` a file's content, `/whoami` the pod read from the API server
 //! with the in-cluster configuration (the mounted token, CA and KUBERNETES_SERVICE_*).
-//! `/unready-now` makes `/readyz` fail again.
+//! `/unready-now` makes `/readyz` fail again; `/get?<ip>:<port><path>` is the status of a GET
+//! this pod sends there.
 //!
 //! With `TLS_DIR` (holding `tls.crt`, `tls.key`) it also serves HTTPS on :8443, as an
 //! extension API server or an admission webhook would: `/apis/<group>/<version>` is a discovery
@@ -83,12 +84,31 @@ async fn answer(target: &str, ready: &AtomicBool) -> (u16, String) {
             });
             (200, "bye".into())
         }
+        ("/get", target) => match get(target).await {
+            Ok(status) => (200, status),
+            Err(e) => (502, format!("{e:#}")),
+        },
         ("/whoami", _) => match whoami().await {
             Ok(s) => (200, s),
             Err(e) => (500, format!("{e:#}")),
         },
         _ => (404, "not found".into()),
     }
+}
+
+/// The status line's code of `GET <path>` at `<ip>:<port>`.
+async fn get(target: &str) -> anyhow::Result<String> {
+    let (addr, path) = target.split_at(target.find('/').unwrap_or(target.len()));
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("failed to connect to {addr}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out.split_whitespace().nth(1).unwrap_or("").to_owned())
 }
 
 async fn whoami() -> anyhow::Result<String> {

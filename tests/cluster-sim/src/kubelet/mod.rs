@@ -430,7 +430,7 @@ impl Kubelet {
                     self.cfg.index,
                     rec.ip.octets()[3]
                 );
-                rec.sandbox = Some(Sandbox::create(self.net.gateway(), rec.ip, host_if).await?);
+                rec.sandbox = Some(Sandbox::create(&self.net, rec.ip, host_if).await?);
             }
             self.step_containers(pod, rec).await;
         }
