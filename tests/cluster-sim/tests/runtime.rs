@@ -273,3 +273,58 @@ spec:
     sim.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_reads_the_container_log_from_its_kubelet() -> Result<()> {
+    let images = cluster_sim::Images {
+        host_commands: vec!["busybox".into()],
+        ..Default::default()
+    };
+    let sim = Sim::start_with(1, images).await?;
+    sim.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: talk, namespace: default}
+spec:
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: [sh, -c, "echo one; echo two; echo three; exec sleep 3600"]
+"#,
+    )
+    .await?;
+    sim.wait_ready("talk").await?;
+    let all = sim
+        .until("the log", || async {
+            let out = sim.kubectl(&["logs", "talk"]).await?;
+            Ok(out.contains("three").then_some(out))
+        })
+        .await?;
+    assert_eq!(all, "one\ntwo\nthree\n");
+    assert_eq!(sim.kubectl(&["logs", "talk", "--tail=1"]).await?, "three\n");
+    assert_eq!(
+        sim.kubectl(&["logs", "talk", "-c", "main", "--limit-bytes=3"])
+            .await?,
+        "one"
+    );
+    let err = sim
+        .kubectl(&["logs", "talk", "--previous"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}")
+            .contains("previous terminated container \"main\" in pod \"talk\" not found"),
+        "{err:#}"
+    );
+    let err = sim
+        .kubectl(&["logs", "talk", "-c", "nope"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("container nope is not valid for pod talk"),
+        "{err:#}"
+    );
+    sim.stop().await;
+    Ok(())
+}

@@ -24,6 +24,7 @@ mod discovery;
 mod events;
 mod gc;
 mod handlers;
+mod logs;
 mod patch;
 mod proto;
 mod rbac;

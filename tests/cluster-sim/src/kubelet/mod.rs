@@ -8,6 +8,7 @@ pub mod net;
 pub mod node;
 pub mod probe;
 pub mod runtime;
+pub mod server;
 pub mod volumes;
 
 use crate::error::{Error, Result};
@@ -237,6 +238,14 @@ impl Kubelet {
         let mut next_lease = Instant::now() + Duration::from_secs(10);
         let mut next_status = Instant::now() + Duration::from_secs(300);
         let mut next_ip: u8 = 2;
+        // Held for as long as this loop runs: the API server reads container logs from it.
+        let _serving = match server::serve(self.node_ip, self.cfg.node_root.clone()).await {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::warn!(node = self.cfg.node_name, %error, "the kubelet's endpoint is not served");
+                None
+            }
+        };
         loop {
             if Instant::now() >= next_lease {
                 if let Err(error) = node::renew_lease(&self.client, &self.cfg.node_name).await {
