@@ -379,6 +379,27 @@ async fn an_aggregated_api_and_a_webhook_are_reached_through_their_service() -> 
         "{who}"
     );
     assert_eq!(who["clientCertificate"]["commonName"], "front-proxy-client");
+    // The discovery check does not verify the serving certificate; proxied requests do.
+    let other = kube_sim::tls::Ca::new("another-ca")?;
+    sim.apply(
+        &registrations(&other.pem)
+            .split("---")
+            .next()
+            .unwrap()
+            .replace("v1.sim.test.io", "v2.sim.test.io")
+            .replace("version: v1", "version: v2"),
+    )
+    .await?;
+    sim.until("the second APIService Available", || async {
+        let v = sim.json(&["get", "apiservice", "v2.sim.test.io"]).await?;
+        Ok((v["status"]["conditions"][0]["status"] == "True").then_some(()))
+    })
+    .await?;
+    let err = sim
+        .kubectl(&["get", "--raw", "/apis/sim.test.io/v2/whoamis"])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("ServiceUnavailable"), "{err:#}");
     // The webhook, reached the same way, decides.
     sim.apply(&configmap("ok-me")).await?;
     let refused = sim.apply(&configmap("deny-me")).await.unwrap_err();

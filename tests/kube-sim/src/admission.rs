@@ -656,17 +656,14 @@ pub async fn proxy(
             let (parts, body) = resp.into_parts();
             Response::from_parts(parts, body.map_err(|e| Box::new(e) as BodyError).boxed())
         }
-        Err(e) => error_response(&ApiError::new(
-            503,
-            "ServiceUnavailable",
-            format!("error trying to reach service: {e}"),
-        )),
+        // The aggregator's `responder.Error`: the dial or TLS error as plain text, 503.
+        Err(e) => plain_response(503, format!("{e}\n")),
     }
 }
 
-fn plain_response(code: u16, text: &'static str) -> Response<Body> {
+fn plain_response(code: u16, text: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
+        Full::new(text.into())
             .map_err(|never| match never {})
             .boxed(),
     );
