@@ -317,6 +317,33 @@ spec:
             .contains("previous terminated container \"main\" in pod \"talk\" not found"),
         "{err:#}"
     );
+    // Followed, the log streams until the container ends.
+    sim.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: slow, namespace: default}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: [sh, -c, "echo start; sleep 3; echo end"]
+"#,
+    )
+    .await?;
+    sim.until("the slow pod running", || async {
+        let p = sim.json(&["get", "pod", "slow"]).await?;
+        Ok(p["status"]["containerStatuses"][0]["state"]["running"]
+            .is_object()
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        sim.kubectl(&["logs", "-f", "slow", "--request-timeout=120s"])
+            .await?,
+        "start\nend\n"
+    );
     let err = sim
         .kubectl(&["logs", "talk", "-c", "nope"])
         .await

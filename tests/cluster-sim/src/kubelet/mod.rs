@@ -58,6 +58,7 @@ pub struct Kubelet {
     pub mounts: Arc<Mounts>,
     tokens: Tokens,
     pub node_ip: Ipv4Addr,
+    live_logs: server::LiveLogs,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +106,8 @@ struct Proc {
     child: Child,
     /// The container's process as the host sees it (pid 1 of its PID namespace).
     host_pid: Option<u32>,
+    /// Marks this run's log as still written, for `kubectl logs -f`, until the process goes.
+    _log: server::LiveLog,
 }
 
 #[derive(Debug)]
@@ -197,6 +200,7 @@ impl Kubelet {
             net,
             mounts: Arc::new(Mounts::default()),
             tokens: Tokens::default(),
+            live_logs: server::LiveLogs::default(),
             node_ip,
         });
         for d in [
@@ -239,7 +243,13 @@ impl Kubelet {
         let mut next_status = Instant::now() + Duration::from_secs(300);
         let mut next_ip: u8 = 2;
         // Held for as long as this loop runs: the API server reads container logs from it.
-        let _serving = match server::serve(self.node_ip, self.cfg.node_root.clone()).await {
+        let _serving = match server::serve(
+            self.node_ip,
+            self.cfg.node_root.clone(),
+            self.live_logs.clone(),
+        )
+        .await
+        {
             Ok(s) => Some(s),
             Err(error) => {
                 tracing::warn!(node = self.cfg.node_name, %error, "the kubelet's endpoint is not served");
@@ -764,8 +774,8 @@ impl Kubelet {
             ))
             .join(&c.spec.name);
         std::fs::create_dir_all(&log_dir).map_err(fail)?;
-        let log =
-            std::fs::File::create(log_dir.join(format!("{}.log", c.restarts))).map_err(fail)?;
+        let log_path = log_dir.join(format!("{}.log", c.restarts));
+        let log = std::fs::File::create(&log_path).map_err(fail)?;
         let log2 = log.try_clone().map_err(fail)?;
         let mut cmd = tokio::process::Command::new("nsenter");
         if let Some(ns) = netns {
@@ -792,7 +802,11 @@ impl Kubelet {
         .kill_on_drop(true);
         let child = cmd.spawn().map_err(fail)?;
         let host_pid = child.id().and_then(first_child);
-        c.proc = Some(Proc { child, host_pid });
+        c.proc = Some(Proc {
+            child,
+            host_pid,
+            _log: server::LiveLog::new(&self.live_logs, log_path),
+        });
         c.state = State::Running { started_at: now() };
         c.running_since = Some(Instant::now());
         c.ready = false;

@@ -1,14 +1,51 @@
 //! The kubelet's HTTPS endpoint on the node's address, port 10250 (the Node's
 //! `daemonEndpoints.kubeletEndpoint`): `GET /containerLogs/<ns>/<pod>/<container>`, which
 //! the API server calls for `pods/log` [k/k: pkg/kubelet/server/server.go
-//! `getContainerLogs`], with `previous`, `tailLines` and `limitBytes`.
+//! `getContainerLogs`], with `previous`, `tailLines`, `limitBytes` and `follow` (the log
+//! streams until the container's process ends).
 
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use std::collections::BTreeSet;
+use std::convert::Infallible;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The log files whose container process still runs.
+pub type LiveLogs = Arc<Mutex<BTreeSet<PathBuf>>>;
+
+/// One entry of [`LiveLogs`], removed when the process it belongs to is dropped.
+#[derive(Debug)]
+pub struct LiveLog {
+    set: LiveLogs,
+    path: PathBuf,
+}
+
+impl LiveLog {
+    pub fn new(set: &LiveLogs, path: PathBuf) -> Self {
+        lock(set).insert(path.clone());
+        Self {
+            set: set.clone(),
+            path,
+        }
+    }
+}
+
+impl Drop for LiveLog {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.path);
+    }
+}
+
+fn lock(set: &LiveLogs) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
+    set.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+type Body = BoxBody<Bytes, Infallible>;
 
 pub const KUBELET_PORT: u16 = 10250;
 
@@ -22,7 +59,7 @@ impl Drop for Serving {
     }
 }
 
-pub async fn serve(node_ip: Ipv4Addr, node_root: PathBuf) -> Result<Serving> {
+pub async fn serve(node_ip: Ipv4Addr, node_root: PathBuf, live: LiveLogs) -> Result<Serving> {
     let id =
         kube_sim::TlsIdentity::generate(&[&node_ip.to_string()]).map_err(|e| Error::Invalid {
             action: "make the kubelet's serving certificate",
@@ -42,14 +79,14 @@ pub async fn serve(node_ip: Ipv4Addr, node_root: PathBuf) -> Result<Serving> {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (acceptor, root) = (acceptor.clone(), root.clone());
+            let (acceptor, root, live) = (acceptor.clone(), root.clone(), live.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req: http::Request<_>| {
-                    let root = root.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&root, req.uri())) }
+                    let (root, live) = (root.clone(), live.clone());
+                    async move { Ok::<_, Infallible>(answer(&root, &live, req.uri())) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
@@ -59,8 +96,12 @@ pub async fn serve(node_ip: Ipv4Addr, node_root: PathBuf) -> Result<Serving> {
     })))
 }
 
-fn respond(code: u16, body: impl Into<Bytes>) -> http::Response<Full<Bytes>> {
-    let mut r = http::Response::new(Full::new(body.into()));
+fn respond(code: u16, body: impl Into<Bytes>) -> http::Response<Body> {
+    with_body(code, Full::new(body.into()).boxed())
+}
+
+fn with_body(code: u16, body: Body) -> http::Response<Body> {
+    let mut r = http::Response::new(body);
     *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_REQUEST);
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -69,7 +110,7 @@ fn respond(code: u16, body: impl Into<Bytes>) -> http::Response<Full<Bytes>> {
     r
 }
 
-fn answer(root: &Path, uri: &http::Uri) -> http::Response<Full<Bytes>> {
+fn answer(root: &Path, live: &LiveLogs, uri: &http::Uri) -> http::Response<Body> {
     let segs: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
     let ["containerLogs", ns, pod, container] = segs.as_slice() else {
         return respond(404, "404 page not found\n");
@@ -84,7 +125,10 @@ fn answer(root: &Path, uri: &http::Uri) -> http::Response<Full<Bytes>> {
     let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let previous = q("previous") == Some("true");
     match read_log(root, ns, pod, container, previous) {
-        Ok(mut text) => {
+        Ok((mut text, path)) => {
+            if q("follow") == Some("true") && !previous {
+                return with_body(200, follow(text.into_bytes(), path, live.clone()));
+            }
             if let Some(n) = q("tailLines").and_then(|n| n.parse::<usize>().ok()) {
                 let lines: Vec<&str> = text.split_inclusive('\n').collect();
                 text = lines[lines.len().saturating_sub(n)..].concat();
@@ -108,7 +152,7 @@ fn read_log(
     pod: &str,
     container: &str,
     previous: bool,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<(String, PathBuf), String> {
     let base = root.join("var/log/pods");
     let prefix = format!("{ns}_{pod}_");
     let dir = std::fs::read_dir(&base)
@@ -140,8 +184,12 @@ fn read_log(
         runs.last().copied()
     };
     match (dir, run) {
-        (Some(d), Some(n)) => std::fs::read_to_string(d.join(format!("{n}.log")))
-            .map_err(|e| format!("failed to read the log: {e}")),
+        (Some(d), Some(n)) => {
+            let path = d.join(format!("{n}.log"));
+            std::fs::read_to_string(&path)
+                .map(|t| (t, path))
+                .map_err(|e| format!("failed to read the log: {e}"))
+        }
         _ if previous => Err(format!(
             "previous terminated container \"{container}\" in pod \"{pod}\" not found"
         )),
@@ -149,4 +197,43 @@ fn read_log(
             "container \"{container}\" in pod \"{pod}\" is waiting to start"
         )),
     }
+}
+
+/// The log so far, then what the process writes, until it is gone and its last bytes sent.
+fn follow(first: Vec<u8>, path: PathBuf, live: LiveLogs) -> Body {
+    let start = (Some(first), path, live, 0u64);
+    let stream = futures::stream::unfold(start, |(first, path, live, offset)| async move {
+        if let Some(f) = first {
+            let n = f.len() as u64;
+            return Some((
+                Ok(hyper::body::Frame::data(Bytes::from(f))),
+                (None, path, live, n),
+            ));
+        }
+        loop {
+            let running = lock(&live).contains(&path);
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len > offset {
+                use std::io::{Read, Seek};
+                let mut buf = Vec::new();
+                let read = std::fs::File::open(&path).and_then(|mut f| {
+                    f.seek(std::io::SeekFrom::Start(offset))?;
+                    f.take(len - offset).read_to_end(&mut buf)
+                });
+                if read.is_err() {
+                    return None;
+                }
+                let n = offset + buf.len() as u64;
+                return Some((
+                    Ok(hyper::body::Frame::data(Bytes::from(buf))),
+                    (None, path, live, n),
+                ));
+            }
+            if !running {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
 }
