@@ -243,6 +243,15 @@ impl Cluster {
                 },
             )));
         }
+        {
+            let c = client.clone();
+            let proxy = Arc::new(controllers::proxy::Proxy::new(net.clone()));
+            let nudge = bus.subscribe(&["services", "endpointslices"]);
+            tasks.push(tokio::spawn(run_loop("proxy", nudge, second, move || {
+                let (c, proxy) = (c.clone(), proxy.clone());
+                async move { proxy.pass(&c).await }
+            })));
+        }
         let images = Arc::new(opts.images.clone());
         let mut kubelets = Vec::new();
         let mut kubelet_tasks = std::collections::BTreeMap::new();

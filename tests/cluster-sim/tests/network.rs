@@ -157,6 +157,14 @@ async fn a_service_lists_its_pods_by_readiness_in_endpoint_slices() -> Result<()
     // Pods reach each other at their addresses.
     let target = format!("/get?{}:8080/readyz", pods[1].1);
     assert_eq!(http_get(&pods[0].1, &target).await?, (200, "200".into()));
+    // And reach the Service at its cluster IP, on the Service's port.
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap();
+    let target = format!("/get?{cluster_ip}:80/readyz");
+    sim.until("the Service's cluster IP to answer", || async {
+        let (code, body) = http_get(&pods[0].1, &target).await?;
+        Ok((code == 200 && body == "200").then_some(()))
+    })
+    .await?;
     let ep = sim
         .until("the Endpoints with both addresses", || async {
             let ep = sim.json(&["get", "endpoints", "web"]).await?;

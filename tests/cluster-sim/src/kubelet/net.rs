@@ -128,6 +128,36 @@ impl ClusterNet {
         })
     }
 
+    /// Runs `f` on a thread of its own inside the router's network namespace: sockets it
+    /// makes there stay there.
+    pub fn in_router<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let path = format!("/proc/{}/ns/net", self.router_pid);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path)?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the router thread panicked")))
+    }
+
+    /// Adds (or with `add: false` removes) an address on the router's loopback.
+    pub fn router_address(&self, ip: Ipv4Addr, add: bool) -> Result<()> {
+        let cidr = format!("{ip}/32");
+        let verb = if add { "add" } else { "del" };
+        in_netns(
+            self.router_pid,
+            &["addr", verb, &cidr, "dev", "lo"],
+            "change a router address",
+        )
+    }
+
     /// The host's end of the link to the router.
     fn uplink(&self) -> String {
         format!("cs{}r", self.id)
