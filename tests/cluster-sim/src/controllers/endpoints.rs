@@ -229,8 +229,9 @@ fn slice_labels(svc: &Service) -> BTreeMap<String, String> {
 }
 
 /// The desired slices: the Service's pods grouped by the ports they resolve to (a named
-/// `targetPort` may differ between pods), endpoints in pod-name order. One placeholder slice
-/// without endpoints or ports when there are none [k8s.io/endpointslice reconciler.go].
+/// `targetPort` may differ between pods), endpoints in pod-name order, at most 100 a slice.
+/// One placeholder slice without endpoints or ports when there are none [k8s.io/endpointslice
+/// reconciler.go].
 fn desired_slices(svc: &Service, members: &[&Pod]) -> Vec<(Vec<Value>, Vec<Value>)> {
     let mut pods: Vec<&&Pod> = members
         .iter()
@@ -250,8 +251,19 @@ fn desired_slices(svc: &Service, members: &[&Pod]) -> Vec<(Vec<Value>, Vec<Value
     if groups.is_empty() {
         return vec![(Vec::new(), Vec::new())];
     }
-    groups.into_values().collect()
+    // At most `--max-endpoints-per-slice` (100) endpoints in a slice.
+    groups
+        .into_values()
+        .flat_map(|(ports, eps)| {
+            eps.chunks(MAX_ENDPOINTS_PER_SLICE)
+                .map(|c| (ports.clone(), c.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
+
+/// kube-controller-manager's `--max-endpoints-per-slice` default.
+const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 
 fn body_of(slice: &EndpointSlice) -> (Value, Value) {
     let ports = serde_json::to_value(slice.ports.clone().unwrap_or_default()).unwrap_or_default();
@@ -490,5 +502,69 @@ async fn sync_endpoints(
                 .map_err(Error::kube(format!("update Endpoints {ns}/{name}")))?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u1"},
+            "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.9",
+                "ports": [{"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP"}]},
+        }))
+        .unwrap()
+    }
+
+    fn pod(i: usize, port: i32, ready: bool, deleting: bool) -> Pod {
+        let mut p = json!({
+            "metadata": {"name": format!("web-{i:03}"), "namespace": "ns", "uid": format!("p{i}")},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c",
+                "ports": [{"name": "web", "containerPort": port}]}]},
+            "status": {"phase": "Running", "podIP": format!("100.65.0.{}", i % 250 + 2),
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        });
+        if deleting {
+            p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    #[test]
+    fn slices_hold_at_most_a_hundred_endpoints_per_port_set() {
+        let pods: Vec<Pod> = (0..150)
+            .map(|i| pod(i, if i < 120 { 8080 } else { 9090 }, true, false))
+            .collect();
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let slices = desired_slices(&svc(), &refs);
+        let sizes: Vec<(i64, usize)> = slices
+            .iter()
+            .map(|(ports, eps)| (ports[0]["port"].as_i64().unwrap(), eps.len()))
+            .collect();
+        assert_eq!(sizes, [(8080, 100), (8080, 20), (9090, 30)]);
+    }
+
+    #[test]
+    fn a_terminating_pod_is_serving_but_not_ready() {
+        let pods = [pod(1, 8080, true, true), pod(2, 8080, false, false)];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let slices = desired_slices(&svc(), &refs);
+        let conds: Vec<&Value> = slices[0].1.iter().map(|e| &e["conditions"]).collect();
+        assert_eq!(
+            conds,
+            [
+                &json!({"ready": false, "serving": true, "terminating": true}),
+                &json!({"ready": false, "serving": false, "terminating": false}),
+            ]
+        );
+        // The legacy Endpoints leave the terminating pod out and list the other as not ready.
+        let subsets = desired_subsets(&svc(), &refs);
+        assert_eq!(
+            subsets[0]["notReadyAddresses"][0]["targetRef"]["name"],
+            "web-002"
+        );
+        assert!(subsets[0].get("addresses").is_none(), "{subsets}");
     }
 }
