@@ -25,9 +25,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
-    ServiceAccount,
+    ConfigMap, Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+    Service, ServiceAccount,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Client;
 use kube::api::Api;
@@ -139,6 +140,8 @@ impl Cluster {
         watch!(ConfigMap, "configmaps");
         watch!(Secret, "secrets");
         watch!(Service, "services");
+        watch!(Endpoints, "endpoints");
+        watch!(EndpointSlice, "endpointslices");
         let second = Duration::from_secs(1);
         macro_rules! control {
             ($name:literal, [$($k:literal),*], $period:expr, $body:expr) => {{
@@ -227,17 +230,27 @@ impl Cluster {
             )));
         }
         {
-            let (c, sim) = (client.clone(), sim.clone());
-            let nudge = bus.subscribe(&["services", "pods"]);
+            let c = client.clone();
+            let ctl = Arc::new(controllers::endpoints::EndpointsController::default());
+            let nudge = bus.subscribe(&["services", "pods", "endpointslices", "endpoints"]);
             tasks.push(tokio::spawn(run_loop(
                 "endpoints",
                 nudge,
                 second,
                 move || {
-                    let (c, sim) = (c.clone(), sim.clone());
-                    async move { controllers::endpoints::pass(&c, &sim).await }
+                    let (c, ctl) = (c.clone(), ctl.clone());
+                    async move { ctl.pass(&c).await }
                 },
             )));
+        }
+        {
+            let c = client.clone();
+            let proxy = Arc::new(controllers::proxy::Proxy::new(net.clone()));
+            let nudge = bus.subscribe(&["services", "endpointslices"]);
+            tasks.push(tokio::spawn(run_loop("proxy", nudge, second, move || {
+                let (c, proxy) = (c.clone(), proxy.clone());
+                async move { proxy.pass(&c).await }
+            })));
         }
         let images = Arc::new(opts.images.clone());
         let mut kubelets = Vec::new();

@@ -7,43 +7,9 @@
 
 mod common;
 
-use anyhow::{Context, Result};
-use cluster_sim::{Image, Images};
-use common::Sim;
+use anyhow::Result;
+use common::{Sim, http_get, images};
 use std::path::PathBuf;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn images() -> Images {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sim-test-server"));
-    let mut images = Images::default();
-    images.known.insert(
-        "sim-test-server".into(),
-        Image::binary(bin, "sim-test-server", &[]),
-    );
-    images
-}
-
-async fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect((ip, 8080))
-        .await
-        .with_context(|| format!("connect {ip}:8080"))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
 
 fn pod(name: &str) -> String {
     format!(
@@ -252,6 +218,140 @@ spec:
     assert_eq!(cs["restartCount"], 1);
     assert!(cs["state"]["running"].is_object());
     assert_ne!(cs["containerID"], waiting["containerID"]);
+    sim.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_liveness_probe_restarts_the_container() -> Result<()> {
+    let sim = Sim::start_with(1, images()).await?;
+    // `/readyz` fails until `/ready-now`, so this liveness probe fails from the start.
+    sim.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: lively, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: app
+      image: sim-test-server
+      livenessProbe: {httpGet: {path: /readyz, port: 8080}, periodSeconds: 1, failureThreshold: 2}
+"#,
+    )
+    .await?;
+    let first = sim
+        .until("the container to run", || async {
+            let p = sim.json(&["get", "pod", "lively"]).await?;
+            let cs = p["status"]["containerStatuses"][0].clone();
+            Ok(cs["state"]["running"].is_object().then_some(cs))
+        })
+        .await?;
+    assert_eq!(first["restartCount"], 0);
+    // Killed by the kubelet and started again after the back-off.
+    let again = sim
+        .until("a restart", || async {
+            let p = sim.json(&["get", "pod", "lively"]).await?;
+            let cs = p["status"]["containerStatuses"][0].clone();
+            Ok(
+                (cs["restartCount"].as_i64() >= Some(1) && cs["state"]["running"].is_object())
+                    .then_some((cs, p)),
+            )
+        })
+        .await?;
+    let (cs, pod) = again;
+    assert_ne!(cs["containerID"], first["containerID"]);
+    // PID 1 of its namespace ignores the SIGTERM; the SIGKILL after the grace period ends it.
+    assert_eq!(cs["lastState"]["terminated"]["exitCode"], 137, "{cs}");
+    // Once the probe passes, the new process is left running.
+    let ip = pod["status"]["podIP"].as_str().unwrap().to_owned();
+    sim.until("the restarted server", || async {
+        Ok(http_get(&ip, "/ready-now").await.ok())
+    })
+    .await?;
+    sim.wait_ready("lively").await?;
+    sim.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_reads_the_container_log_from_its_kubelet() -> Result<()> {
+    let images = cluster_sim::Images {
+        host_commands: vec!["busybox".into()],
+        ..Default::default()
+    };
+    let sim = Sim::start_with(1, images).await?;
+    sim.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: talk, namespace: default}
+spec:
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: [sh, -c, "echo one; echo two; echo three; exec sleep 3600"]
+"#,
+    )
+    .await?;
+    sim.wait_ready("talk").await?;
+    let all = sim
+        .until("the log", || async {
+            let out = sim.kubectl(&["logs", "talk"]).await?;
+            Ok(out.contains("three").then_some(out))
+        })
+        .await?;
+    assert_eq!(all, "one\ntwo\nthree\n");
+    assert_eq!(sim.kubectl(&["logs", "talk", "--tail=1"]).await?, "three\n");
+    assert_eq!(
+        sim.kubectl(&["logs", "talk", "-c", "main", "--limit-bytes=3"])
+            .await?,
+        "one"
+    );
+    let err = sim
+        .kubectl(&["logs", "talk", "--previous"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}")
+            .contains("previous terminated container \"main\" in pod \"talk\" not found"),
+        "{err:#}"
+    );
+    // Followed, the log streams until the container ends.
+    sim.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: slow, namespace: default}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: main
+      image: busybox:1.37
+      command: [sh, -c, "echo start; sleep 3; echo end"]
+"#,
+    )
+    .await?;
+    sim.until("the slow pod running", || async {
+        let p = sim.json(&["get", "pod", "slow"]).await?;
+        Ok(p["status"]["containerStatuses"][0]["state"]["running"]
+            .is_object()
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        sim.kubectl(&["logs", "-f", "slow", "--request-timeout=120s"])
+            .await?,
+        "start\nend\n"
+    );
+    let err = sim
+        .kubectl(&["logs", "talk", "-c", "nope"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("container nope is not valid for pod talk"),
+        "{err:#}"
+    );
     sim.stop().await;
     Ok(())
 }

@@ -451,28 +451,8 @@ async fn cronjob_starts_jobs_on_schedule_and_by_hand() -> Result<()> {
     };
     let sim = Sim::start_with(1, images).await?;
     sim.apply(CRONJOB).await?;
-    // By hand: kubectl builds the Job from the CronJob. kube-sim refuses kubectl's protobuf
-    // body for Jobs (415) for now, so the object kubectl builds is sent as JSON.
-    let manual = sim
-        .kubectl(&[
-            "create",
-            "job",
-            "manual",
-            "--from=cronjob/tick",
-            "--dry-run=client",
-            "-o",
-            "json",
-        ])
-        .await?;
-    sim.kubectl_stdin(&["create", "-f", "-"], Some(&manual))
-        .await?;
-    sim.kubectl(&[
-        "wait",
-        "--for=condition=complete",
-        "job/manual",
-        "--timeout=120s",
-    ])
-    .await?;
+    // By hand: kubectl builds the Job from the CronJob.
+    job_from_cronjob(&sim, "manual", "tick").await?;
     let manual = sim.json(&["get", "job", "manual"]).await?;
     assert_eq!(
         manual["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"],
@@ -501,13 +481,7 @@ async fn cronjob_starts_jobs_on_schedule_and_by_hand() -> Result<()> {
     let ts: jiff::Timestamp = stamp.parse()?;
     assert_eq!(ts.as_second(), minutes * 60);
     assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "CronJob");
-    sim.kubectl(&[
-        "wait",
-        "--for=condition=complete",
-        &format!("job/{name}"),
-        "--timeout=120s",
-    ])
-    .await?;
+    job_complete(&sim, name).await?;
     let cj = sim
         .until("lastSuccessfulTime", || async {
             let v = sim.json(&["get", "cronjob", "tick"]).await?;
@@ -518,6 +492,106 @@ async fn cronjob_starts_jobs_on_schedule_and_by_hand() -> Result<()> {
         })
         .await?;
     assert_eq!(cj["status"]["lastScheduleTime"], stamp);
+    sim.stop().await;
+    Ok(())
+}
+
+/// `kubectl create job <name> --from=cronjob/<cronjob>`, until the Job completes. kube-sim
+/// refuses kubectl's protobuf body for Jobs (415) for now, so the object kubectl builds is sent
+/// as JSON.
+async fn job_from_cronjob(sim: &Sim, name: &str, cronjob: &str) -> Result<()> {
+    let from = format!("--from=cronjob/{cronjob}");
+    let job = sim
+        .kubectl(&[
+            "create",
+            "job",
+            name,
+            &from,
+            "--dry-run=client",
+            "-o",
+            "json",
+        ])
+        .await?;
+    sim.kubectl_stdin(&["create", "-f", "-"], Some(&job))
+        .await?;
+    job_complete(sim, name).await?;
+    Ok(())
+}
+
+async fn job_complete(sim: &Sim, name: &str) -> Result<()> {
+    sim.kubectl(&[
+        "wait",
+        "--for=condition=complete",
+        &format!("job/{name}"),
+        "--timeout=120s",
+    ])
+    .await?;
+    Ok(())
+}
+
+async fn job_names(sim: &Sim) -> Result<Vec<String>> {
+    let v = sim.json(&["get", "jobs", "-l", "team=a"]).await?;
+    Ok(v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["metadata"]["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_cronjob_misses_its_runs_and_keeps_its_history_limit() -> Result<()> {
+    let images = cluster_sim::Images {
+        host_commands: vec!["busybox".into()],
+        ..Default::default()
+    };
+    let sim = Sim::start_with(1, images).await?;
+    sim.apply(&CRONJOB.replace("concurrencyPolicy: Forbid", "suspend: true"))
+        .await?;
+    let created: jiff::Timestamp =
+        sim.json(&["get", "cronjob", "tick"]).await?["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap()
+            .parse()?;
+    job_from_cronjob(&sim, "first", "tick").await?;
+    // The first scheduled time after creation passes while the CronJob is suspended.
+    let missed = (created.as_second() / 60 + 1) * 60;
+    sim.until("a scheduled time to pass", || async {
+        Ok((jiff::Timestamp::now().as_second() > missed).then_some(()))
+    })
+    .await?;
+    // A second finished Job makes the controller drop the first (successfulJobsHistoryLimit:
+    // 1), so it has looked at the CronJob since the scheduled time, and started nothing.
+    job_from_cronjob(&sim, "second", "tick").await?;
+    sim.until("the history limit to drop the first Job", || async {
+        let names = job_names(&sim).await?;
+        Ok((!names.contains(&"first".to_owned())).then_some(names))
+    })
+    .await?;
+    assert_eq!(job_names(&sim).await?, ["second"]);
+    let cj = sim.json(&["get", "cronjob", "tick"]).await?;
+    assert!(cj["status"]["lastScheduleTime"].is_null(), "{cj}");
+    // Resumed without a starting deadline, the missed run starts at once [docs "CronJob"].
+    sim.kubectl(&[
+        "patch",
+        "cronjob",
+        "tick",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ])
+    .await?;
+    let scheduled = sim
+        .until("the missed run", || async {
+            let names = job_names(&sim).await?;
+            Ok(names.into_iter().find(|n| n.starts_with("tick-")))
+        })
+        .await?;
+    let minutes: i64 = scheduled["tick-".len()..].parse()?;
+    assert!(
+        minutes * 60 >= missed,
+        "{scheduled} is before the missed time"
+    );
     sim.stop().await;
     Ok(())
 }

@@ -49,8 +49,10 @@ pub enum CallError {
     TimedOut(Duration),
 }
 
-/// Resolves a Service port: the explicit mapping first, then the Service's annotation.
-fn resolve_service(core: &Core, ns: &str, name: &str, port: i64) -> Result<String, CallError> {
+/// An explicit stand-in address for a Service port, when kube-sim runs without a cluster
+/// behind it: [`crate::Options::service_addresses`], [`crate::KubeSim::map_service`] or the
+/// Service's annotation.
+pub(crate) fn mapped_address(core: &Core, ns: &str, name: &str, port: i64) -> Option<String> {
     let st = core.lock();
     let k = format!("{ns}/{name}:{port}");
     if let Some(a) = st
@@ -58,21 +60,127 @@ fn resolve_service(core: &Core, ns: &str, name: &str, port: i64) -> Result<Strin
         .get(&k)
         .or_else(|| core.opts.service_addresses.get(&k))
     {
-        return Ok(a.clone());
+        return Some(a.clone());
     }
-    let svc = st
-        .get(&crate::handlers::gr("", "services"), &key(ns, name))
-        .ok_or_else(|| CallError::ResolveService(format!("service \"{ns}/{name}\" not found")))?;
-    svc.pointer("/metadata/annotations")
+    st.get(&crate::handlers::gr("", "services"), &key(ns, name))?
+        .pointer("/metadata/annotations")
         .and_then(|a| a.get(crate::ADDRESS_ANNOTATION))
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(|| {
-            CallError::ResolveService(format!(
-                "no address for service {ns}/{name}:{port}: map it with the {} annotation or a service address option",
-                crate::ADDRESS_ANNOTATION
-            ))
+}
+
+/// The EndpointSlices of a Service: those labelled `kubernetes.io/service-name=<name>` in its
+/// namespace (the index kube-apiserver's `EndpointSliceGetter` keeps).
+pub(crate) fn endpoint_slices(st: &crate::store::State, ns: &str, name: &str) -> Vec<Arc<Value>> {
+    st.tables
+        .get(&crate::handlers::gr("discovery.k8s.io", "endpointslices"))
+        .map(|t| {
+            t.objects
+                .values()
+                .filter(|s| {
+                    namespace_of(s) == ns
+                        && labels_of(s)
+                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                            .and_then(Value::as_str)
+                            == Some(name)
+                })
+                .cloned()
+                .collect()
         })
+        .unwrap_or_default()
+}
+
+/// The name of the Service's port numbered `port` (`findServicePort`), `""` when unnamed.
+pub(crate) fn service_port_name(svc: &Value, port: i64) -> Option<String> {
+    svc.pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|p| p.get("port").and_then(Value::as_i64) == Some(port))
+        .map(|p| {
+            p.get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        })
+}
+
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Resolves a Service port to one of its ready endpoints, as kube-apiserver does with
+/// `--enable-aggregator-routing=true` (the docs' setting for an API server with no kube-proxy
+/// on its host, as here) for both aggregated APIs and webhooks [apiserver:
+/// pkg/util/proxy/proxy.go `ResolveEndpoint`; kube-apiserver `buildServiceResolver`]: the
+/// Service's port by number gives the port name; an endpoint whose `ready` is not false, of a
+/// slice with a port of that name, is picked at random. An explicit mapping (no cluster behind
+/// kube-sim) comes first.
+pub(crate) fn resolve_service(
+    core: &Core,
+    ns: &str,
+    name: &str,
+    port: i64,
+) -> Result<String, CallError> {
+    if let Some(a) = mapped_address(core, ns, name, port) {
+        return Ok(a);
+    }
+    let st = core.lock();
+    let svc = st
+        .get(&crate::handlers::gr("", "services"), &key(ns, name))
+        .ok_or_else(|| CallError::ResolveService(format!("service \"{name}\" not found")))?;
+    let spec = svc.get("spec").cloned().unwrap_or(json!({}));
+    let typ = spec
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP");
+    if !matches!(typ, "ClusterIP" | "LoadBalancer" | "NodePort") {
+        return Err(CallError::ResolveService(format!(
+            "unsupported service type \"{typ}\""
+        )));
+    }
+    let port_name = service_port_name(&svc, port).ok_or_else(|| {
+        CallError::ResolveService(format!(
+            "no service port {port} found for service \"{name}\""
+        ))
+    })?;
+    let mut ready = Vec::new();
+    for slice in endpoint_slices(&st, ns, name) {
+        let Some(target) = slice
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("name").and_then(Value::as_str).unwrap_or("") == port_name)
+            .and_then(|p| p.get("port").and_then(Value::as_i64))
+        else {
+            continue;
+        };
+        for ep in slice
+            .get("endpoints")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if ep.pointer("/conditions/ready").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            for a in ep
+                .get("addresses")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                ready.push(format!("{a}:{target}"));
+            }
+        }
+    }
+    if ready.is_empty() {
+        return Err(CallError::ResolveService(format!(
+            "no endpoints available for service \"{name}\""
+        )));
+    }
+    let i = usize::try_from(random_u64() % ready.len() as u64).unwrap_or(0);
+    Ok(ready.swap_remove(i))
 }
 
 fn endpoint(core: &Core, cc: &Value, default_port: i64) -> Result<Endpoint, CallError> {
@@ -469,13 +577,27 @@ fn target_of(core: &Core, svc: &Value) -> Option<Target> {
     if spec.get("service").is_none_or(Value::is_null) {
         return None;
     }
-    let mut ep = endpoint(core, spec, 443).unwrap_or_else(|e| Endpoint {
+    // Requests for an APIService that is not Available are refused before any dial
+    // [kube-aggregator: pkg/apiserver/handler_proxy.go `ServeHTTP`].
+    let available = svc
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Available" && c["status"] == "True")
+        });
+    let unreachable = |why: String| Endpoint {
         connect: String::new(),
-        server_name: e.to_string(),
+        server_name: why,
         path: String::new(),
         ca_pem: String::new(),
         insecure: false,
-    });
+    };
+    let mut ep = if available {
+        endpoint(core, spec, 443).unwrap_or_else(|e| unreachable(e.to_string()))
+    } else {
+        unreachable(format!("APIService {} is not available", name_of(svc)))
+    };
     ep.insecure = spec.get("insecureSkipTLSVerify").and_then(Value::as_bool) == Some(true);
     Some(Target { endpoint: ep })
 }
@@ -491,11 +613,10 @@ pub async fn proxy(
 ) -> Response<Body> {
     let ep = target.endpoint;
     if ep.connect.is_empty() {
-        return error_response(&ApiError::new(
-            503,
-            "ServiceUnavailable",
-            format!("service unavailable: {}", ep.server_name),
-        ));
+        // `proxyError(w, req, "service unavailable", 503)`: a plain-text body, the cause only
+        // in the server's log.
+        tracing::debug!(why = %ep.server_name, "aggregated request refused");
+        return plain_response(503, "service unavailable\n");
     }
     let (parts, body) = req.into_parts();
     let mut builder = http::Request::builder()
@@ -535,12 +656,24 @@ pub async fn proxy(
             let (parts, body) = resp.into_parts();
             Response::from_parts(parts, body.map_err(|e| Box::new(e) as BodyError).boxed())
         }
-        Err(e) => error_response(&ApiError::new(
-            503,
-            "ServiceUnavailable",
-            format!("error trying to reach service: {e}"),
-        )),
+        // The aggregator's `responder.Error`: the dial or TLS error as plain text, 503.
+        Err(e) => plain_response(503, format!("{e}\n")),
     }
+}
+
+fn plain_response(code: u16, text: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(text.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() =
+        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
 /// Escapes an extra key for a header name as client-go does: bytes that are not header token

@@ -108,6 +108,8 @@ pub struct Authority {
     pub serving: TlsIdentity,
     pub front_proxy_ca: Ca,
     pub front_proxy_client: ClientCert,
+    /// What the API server presents to kubelets (kubeadm's `apiserver-kubelet-client`).
+    pub kubelet_client: ClientCert,
     signing_key: ring::hmac::Key,
     key_id: String,
     /// Seconds added to the wall clock when issuing and checking tokens (a test hook).
@@ -121,6 +123,7 @@ impl Authority {
         let serving = ca.serving(names)?;
         let front_proxy_ca = Ca::new("front-proxy-ca")?;
         let front_proxy_client = front_proxy_ca.client(FRONT_PROXY_CLIENT, &[])?;
+        let kubelet_client = ca.client("kube-apiserver-kubelet-client", &[MASTERS])?;
         let rng = ring::rand::SystemRandom::new();
         let signing_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
             .map_err(|_| TlsError::GenerateSigningKey)?;
@@ -131,6 +134,7 @@ impl Authority {
             serving,
             front_proxy_ca,
             front_proxy_client,
+            kubelet_client,
             signing_key,
             key_id,
             clock_offset: AtomicI64::new(0),

@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 fn roundtrip(group: &str, version: &str, kind: &str, obj: &Value) -> Option<Result<Value, String>> {
     use k8s_openapi::api::{
         admissionregistration::v1 as adm, apps::v1 as apps, batch::v1 as batch,
-        coordination::v1 as coord, core::v1 as core, events::v1 as events, policy::v1 as policy,
-        rbac::v1 as rbac, scheduling::v1 as sched, storage::v1 as storage,
+        coordination::v1 as coord, core::v1 as core, discovery::v1 as discovery,
+        events::v1 as events, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as sched,
+        storage::v1 as storage,
     };
     fn rt<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> Result<Value, String> {
         let typed: T = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
@@ -28,6 +29,7 @@ fn roundtrip(group: &str, version: &str, kind: &str, obj: &Value) -> Option<Resu
         ("", "ServiceAccount") => rt::<core::ServiceAccount>(obj),
         ("", "Service") => rt::<core::Service>(obj),
         ("", "Endpoints") => rt::<core::Endpoints>(obj),
+        ("discovery.k8s.io", "EndpointSlice") => rt::<discovery::EndpointSlice>(obj),
         ("", "PersistentVolume") => rt::<core::PersistentVolume>(obj),
         ("", "PersistentVolumeClaim") => rt::<core::PersistentVolumeClaim>(obj),
         ("", "Event") => rt::<core::Event>(obj),

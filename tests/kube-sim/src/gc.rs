@@ -260,23 +260,27 @@ pub fn after_write(core: &Core, st: &mut State, def: &ResourceDef, stored: &Arc<
         }
         core.bump_epoch();
     } else if is(def, "apiregistration.k8s.io", "apiservices") {
+        // Local APIServices are always available [kube-aggregator: pkg/controllers/status/local];
+        // the others are the availability controller's (`available.rs`).
         let gr = def.gr();
         let name = name_of(stored).to_owned();
         let has = stored
             .pointer("/status/conditions")
             .and_then(Value::as_array)
             .is_some_and(|c| c.iter().any(|c| c["type"] == "Available"));
-        if !has && !is_deleting(stored) && st.get(&gr, &key("", &name)).is_some() {
+        let local = stored.pointer("/spec/service").is_none_or(Value::is_null);
+        if local && !has && !is_deleting(stored) && st.get(&gr, &key("", &name)).is_some() {
             let mut obj = (**stored).clone();
-            let (reason, msg) = if obj.pointer("/spec/service").is_some_and(|s| !s.is_null()) {
-                ("Passed", "all checks passed")
-            } else {
-                ("Local", "Local APIServices are always available")
-            };
-            obj["status"] = json!({"conditions": [condition("Available", reason, msg)]});
+            obj["status"] = json!({"conditions": [condition("Available", "Local", "Local APIServices are always available")]});
             st.put(&gr, obj);
         }
+        core.available.notify_one();
         core.bump_epoch();
+    } else if def.crd.is_none()
+        && ((def.group.is_empty() && def.plural == "services")
+            || (def.group == "discovery.k8s.io" && def.plural == "endpointslices"))
+    {
+        core.available.notify_one();
     }
 }
 

@@ -141,6 +141,41 @@ pub fn seed(core: &Core) {
         "status": {"loadBalancer": {}},
     });
     st.put(&gr("", "services"), svc);
+    // The API server keeps the `kubernetes` Service's endpoints itself, a skip-mirror
+    // Endpoints and a slice of the same name [k/k: pkg/controlplane/reconcilers
+    // endpointsadapter.go]: its own address.
+    let addr = core
+        .server_addr
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default();
+    if let Some((ip, port)) = addr.rsplit_once(':')
+        && let Ok(port) = port.parse::<u16>()
+    {
+        let ports = json!([{"name": "https", "port": port, "protocol": "TCP"}]);
+        st.put(
+            &gr("", "endpoints"),
+            json!({
+                "apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": "kubernetes", "namespace": "default", "uid": new_uid(),
+                    "creationTimestamp": now_rfc3339(),
+                    "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+                "subsets": [{"addresses": [{"ip": ip}], "ports": ports}],
+            }),
+        );
+        st.put(
+            &gr("discovery.k8s.io", "endpointslices"),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "kubernetes", "namespace": "default", "uid": new_uid(),
+                    "creationTimestamp": now_rfc3339(),
+                    "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+                "ports": ports,
+            }),
+        );
+    }
     crate::rbac::seed(&mut st);
     crate::auth::publish_extension_authentication(core, &mut st);
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {

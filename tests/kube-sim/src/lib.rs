@@ -5,14 +5,16 @@
 //! about any particular operator.
 //!
 //! Start it in-process with [`KubeSim::start`], then use [`KubeSim::client`] or
-//! [`KubeSim::kubeconfig_yaml`]. Services have no network here: a Service that a webhook or an
-//! APIService points at is reached through [`Options::service_addresses`] (`ns/name:port` →
-//! `host:port`) or, failing that, the Service's `kube-sim.io/address` annotation (`host:port`,
-//! used for every port of the Service).
+//! [`KubeSim::kubeconfig_yaml`]. A Service that a webhook or an APIService points at is reached
+//! through a ready endpoint of its EndpointSlices, as kube-apiserver with
+//! `--enable-aggregator-routing` does. Without a cluster to make endpoints,
+//! [`Options::service_addresses`] (`ns/name:port` → `host:port`) or the Service's
+//! `kube-sim.io/address` annotation (`host:port`, for every port) stand in for them.
 
 mod admission;
 mod apply;
 mod auth;
+mod available;
 pub mod bench;
 mod builtin;
 mod cel;
@@ -22,6 +24,7 @@ mod discovery;
 mod events;
 mod gc;
 mod handlers;
+mod logs;
 mod patch;
 mod proto;
 mod rbac;
@@ -108,6 +111,8 @@ pub(crate) struct Core {
     pub epoch: AtomicU64,
     pub opts: Options,
     pub gc: Notify,
+    /// Wakes the APIService availability controller.
+    pub available: Notify,
     pub server_addr: Mutex<String>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// CAs, certificates and the token signing key.
@@ -171,6 +176,7 @@ impl KubeSim {
             epoch: AtomicU64::new(1),
             opts: opts.clone(),
             gc: Notify::new(),
+            available: Notify::new(),
             server_addr: Mutex::new(addr.to_string()),
             shutdown,
             auth: authority,
@@ -188,6 +194,7 @@ impl KubeSim {
         let kubeconfig_ca = opts.tls.then(|| core.auth.ca.pem.clone());
         tokio::spawn(server::serve(core.clone(), listener, tls_cfg));
         tokio::spawn(gc::run(core.clone()));
+        tokio::spawn(available::run(core.clone()));
         let scheme = if opts.tls { "https" } else { "http" };
         tracing::info!(%addr, scheme, "kube-sim is serving");
         Ok(Self {

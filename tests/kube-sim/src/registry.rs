@@ -376,7 +376,20 @@ fn builtins() -> Vec<ResourceDef> {
             ]),
         B::new("", "v1", "endpoints", "Endpoints", true)
             .short(&["ep"])
-            .cols(vec![age()]),
+            .cols(vec![col("Endpoints", "string", "", 0), age()]),
+        B::new(
+            "discovery.k8s.io",
+            "v1",
+            "endpointslices",
+            "EndpointSlice",
+            true,
+        )
+        .cols(vec![
+            col("AddressType", "string", ".addressType", 0),
+            col("Ports", "string", "", 0),
+            col("Endpoints", "string", "", 0),
+            age(),
+        ]),
         B::new("", "v1", "persistentvolumes", "PersistentVolume", false)
             .short(&["pv"])
             .status(Set(json!({"phase": "Pending"})))

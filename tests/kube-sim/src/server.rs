@@ -382,7 +382,7 @@ async fn route(
             "scale" => def.scale.is_some(),
             "finalize" => def.group.is_empty() && def.plural == "namespaces",
             "token" => def.group.is_empty() && def.plural == "serviceaccounts",
-            "binding" => def.group.is_empty() && def.plural == "pods",
+            "binding" | "log" => def.group.is_empty() && def.plural == "pods",
             _ => false,
         };
         if !served {
@@ -442,6 +442,7 @@ async fn dispatch(
         (Method::GET, None, None) if is_watch => crate::watch::serve(ctx, None).await,
         (Method::GET, Some(n), None) if is_watch => crate::watch::serve(ctx, Some(n)).await,
         (Method::GET, None, None) => handlers::list(ctx),
+        (Method::GET, Some(n), Some("log")) => crate::logs::pod_log(ctx, n).await,
         (Method::GET, Some(n), sub) => handlers::get(ctx, n, sub.unwrap_or("")),
         (Method::POST, Some(n), Some("binding")) => handlers::bind_pod(ctx, n, body).await,
         (Method::POST, None, None) => {

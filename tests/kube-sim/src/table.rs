@@ -229,6 +229,75 @@ fn builtin_cell(obj: &Value, def: &ResourceDef, name: &str) -> Value {
                 .and_then(Value::as_i64)
                 .unwrap_or(1)
         )),
+        // kubectl's printers: `formatEndpoints` (ip:port, three at most) and
+        // `formatDiscoveryPorts` / `formatDiscoveryEndpoints` (`<unset>` when empty).
+        ("Endpoints", "Endpoints") => {
+            let mut all = Vec::new();
+            for ss in obj
+                .get("subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let ports: Vec<i64> = ss
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.get("port").and_then(Value::as_i64))
+                    .collect();
+                for a in ss
+                    .get("addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let ip = a.get("ip").and_then(Value::as_str).unwrap_or("");
+                    if ports.is_empty() {
+                        all.push(ip.to_owned());
+                    }
+                    for p in &ports {
+                        all.push(format!("{ip}:{p}"));
+                    }
+                }
+            }
+            json!(first_three(all, "<none>"))
+        }
+        ("EndpointSlice", "Ports") => {
+            let ports: Vec<String> = obj
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    p.get("port")
+                        .and_then(Value::as_i64)
+                        .map_or("<unset>".to_owned(), |n| n.to_string())
+                })
+                .collect();
+            json!(if ports.is_empty() {
+                "<unset>".to_owned()
+            } else {
+                ports.join(",")
+            })
+        }
+        ("EndpointSlice", "Endpoints") => {
+            let all: Vec<String> = obj
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|e| {
+                    e.get("addresses")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .collect();
+            json!(first_three(all, "<unset>"))
+        }
         ("APIService", "Service") => match obj.pointer("/spec/service") {
             Some(s) => json!(format!(
                 "{}/{}",
@@ -250,6 +319,14 @@ fn builtin_cell(obj: &Value, def: &ResourceDef, name: &str) -> Value {
             json!(st)
         }
         _ => Value::Null,
+    }
+}
+
+fn first_three(all: Vec<String>, none: &str) -> String {
+    match all.len() {
+        0 => none.to_owned(),
+        1..=3 => all.join(","),
+        n => format!("{} + {} more...", all[..3].join(","), n - 3),
     }
 }
 

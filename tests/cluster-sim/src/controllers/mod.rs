@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod job;
 pub mod namespace;
 pub mod nodelifecycle;
+pub mod proxy;
 pub mod replicaset;
 pub mod statefulset;
 pub mod volume;

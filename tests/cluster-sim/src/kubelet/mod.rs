@@ -8,6 +8,7 @@ pub mod net;
 pub mod node;
 pub mod probe;
 pub mod runtime;
+pub mod server;
 pub mod volumes;
 
 use crate::error::{Error, Result};
@@ -57,6 +58,7 @@ pub struct Kubelet {
     pub mounts: Arc<Mounts>,
     tokens: Tokens,
     pub node_ip: Ipv4Addr,
+    live_logs: server::LiveLogs,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +106,8 @@ struct Proc {
     child: Child,
     /// The container's process as the host sees it (pid 1 of its PID namespace).
     host_pid: Option<u32>,
+    /// Marks this run's log as still written, for `kubectl logs -f`, until the process goes.
+    _log: server::LiveLog,
 }
 
 #[derive(Debug)]
@@ -196,6 +200,7 @@ impl Kubelet {
             net,
             mounts: Arc::new(Mounts::default()),
             tokens: Tokens::default(),
+            live_logs: server::LiveLogs::default(),
             node_ip,
         });
         for d in [
@@ -237,6 +242,20 @@ impl Kubelet {
         let mut next_lease = Instant::now() + Duration::from_secs(10);
         let mut next_status = Instant::now() + Duration::from_secs(300);
         let mut next_ip: u8 = 2;
+        // Held for as long as this loop runs: the API server reads container logs from it.
+        let _serving = match server::serve(
+            self.node_ip,
+            self.cfg.node_root.clone(),
+            self.live_logs.clone(),
+        )
+        .await
+        {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::warn!(node = self.cfg.node_name, %error, "the kubelet's endpoint is not served");
+                None
+            }
+        };
         loop {
             if Instant::now() >= next_lease {
                 if let Err(error) = node::renew_lease(&self.client, &self.cfg.node_name).await {
@@ -430,7 +449,7 @@ impl Kubelet {
                     self.cfg.index,
                     rec.ip.octets()[3]
                 );
-                rec.sandbox = Some(Sandbox::create(self.net.gateway(), rec.ip, host_if).await?);
+                rec.sandbox = Some(Sandbox::create(&self.net, rec.ip, host_if).await?);
             }
             self.step_containers(pod, rec).await;
         }
@@ -588,7 +607,9 @@ impl Kubelet {
         }
         // Probes of a running process.
         let c = &mut rec.ctrs[idx];
-        if c.proc.is_none() || !matches!(c.state, State::Running { .. }) {
+        // A container already told to stop is not probed again: a new failure would push its
+        // kill back by another grace period, for ever.
+        if c.proc.is_none() || !matches!(c.state, State::Running { .. }) || c.kill_at.is_some() {
             return;
         }
         let since = c.running_since.map_or(Duration::ZERO, |t| t.elapsed());
@@ -620,7 +641,7 @@ impl Kubelet {
                         c.live_fail += 1;
                         if c.live_fail >= sp.failure_threshold.unwrap_or(3) {
                             kill(c);
-                            c.kill_at = Some(Instant::now() + grace(pod));
+                            c.kill_at = Some(Instant::now() + probe_grace(&sp, pod));
                         }
                     }
                 }
@@ -638,7 +659,7 @@ impl Kubelet {
                     tracing::debug!(container = c.spec.name, %message, "liveness probe failed");
                     if c.live_fail >= lp.failure_threshold.unwrap_or(3) {
                         kill(c);
-                        c.kill_at = Some(Instant::now() + grace(pod));
+                        c.kill_at = Some(Instant::now() + probe_grace(&lp, pod));
                         return;
                     }
                 }
@@ -753,8 +774,8 @@ impl Kubelet {
             ))
             .join(&c.spec.name);
         std::fs::create_dir_all(&log_dir).map_err(fail)?;
-        let log =
-            std::fs::File::create(log_dir.join(format!("{}.log", c.restarts))).map_err(fail)?;
+        let log_path = log_dir.join(format!("{}.log", c.restarts));
+        let log = std::fs::File::create(&log_path).map_err(fail)?;
         let log2 = log.try_clone().map_err(fail)?;
         let mut cmd = tokio::process::Command::new("nsenter");
         if let Some(ns) = netns {
@@ -781,7 +802,11 @@ impl Kubelet {
         .kill_on_drop(true);
         let child = cmd.spawn().map_err(fail)?;
         let host_pid = child.id().and_then(first_child);
-        c.proc = Some(Proc { child, host_pid });
+        c.proc = Some(Proc {
+            child,
+            host_pid,
+            _log: server::LiveLog::new(&self.live_logs, log_path),
+        });
         c.state = State::Running { started_at: now() };
         c.running_since = Some(Instant::now());
         c.ready = false;
@@ -1139,6 +1164,15 @@ fn grace(pod: &Pod) -> Duration {
         .and_then(|s| s.termination_grace_period_seconds)
         .unwrap_or(30);
     Duration::from_secs(u64::try_from(s).unwrap_or(30))
+}
+
+/// The grace period of a kill for a failed liveness or startup probe: the probe's own
+/// `terminationGracePeriodSeconds`, else the pod's [api: core/v1 `Probe`].
+fn probe_grace(probe: &k8s_openapi::api::core::v1::Probe, pod: &Pod) -> Duration {
+    probe
+        .termination_grace_period_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or_else(|| grace(pod), Duration::from_secs)
 }
 
 /// `GeneratePodHostNameAndDomain`: the hostname and the FQDN.

@@ -1,7 +1,9 @@
 //! Pod networking: each pod sandbox is a network namespace held open by a pause process,
-//! joined to the host by a veth pair and a /32 route, with its address from the cluster's
-//! range in 100.64.0.0/10 (shared address space, never routed off this machine). The
-//! cluster's gateway address on the host's loopback is where pods reach the API server.
+//! with its address from the cluster's range in 100.64.0.0/10 (shared address space, never
+//! routed off this machine). Pods hang by veth pairs off the cluster's router, a network
+//! namespace of its own that forwards between them and the host, so pods reach each other
+//! and the host reaches every pod without the host forwarding anything. The cluster's gateway
+//! address on the host's loopback is where pods reach the API server.
 
 use crate::error::{Error, Result};
 use std::net::Ipv4Addr;
@@ -9,11 +11,65 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use tokio::process::{Child, Command};
 
-/// The host addresses a cluster added to `lo`, removed again on drop.
+/// The host addresses a cluster added to `lo` and its router, removed again on drop.
 #[derive(Debug)]
 pub struct ClusterNet {
     pub id: u8,
     added: Mutex<Vec<Ipv4Addr>>,
+    router: Mutex<Option<std::process::Child>>,
+    router_pid: u32,
+}
+
+/// The router's end of the link to the host.
+const ROUTER_UPLINK: &str = "uplink";
+
+/// Runs `ip` (or, with `sh`, a shell line) inside the network namespace of `pid`.
+fn in_netns(pid: u32, args: &[&str], action: &'static str) -> Result<()> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(if args.first() == Some(&"sh") {
+            &[][..]
+        } else {
+            &["ip"][..]
+        })
+        .args(args)
+        .output()
+        .map_err(Error::io(action, "nsenter"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            action,
+            message: format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+/// Starts a pause process in a new network namespace and returns once the namespace exists.
+fn pause_process() -> Result<std::process::Child> {
+    let mut pause = std::process::Command::new("unshare")
+        .args(["--net", "--", "sleep", "infinity"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(Error::io("start the pause process", "unshare"))?;
+    let ours = netns_inode("self");
+    loop {
+        if let Some(status) = pause.try_wait().map_err(Error::io("wait for", "unshare"))? {
+            return Err(Error::Invalid {
+                action: "start the pause process",
+                message: format!("it exited: {status}"),
+            });
+        }
+        let theirs = netns_inode(&pause.id().to_string());
+        if theirs.is_some() && theirs != ours {
+            return Ok(pause);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 fn run_ip(args: &[&str]) -> std::io::Result<std::process::Output> {
@@ -46,16 +102,106 @@ impl ClusterNet {
             let out = run_ip(&["addr", "add", &format!("{gw}/32"), "dev", "lo"])
                 .map_err(Error::io("add an address", "lo"))?;
             if out.status.success() {
-                return Ok(Self {
+                let mut router = pause_process()?;
+                let router_pid = router.id();
+                let net = Self {
                     id,
                     added: Mutex::new(vec![gw]),
-                });
+                    router: Mutex::new(None),
+                    router_pid,
+                };
+                if let Err(e) = net.wire_router() {
+                    let _ = router.kill();
+                    let _ = router.wait();
+                    drop(net);
+                    return Err(e);
+                }
+                *net.router
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(router);
+                return Ok(net);
             }
         }
         Err(Error::Invalid {
             action: "claim a pod network",
             message: "every cluster id is in use".into(),
         })
+    }
+
+    /// Runs `f` on a thread of its own inside the router's network namespace: sockets it
+    /// makes there stay there.
+    pub fn in_router<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let path = format!("/proc/{}/ns/net", self.router_pid);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path)?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the router thread panicked")))
+    }
+
+    /// Adds (or with `add: false` removes) an address on the router's loopback.
+    pub fn router_address(&self, ip: Ipv4Addr, add: bool) -> Result<()> {
+        let cidr = format!("{ip}/32");
+        let verb = if add { "add" } else { "del" };
+        in_netns(
+            self.router_pid,
+            &["addr", verb, &cidr, "dev", "lo"],
+            "change a router address",
+        )
+    }
+
+    /// The host's end of the link to the router.
+    fn uplink(&self) -> String {
+        format!("cs{}r", self.id)
+    }
+
+    /// The router forwards (in its own namespace only) between the pods' links and its
+    /// uplink to the host, and answers ARP for what lies behind it (proxy ARP), so neither
+    /// side needs an address on the link: the host routes each pod's /32 into the uplink,
+    /// the router sends everything else to the gateway.
+    fn wire_router(&self) -> Result<()> {
+        let pid = self.router_pid.to_string();
+        let gw = self.gateway().to_string();
+        ip_ok(
+            &[
+                "link",
+                "add",
+                &self.uplink(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                ROUTER_UPLINK,
+                "netns",
+                &pid,
+            ],
+            "create the router's uplink",
+        )?;
+        ip_ok(
+            &["link", "set", &self.uplink(), "up"],
+            "bring up the uplink",
+        )?;
+        let forward = format!(
+            "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv4/conf/{ROUTER_UPLINK}/proxy_arp"
+        );
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "set", ROUTER_UPLINK, "up"],
+            &["route", "add", &format!("{gw}/32"), "dev", ROUTER_UPLINK],
+            &["route", "add", "default", "via", &gw, "dev", ROUTER_UPLINK],
+            &["sh", "-c", &forward],
+        ] {
+            in_netns(self.router_pid, args, "configure the cluster's router")?;
+        }
+        Ok(())
     }
 
     fn gateway_of(id: u8) -> Ipv4Addr {
@@ -88,6 +234,17 @@ impl ClusterNet {
 
 impl Drop for ClusterNet {
     fn drop(&mut self) {
+        if let Some(mut r) = self
+            .router
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        // The uplink goes with the router's namespace; deleting it makes that immediate.
+        let _ = run_ip(&["link", "del", &self.uplink()]);
         for ip in self
             .added
             .lock()
@@ -106,6 +263,7 @@ pub struct Sandbox {
     pub pid: u32,
     pub ip: Ipv4Addr,
     host_if: String,
+    uplink: String,
 }
 
 fn netns_inode(pid: &str) -> Option<u64> {
@@ -116,7 +274,7 @@ fn netns_inode(pid: &str) -> Option<u64> {
 }
 
 impl Sandbox {
-    pub async fn create(gw: Ipv4Addr, ip: Ipv4Addr, host_if: String) -> Result<Self> {
+    pub async fn create(net: &ClusterNet, ip: Ipv4Addr, host_if: String) -> Result<Self> {
         let mut pause = Command::new("unshare")
             .args(["--net", "--", "sleep", "infinity"])
             .kill_on_drop(true)
@@ -147,8 +305,9 @@ impl Sandbox {
             pid,
             ip,
             host_if,
+            uplink: net.uplink(),
         };
-        sb.wire(gw)?;
+        sb.wire(net)?;
         Ok(sb)
     }
 
@@ -156,14 +315,21 @@ impl Sandbox {
         PathBuf::from(format!("/proc/{}/ns/net", self.pid))
     }
 
-    fn wire(&self, gw: Ipv4Addr) -> Result<()> {
+    /// A veth pair from the router to the pod, a /32 route to the pod on the router and on
+    /// the host (through the uplink), and in the pod `eth0` with a default route to the
+    /// gateway, which the router's proxy ARP stands in for.
+    fn wire(&self, net: &ClusterNet) -> Result<()> {
         let pid = self.pid.to_string();
+        let router = net.router_pid;
+        let gw = net.gateway();
         let peer = format!("{}p", self.host_if);
         ip_ok(
             &[
                 "link",
                 "add",
                 &self.host_if,
+                "netns",
+                &router.to_string(),
                 "type",
                 "veth",
                 "peer",
@@ -174,23 +340,35 @@ impl Sandbox {
             ],
             "create the pod's veth pair",
         )?;
-        ip_ok(
-            &["link", "set", &self.host_if, "up"],
-            "bring up the host end",
-        )?;
-        ip_ok(
+        let proxy_arp = format!(
+            "echo 1 > /proc/sys/net/ipv4/conf/{}/proxy_arp",
+            self.host_if
+        );
+        for args in [
+            &["link", "set", &self.host_if, "up"][..],
+            &["sh", "-c", &proxy_arp],
             &[
                 "route",
                 "add",
                 &format!("{}/32", self.ip),
                 "dev",
                 &self.host_if,
+            ],
+        ] {
+            in_netns(router, args, "connect the pod to the router")?;
+        }
+        ip_ok(
+            &[
+                "route",
+                "add",
+                &format!("{}/32", self.ip),
+                "dev",
+                &self.uplink,
                 "src",
                 &gw.to_string(),
             ],
             "route to the pod",
         )?;
-        let ns = format!("--net=/proc/{pid}/ns/net");
         let inside: &[&[&str]] = &[
             &["link", "set", "lo", "up"],
             &["link", "set", &peer, "name", "eth0"],
@@ -208,22 +386,7 @@ impl Sandbox {
             ],
         ];
         for args in inside {
-            let out = std::process::Command::new("nsenter")
-                .arg(&ns)
-                .arg("ip")
-                .args(*args)
-                .output()
-                .map_err(Error::io("configure the pod network", "nsenter"))?;
-            if !out.status.success() {
-                return Err(Error::Invalid {
-                    action: "configure the pod network",
-                    message: format!(
-                        "ip {}: {}",
-                        args.join(" "),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ),
-                });
-            }
+            in_netns(self.pid, args, "configure the pod network")?;
         }
         Ok(())
     }
@@ -232,7 +395,13 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = self.pause.start_kill();
-        // The veth pair goes with the namespace; deleting the host end makes it immediate.
-        let _ = run_ip(&["link", "del", &self.host_if]);
+        // The veth pair goes with the pod's namespace; the host's route to the pod does not.
+        let _ = run_ip(&[
+            "route",
+            "del",
+            &format!("{}/32", self.ip),
+            "dev",
+            &self.uplink,
+        ]);
     }
 }

@@ -5,11 +5,12 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use anyhow::Result;
-use cluster_sim::{Cluster, Images, Options};
+use anyhow::{Context, Result};
+use cluster_sim::{Cluster, Image, Images, Options};
 use stash_test_support::Kubectl;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub struct Sim {
     pub cluster: Option<Cluster>,
@@ -89,4 +90,38 @@ pub async fn pod_names(sim: &Sim, ns: &str, selector: &str) -> Result<Vec<String
         .flatten()
         .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
         .collect())
+}
+
+/// The images of the tests that run pods: `sim-test-server` (this crate's test binary).
+pub fn images() -> Images {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sim-test-server"));
+    let mut images = Images::default();
+    images.known.insert(
+        "sim-test-server".into(),
+        Image::binary(bin, "sim-test-server", &[]),
+    );
+    images
+}
+
+/// A GET to the test image's plain-HTTP port: status and body.
+pub async fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect((ip, 8080))
+        .await
+        .with_context(|| format!("connect {ip}:8080"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
 }
