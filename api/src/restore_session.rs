@@ -63,7 +63,10 @@ pub struct RestoreSessionSpec {
     pub time_out: Option<String>,
     #[schemars(extend("default" = "agent"))]
     pub executor: Option<Executor>,
+    /// Not used by restores: a snapshot is restored in the mode it was taken in.
     pub read_mode: Option<ReadMode>,
+    /// What the restore may write per second on each node, lowering the node's budget: a
+    /// stream snapshot's extraction is paced; restic writes a direct snapshot's files itself.
     pub io_budget: Option<IoBudget>,
 }
 

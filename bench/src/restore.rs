@@ -141,6 +141,7 @@ async fn ours(
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: true,
         },
     )

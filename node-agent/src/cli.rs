@@ -373,6 +373,7 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 delete: a.delete,
                 include: a.include,
                 exclude: a.exclude,
+                budget: crate::budget::AssignmentBudget::unlimited(),
                 owners: !a.no_owners,
             };
             Ok(serde_json::to_string(

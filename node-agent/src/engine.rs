@@ -1,6 +1,7 @@
 //! One volume's backup or restore, in either read mode. Shared by the standalone commands and
 //! the assignment worker.
 
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -690,6 +691,25 @@ pub struct RestoreRequest {
     pub exclude: Vec<String>,
     /// Restore owners when the agent may (as root); on by default.
     pub owners: bool,
+    /// What a stream restore may write per second: it reads the dump no faster (what it
+    /// reads, it writes). restic writes a direct restore itself, unpaced.
+    pub budget: AssignmentBudget,
+}
+
+/// A stream restore's input, read no faster than its budget allows.
+struct Paced<R> {
+    inner: R,
+    budget: AssignmentBudget,
+}
+
+impl<R: Read> Read for Paced<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.budget.acquire_blocking(n as u64, 0);
+        }
+        Ok(n)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -760,10 +780,15 @@ fn restore_stream(
     id: &str,
     target: &Path,
     opts: &ExtractOptions,
+    budget: &AssignmentBudget,
 ) -> Result<ExtractReport, AgentError> {
+    let paced = |inner| Paced {
+        inner,
+        budget: budget.clone(),
+    };
     if is_block_device(target) {
         let (reader, dump) = dump_stream(handle, restic, id)?;
-        let extracted = crate::extract::extract_block(reader, target);
+        let extracted = crate::extract::extract_block(paced(reader), target);
         // An extraction error (an unsafe path, say) explains a broken pipe in dump.
         let dumped = wait_dump(handle, dump);
         let report = extracted?;
@@ -772,13 +797,13 @@ fn restore_stream(
     }
     let mut ex = Extractor::new(target, opts)?;
     let (reader, dump) = dump_stream(handle, restic, id)?;
-    let extracted = ex.extract(reader);
+    let extracted = ex.extract(paced(reader));
     let dumped = wait_dump(handle, dump);
     extracted?;
     dumped?;
     if ex.needs_second_pass() {
         let (reader, dump) = dump_stream(handle, restic, id)?;
-        let extracted = ex.extract_links(reader);
+        let extracted = ex.extract_links(paced(reader));
         let dumped = wait_dump(handle, dump);
         extracted?;
         dumped?;
@@ -890,15 +915,16 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
         owners: req.owners,
     };
     let (report, mode) = if snap.has_tag(TAG_STREAM) {
-        let (restic, id, target, opts) = (
+        let (restic, id, target, opts, budget) = (
             restic.clone(),
             snap.id.clone(),
             req.target.clone(),
             opts.clone(),
+            req.budget.clone(),
         );
         let handle = tokio::runtime::Handle::current();
         let report = tokio::task::spawn_blocking(move || {
-            restore_stream(&handle, &restic, &id, &target, &opts)
+            restore_stream(&handle, &restic, &id, &target, &opts, &budget)
         })
         .await
         .map_err(|e| AgentError::Other {

@@ -118,11 +118,9 @@ pub fn limits(budget: Option<&BudgetSpec>, mode: Option<ReadMode>) -> Result<Lim
                     .into(),
             ));
         }
-        None => {
-            return Err(refuse(
-                "ioBudget is not applied to restores yet: leave it unset".into(),
-            ));
-        }
+        // A restore: a stream snapshot's extraction is paced; restic writes a direct
+        // snapshot's files itself, which the restore reports.
+        None => {}
     }
     let bytes_per_second = b
         .bytes_per_second
@@ -250,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn an_assignment_budget_is_a_quantity_for_stream_backups_only() {
+    fn an_assignment_budget_is_a_quantity_for_stream_backups_and_restores() {
         let budget = |q: &str| BudgetSpec {
             bytes_per_second: Some(Quantity(q.into())),
             iops: None,
@@ -268,7 +266,14 @@ mod tests {
         assert!(err.to_string().contains("zero"), "{err}");
         let err = limits(Some(&budget("10Mi")), Some(ReadMode::Direct)).expect_err("direct");
         assert!(err.to_string().contains("stream mode only"), "{err}");
-        assert!(limits(Some(&budget("10Mi")), None).is_err());
+        // A restore is paced too (its stream snapshots' extraction).
+        assert_eq!(
+            limits(Some(&budget("10Mi")), None).ok(),
+            Some(Limits {
+                bytes_per_second: Some(10 << 20),
+                iops: None
+            })
+        );
         assert_eq!(
             limits(None, Some(ReadMode::Direct)).ok(),
             Some(Limits::default())

@@ -1139,13 +1139,22 @@ async fn run_volume(
                 include: v.include.clone().unwrap_or_default(),
                 exclude: v.exclude.clone().unwrap_or_default(),
                 owners: true,
+                budget: budget.clone(),
             };
             let r = engine::restore(restic, req).await?;
+            let unpaced = (r.mode == Some(ReadMode::Direct)
+                && budget.limits() != Limits::default())
+            .then(|| {
+                "the IO budget does not apply to direct-mode snapshots: restic wrote the files \
+                 unpaced"
+                    .to_owned()
+            });
             Ok(VolumeOutcome {
                 phase: Some(VolumePhase::Succeeded),
                 snapshot_id: Some(r.snapshot_id),
                 bytes: r.bytes,
                 files: r.files,
+                warnings: unpaced.into_iter().collect(),
                 ..VolumeOutcome::default()
             })
         }

@@ -168,6 +168,7 @@ async fn every_file_type_round_trips_through_a_stream_backup() -> Result {
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: true,
         },
     )
@@ -209,6 +210,7 @@ async fn restore_in_place_overwrites_changes_and_deletes_extraneous_files() -> R
                 delete: false,
                 include: vec![],
                 exclude: vec![],
+                budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
                 owners: true,
             },
         )
@@ -225,6 +227,7 @@ async fn restore_in_place_overwrites_changes_and_deletes_extraneous_files() -> R
                 delete: true,
                 include: vec![],
                 exclude: vec![],
+                budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
                 owners: true,
             },
         )
@@ -326,6 +329,7 @@ async fn sparse_files_round_trip_through_restic_and_gnu_tar() -> Result {
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: true,
         },
     )
@@ -639,6 +643,7 @@ async fn a_block_volume_is_streamed_as_one_image_and_restored_onto_a_device() ->
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: false,
         },
     )
@@ -728,6 +733,7 @@ async fn a_direct_snapshot_no_agent_judged_is_forgotten_by_the_next_backup() -> 
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: true,
         },
     )

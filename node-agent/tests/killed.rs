@@ -198,6 +198,7 @@ async fn a_stream_cut_short_is_saved_without_its_file_and_never_used() -> Result
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: false,
         },
     )

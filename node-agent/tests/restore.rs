@@ -116,6 +116,7 @@ impl World {
                 delete,
                 include: strings(include),
                 exclude: strings(exclude),
+                budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
                 owners: true,
             },
         )
@@ -626,6 +627,7 @@ async fn owners_are_restored_by_default_and_left_with_no_owners() -> Result {
                 delete: false,
                 include: vec![],
                 exclude: vec![],
+                budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
                 owners: false,
             },
         )

@@ -44,6 +44,7 @@ async fn restore(restic: &Restic, snapshot: &str, target: &Path) -> Result {
         delete: false,
         include: vec![],
         exclude: vec![],
+        budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
         owners: false,
     };
     engine::restore(restic, req).await?;

@@ -257,6 +257,7 @@ impl Ledger {
             delete: false,
             include: vec![],
             exclude: vec![],
+            budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
             owners: false,
         };
         engine::restore(&self.restic, req)

@@ -189,10 +189,15 @@ async fn agent_killed_during_restore(s: &Scenario<'_>) -> Result<()> {
         .to_owned();
     s.exec(&pod, "rm /data/big.txt; echo damaged > /data/small.txt")
         .await?;
-    let restore =
-        |name: &str| stash_e2e::manifests::restore_session(name, &s.ns, &bc.repository, &w, "", "");
+    // ~27 MiB written at 2 MiB/s: a quarter of a minute in which to delete the agent.
+    let restore = |name: &str| {
+        format!(
+            "{}  ioBudget: {{bytesPerSecond: 2Mi}}\n",
+            stash_e2e::manifests::restore_session(name, &s.ns, &bc.repository, &w, "", "")
+        )
+    };
     s.apply(&restore("first")).await?;
-    let node = until("the RestoreAssignment", WAIT, || async {
+    let node = until("the RestoreAssignment to be Running", WAIT, || async {
         let v = s
             .json(&[
                 "get",
@@ -201,9 +206,10 @@ async fn agent_killed_during_restore(s: &Scenario<'_>) -> Result<()> {
                 &format!("{}=first", expect::ASSIGNMENT_SESSION_LABEL),
             ])
             .await?;
-        Ok(v["items"][0]["spec"]["nodeName"]
-            .as_str()
-            .map(str::to_owned))
+        let a = &v["items"][0];
+        Ok((a["status"]["phase"] == "Running")
+            .then(|| a["spec"]["nodeName"].as_str().map(str::to_owned))
+            .flatten())
     })
     .await?;
     delete_agent_on(s, &node).await?;
