@@ -52,8 +52,10 @@ impl Drop for Tmpfs {
 }
 
 struct World {
-    dir: tempfile::TempDir,
+    // Unmounted before the directory is removed: `remove_dir_all` recurses once per level,
+    // and the deep-tree tests leave trees thousands of directories deep in it.
     fs: Tmpfs,
+    dir: tempfile::TempDir,
     restic: Restic,
 }
 
@@ -867,9 +869,20 @@ fn chain_contents(base: &Path) -> Result<Vec<Level>> {
 /// bottom, backed up and restored into an empty volume: every byte where it was in stream
 /// mode. Direct mode restores the 2,000-deep chain; the 5,000-deep one is past what restic
 /// itself can read (it opens whole paths, longer than PATH_MAX there), and the backup says
-/// so instead of keeping a snapshot without it.
-#[tokio::test]
-async fn deep_chains_back_up_and_restore_in_both_modes() -> Result {
+/// so instead of keeping a snapshot without it. All of it runs as the worker runs an
+/// assignment, a task on a runtime's worker thread, here with a quarter of tokio's default
+/// stack (the blocking pool's threads too): nothing may take stack in proportion to depth.
+#[test]
+fn deep_chains_back_up_and_restore_in_both_modes() -> Result {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(512 << 10)
+        .enable_all()
+        .build()?;
+    rt.block_on(async { rt.spawn(deep_chains()).await? })
+}
+
+async fn deep_chains() -> Result {
     let w = World::new("256m").await?;
     for mode in MODES {
         let src = w.path(&format!("source-{mode:?}"));
