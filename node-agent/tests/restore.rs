@@ -1123,3 +1123,59 @@ fn a_hard_link_whose_first_name_is_missing_never_links_to_live_data() -> Result 
     assert_eq!(std::fs::metadata(live.join("a"))?.nlink(), 1);
     Ok(())
 }
+
+/// A stream snapshot whose tar the extractor refuses part-way (a `..` entry), with more
+/// data after it than a pipe holds: the restore fails with the extractor's reason, and
+/// `restic dump` is not left blocked on a pipe nobody reads.
+#[tokio::test]
+async fn a_stream_refused_part_way_ends_its_dump() -> Result {
+    let w = World::new("64m").await?;
+    let after = pattern(8 << 20, 7);
+    let stream = tar_of(&[
+        (file_entry("first", 5), b"first".to_vec()),
+        (file_entry("../escape", 5), b"evil!".to_vec()),
+        (file_entry("after", after.len()), after),
+    ])?;
+    let mut restic = std::process::Command::new(restic_bin())
+        .args([
+            "backup",
+            "--no-cache",
+            "--json",
+            "--stdin",
+            "--stdin-filename",
+        ])
+        .args([
+            engine::STREAM_FILE,
+            "--tag",
+            engine::TAG_STREAM,
+            "--host",
+            "host-0",
+        ])
+        .env("RESTIC_REPOSITORY", w.dir.path().join("repo"))
+        .env("RESTIC_PASSWORD", PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = restic.stdin.take() {
+        std::io::Write::write_all(&mut stdin, &stream)?;
+    }
+    let out = restic.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "restic backup --stdin");
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["snapshot_id"].as_str().map(str::to_owned))
+        .ok_or_else(|| anyhow::anyhow!("no snapshot id"))?;
+    let live = w.path("live");
+    let done = w.ours(&id, &live, &[], false).await;
+    assert!(
+        matches!(
+            done,
+            Err(AgentError::Stream(
+                stash_node_agent::stream::StreamError::Unsafe { .. }
+            ))
+        ),
+        "{done:?}"
+    );
+    Ok(())
+}
