@@ -772,6 +772,24 @@ fn wait_dump(handle: &tokio::runtime::Handle, task: DumpTask) -> Result<(), Agen
         .map_err(AgentError::from)
 }
 
+/// Ends a dump whose stream the extractor has finished with: waits for it once the stream
+/// was read to the end, and stops it when the extractor gave up part-way (an unsafe entry,
+/// a corrupt header). restic holds a reading end of its own output (so that it never dies
+/// of a broken pipe with its lock held): left to finish, it would wait forever for a reader.
+fn end_dump<T>(
+    handle: &tokio::runtime::Handle,
+    task: DumpTask,
+    extracted: &Result<T, StreamError>,
+) -> Result<(), AgentError> {
+    if extracted.is_ok() {
+        return wait_dump(handle, task);
+    }
+    // Dropping the dump stops restic (SIGINT, then SIGKILL after its grace period).
+    task.abort();
+    let _ = handle.block_on(task);
+    Ok(())
+}
+
 /// A stream restore, on a blocking thread: the stream is read once, and a second time only
 /// for hard links whose first name the first read did not restore.
 fn restore_stream(
@@ -789,8 +807,7 @@ fn restore_stream(
     if is_block_device(target) {
         let (reader, dump) = dump_stream(handle, restic, id)?;
         let extracted = crate::extract::extract_block(paced(reader), target);
-        // An extraction error (an unsafe path, say) explains a broken pipe in dump.
-        let dumped = wait_dump(handle, dump);
+        let dumped = end_dump(handle, dump, &extracted);
         let report = extracted?;
         dumped?;
         return Ok(report);
@@ -798,13 +815,13 @@ fn restore_stream(
     let mut ex = Extractor::new(target, opts)?;
     let (reader, dump) = dump_stream(handle, restic, id)?;
     let extracted = ex.extract(paced(reader));
-    let dumped = wait_dump(handle, dump);
+    let dumped = end_dump(handle, dump, &extracted);
     extracted?;
     dumped?;
     if ex.needs_second_pass() {
         let (reader, dump) = dump_stream(handle, restic, id)?;
         let extracted = ex.extract_links(paced(reader));
-        let dumped = wait_dump(handle, dump);
+        let dumped = end_dump(handle, dump, &extracted);
         extracted?;
         dumped?;
     }

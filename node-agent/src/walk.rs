@@ -2,9 +2,12 @@
 //! so the two cannot disagree about what the volume holds.
 //!
 //! Every byte of a volume is hostile: the walk holds a descriptor of each directory it is in
-//! and opens every entry relative to it, one component at a time, with `O_NOFOLLOW` (a path
-//! of several components, a `paths` entry or a re-opened ancestor, goes through `openat2`
-//! with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`). Anything that is
+//! and opens every entry relative to it, one component at a time, with `O_NOFOLLOW` (a
+//! `paths` entry of several components goes through `openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`; an ancestor whose descriptor was closed is
+//! opened again through its child's `..`, or one name at a time from an ancestor still open,
+//! and checked to be the directory it was — never by its whole path, which in a deep tree is
+//! longer than the kernel resolves). Anything that is
 //! not a directory is opened `O_NONBLOCK`, so a FIFO put in a file's place cannot block it,
 //! and the type is checked again with `fstat` on the opened descriptor: what is not what the
 //! listing said is a changed entry, reported, never followed.
@@ -26,9 +29,9 @@ use crate::budget::AssignmentBudget;
 use crate::pattern::Patterns;
 use crate::stream::StreamError;
 
-/// Directory descriptors the walk keeps open at once; deeper ancestors are closed and opened
-/// again (beneath the root, checked to be the same directory) when the walk returns to them,
-/// so no tree a tenant can make exhausts the agent's descriptors.
+/// Directory descriptors the walk keeps open at once; shallower ancestors are closed and
+/// opened again (checked to be the same directory) when the walk returns to them, so no tree
+/// a tenant can make exhausts the agent's descriptors.
 const OPEN_DIRS: usize = 64;
 
 /// An entry's metadata, from `lstat` in its directory or `fstat` on its descriptor.
@@ -324,12 +327,13 @@ impl Volume {
             budget,
             skip_denied,
             stack: Vec::new(),
+            rel: Vec::new(),
         };
         let names = list(self.root.as_fd()).map_err(|e| read_error(&self.host, e))?;
         let root_meta = Meta::of(self.root.as_fd()).map_err(|e| read_error(&self.host, e))?;
         w.stack.push(Frame {
             fd: Some(self.root.clone()),
-            rel: PathBuf::new(),
+            rel_len: 0,
             meta: root_meta,
             names: names.into_iter(),
             selection: &self.selection,
@@ -360,10 +364,12 @@ fn list(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 }
 
 struct Frame<'s> {
-    /// `None` for the root (the volume holds it) and for an ancestor closed to save
-    /// descriptors.
+    /// `None` for an ancestor closed to save descriptors.
     fd: Option<Arc<OwnedFd>>,
-    rel: PathBuf,
+    /// The length of this directory's path in [`Walk::rel`]: its name is what lies between
+    /// its parent's length (and a `/`) and this one. Each frame holds no path of its own,
+    /// so a chain of directories costs memory in proportion to its depth, not its square.
+    rel_len: usize,
     meta: Meta,
     names: std::vec::IntoIter<OsString>,
     selection: &'s Selection,
@@ -374,6 +380,13 @@ struct Walk<'v> {
     budget: &'v AssignmentBudget,
     skip_denied: bool,
     stack: Vec<Frame<'v>>,
+    /// The path, relative to the root, of the entry being looked at (or of the directory
+    /// on top of the stack between entries).
+    rel: Vec<u8>,
+}
+
+fn as_path(bytes: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(bytes))
 }
 
 /// What an error opening or reading an entry means for the walk.
@@ -407,46 +420,105 @@ impl<'v> Walk<'v> {
         }
     }
 
-    /// The descriptor of the frame on top of the stack, opened again beneath the root if
-    /// it was closed; `None` when that directory is no longer where it was.
+    /// The descriptor of the frame on top of the stack, opened again if it was closed;
+    /// `None` when that directory is no longer where it was.
     fn top_fd(&mut self) -> Option<Arc<OwnedFd>> {
-        let root = self.volume.root.as_fd();
-        let top = self.stack.last_mut()?;
-        if top.fd.is_none() {
-            let fd =
-                rustix::fs::openat2(root, &top.rel, dir_flags(), Mode::empty(), beneath()).ok()?;
-            match Meta::of(&fd) {
-                Ok(m) if m.same_inode(&top.meta) => top.fd = Some(Arc::new(fd)),
-                _ => return None,
-            }
+        if let Some(fd) = &self.stack.last()?.fd {
+            return Some(fd.clone());
         }
-        top.fd.clone()
+        let fd = Arc::new(self.reopen_top()?);
+        self.stack.last_mut()?.fd = Some(fd.clone());
+        Some(fd)
+    }
+
+    /// Opens the directory on top of the stack again, one name at a time from its nearest
+    /// ancestor still open (the root at worst), each step checked to reach the directory
+    /// the walk went through. Never one path of the whole depth: a tree deeper than
+    /// PATH_MAX is walked to its bottom like any other.
+    fn reopen_top(&self) -> Option<OwnedFd> {
+        let open = self.stack.iter().rposition(|f| f.fd.is_some())?;
+        let mut fd = self.stack[open].fd.as_deref()?.try_clone().ok()?;
+        for pair in self.stack[open..].windows(2) {
+            let (parent, frame) = (&pair[0], &pair[1]);
+            let start = if parent.rel_len == 0 {
+                0
+            } else {
+                parent.rel_len + 1
+            };
+            let name = OsStr::from_bytes(self.rel.get(start..frame.rel_len)?);
+            let next = rustix::fs::openat(&fd, name, dir_flags(), Mode::empty()).ok()?;
+            if !Meta::of(&next).ok()?.same_inode(&frame.meta) {
+                return None;
+            }
+            fd = next;
+        }
+        Some(fd)
+    }
+
+    /// Leaves the directory on top of the stack. Its parent, if its descriptor was closed,
+    /// is opened again through the child's `..` (one step, whatever the depth), and only
+    /// if that is still the directory the walk came from; otherwise [`Walk::top_fd`] looks
+    /// for it where it was.
+    fn pop(&mut self) {
+        let Some(done) = self.stack.pop() else {
+            return;
+        };
+        let Some(parent) = self.stack.last_mut() else {
+            return;
+        };
+        self.rel.truncate(parent.rel_len);
+        if parent.fd.is_none()
+            && let Some(child) = &done.fd
+            && let Ok(up) = rustix::fs::openat(child.as_fd(), "..", dir_flags(), Mode::empty())
+            && Meta::of(&up).is_ok_and(|m| m.same_inode(&parent.meta))
+        {
+            parent.fd = Some(Arc::new(up));
+        }
     }
 
     fn run<V: Visitor>(&mut self, visitor: &mut V) -> Result<(), StreamError> {
         while let Some(top) = self.stack.last_mut() {
             let Some(name) = top.names.next() else {
-                self.stack.pop();
+                self.pop();
                 continue;
             };
             let Some(selection) = top.selection.child(&name) else {
                 continue;
             };
-            let rel = top.rel.join(&name);
-            if self.volume.excluded(&rel) {
-                continue;
+            let (base, depth) = (top.rel_len, self.stack.len());
+            if base > 0 {
+                self.rel.push(b'/');
             }
-            self.budget.acquire_blocking(0, 1);
-            let Some(dir) = self.top_fd() else {
-                // The directory was moved or replaced while the walk was deeper down.
-                let top_rel = self.stack.last().map(|f| f.rel.clone()).unwrap_or_default();
-                visitor.skipped(&top_rel, Skipped::Changed);
-                self.stack.pop();
-                continue;
-            };
-            self.entry(visitor, &dir, &name, rel, selection)?;
+            self.rel.extend_from_slice(name.as_bytes());
+            let step = self.step(visitor, &name, selection);
+            // An entry that became a directory of the walk keeps its name on the path.
+            if self.stack.len() == depth {
+                self.rel.truncate(base);
+            }
+            step?;
         }
         Ok(())
+    }
+
+    /// The entry `name` of the directory on top of the stack, whose path is [`Walk::rel`].
+    fn step<V: Visitor>(
+        &mut self,
+        visitor: &mut V,
+        name: &OsStr,
+        selection: &'v Selection,
+    ) -> Result<(), StreamError> {
+        if self.volume.excluded(as_path(&self.rel)) {
+            return Ok(());
+        }
+        self.budget.acquire_blocking(0, 1);
+        let Some(dir) = self.top_fd() else {
+            // The directory was moved or replaced while the walk was deeper down.
+            let top_len = self.stack.last().map_or(0, |f| f.rel_len);
+            visitor.skipped(as_path(&self.rel[..top_len]), Skipped::Changed);
+            self.pop();
+            return Ok(());
+        };
+        self.entry(visitor, &dir, name, selection)
     }
 
     fn entry<V: Visitor>(
@@ -454,17 +526,17 @@ impl<'v> Walk<'v> {
         visitor: &mut V,
         dir: &OwnedFd,
         name: &OsStr,
-        rel: PathBuf,
         selection: &'v Selection,
     ) -> Result<(), StreamError> {
+        let rel = as_path(&self.rel);
         let meta: Meta = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(s) => s.into(),
-            Err(e) => return self.handle(visitor, &rel, e),
+            Err(e) => return self.handle(visitor, rel, e),
         };
-        visitor.before_open(&rel);
+        visitor.before_open(rel);
         let (meta, xattrs, found) = match meta.file_type() {
             FileType::Directory => {
-                return self.directory(visitor, dir, name, rel, meta, selection);
+                return self.directory(visitor, dir, name, meta, selection);
             }
             FileType::RegularFile if V::OPENS_FILES => {
                 let flags = OFlags::RDONLY
@@ -474,18 +546,18 @@ impl<'v> Walk<'v> {
                     | OFlags::CLOEXEC;
                 let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
                     Ok(fd) => fd,
-                    Err(e) => return self.handle(visitor, &rel, e),
+                    Err(e) => return self.handle(visitor, rel, e),
                 };
-                let opened = Meta::of(&fd).map_err(|e| read_error(&rel, e))?;
+                let opened = Meta::of(&fd).map_err(|e| read_error(rel, e))?;
                 if opened.file_type() != FileType::RegularFile {
                     // A FIFO or device in the file's place: never read.
-                    visitor.skipped(&rel, Skipped::Changed);
+                    visitor.skipped(rel, Skipped::Changed);
                     return Ok(());
                 }
                 if !opened.same_inode(&meta) {
                     // Renamed over since the listing (an editor's save, log rotation): the
                     // file now there is read, and reported as changed.
-                    visitor.skipped(&rel, Skipped::Changed);
+                    visitor.skipped(rel, Skipped::Changed);
                 }
                 (opened, xattrs(&fd), Found::File(Some(File::from(fd))))
             }
@@ -494,7 +566,7 @@ impl<'v> Walk<'v> {
                     FileType::RegularFile => Found::File(None),
                     FileType::Symlink => match rustix::fs::readlinkat(dir, name, Vec::new()) {
                         Ok(t) => Found::Symlink(t.into_bytes()),
-                        Err(e) => return self.handle(visitor, &rel, e),
+                        Err(e) => return self.handle(visitor, rel, e),
                     },
                     FileType::Fifo => Found::Fifo,
                     FileType::CharacterDevice => Found::CharDevice,
@@ -508,12 +580,12 @@ impl<'v> Walk<'v> {
         };
         match xattrs {
             Ok(xattrs) => visitor.item(Item {
-                rel: &rel,
+                rel,
                 meta,
                 xattrs,
                 found,
             }),
-            Err(e) => self.handle(visitor, &rel, e),
+            Err(e) => self.handle(visitor, rel, e),
         }
     }
 
@@ -522,41 +594,41 @@ impl<'v> Walk<'v> {
         visitor: &mut V,
         parent: &OwnedFd,
         name: &OsStr,
-        rel: PathBuf,
         meta: Meta,
         selection: &'v Selection,
     ) -> Result<(), StreamError> {
+        let rel = as_path(&self.rel);
         let fd = match rustix::fs::openat(parent, name, dir_flags(), Mode::empty()) {
             Ok(fd) => fd,
             Err(e @ (Errno::ACCESS | Errno::PERM)) if self.skip_denied => {
                 // Its entry stays, empty, as the listing showed it.
                 let xattrs = xattrs_at(&entry_path(parent, name)).unwrap_or_default();
                 visitor.item(Item {
-                    rel: &rel,
+                    rel,
                     meta,
                     xattrs,
                     found: Found::Dir,
                 })?;
-                return self.handle(visitor, &rel, e);
+                return self.handle(visitor, rel, e);
             }
-            Err(e) => return self.handle(visitor, &rel, e),
+            Err(e) => return self.handle(visitor, rel, e),
         };
-        let opened = Meta::of(&fd).map_err(|e| read_error(&rel, e))?;
+        let opened = Meta::of(&fd).map_err(|e| read_error(rel, e))?;
         if !opened.same_inode(&meta) {
-            visitor.skipped(&rel, Skipped::Changed);
+            visitor.skipped(rel, Skipped::Changed);
         }
         let xattrs = match xattrs(&fd) {
             Ok(x) => x,
-            Err(e) => return self.handle(visitor, &rel, e),
+            Err(e) => return self.handle(visitor, rel, e),
         };
         let names = match list(fd.as_fd()) {
             Ok(n) => n,
             Err(e) => {
-                return self.handle(visitor, &rel, Errno::from_io_error(&e).unwrap_or(Errno::IO));
+                return self.handle(visitor, rel, Errno::from_io_error(&e).unwrap_or(Errno::IO));
             }
         };
         visitor.item(Item {
-            rel: &rel,
+            rel,
             meta: opened,
             xattrs,
             found: Found::Dir,
@@ -570,7 +642,7 @@ impl<'v> Walk<'v> {
         }
         self.stack.push(Frame {
             fd: Some(Arc::new(fd)),
-            rel,
+            rel_len: self.rel.len(),
             meta: opened,
             names: names.into_iter(),
             selection,

@@ -52,8 +52,10 @@ impl Drop for Tmpfs {
 }
 
 struct World {
-    dir: tempfile::TempDir,
+    // Unmounted before the directory is removed: `remove_dir_all` recurses once per level,
+    // and the deep-tree tests leave trees thousands of directories deep in it.
     fs: Tmpfs,
+    dir: tempfile::TempDir,
     restic: Restic,
 }
 
@@ -858,6 +860,154 @@ async fn deep_trees_restore_and_delete_without_recursion() -> Result {
     Ok(())
 }
 
+/// Creates a chain of `depth` directories named `d` below `base`, each holding a file `e`
+/// (named after `d`, so the walk comes back to every level after the chain below it) with
+/// its depth in it, and files `leaf` and `skip.log` at the bottom.
+fn deep_chain_with_files(base: &Path, depth: usize) -> Result {
+    let create = |at: &rustix::fd::OwnedFd, name: &str, data: &[u8]| -> Result {
+        let fd = rustix::fs::openat(
+            at,
+            name,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )?;
+        std::io::Write::write_all(&mut std::fs::File::from(fd), data)?;
+        Ok(())
+    };
+    let mut fd = open_dir(rustix::fs::CWD, base)?;
+    for level in 0..depth {
+        rustix::fs::mkdirat(&fd, "d", rustix::fs::Mode::from_raw_mode(0o755))?;
+        create(&fd, "e", format!("level {level}").as_bytes())?;
+        fd = open_dir(&fd, "d")?;
+    }
+    create(&fd, "leaf", &pattern(100_000, depth as u64))?;
+    create(&fd, "skip.log", b"excluded")
+}
+
+/// The names in one directory, each with its bytes (none for a directory).
+type Level = Vec<(String, Vec<u8>)>;
+
+/// Every level of a chain below `base` (the walk goes one `openat` at a time: the paths are
+/// longer than PATH_MAX).
+fn chain_contents(base: &Path) -> Result<Vec<Level>> {
+    let mut levels = Vec::new();
+    let mut fd = open_dir(rustix::fs::CWD, base)?;
+    loop {
+        let mut level = Vec::new();
+        let mut dir = rustix::fs::Dir::read_from(&fd)?;
+        let mut names = Vec::new();
+        while let Some(entry) = dir.read() {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names {
+            let data = if name == "d" {
+                vec![]
+            } else {
+                let f = rustix::fs::openat(
+                    &fd,
+                    name.as_str(),
+                    rustix::fs::OFlags::RDONLY,
+                    rustix::fs::Mode::empty(),
+                )?;
+                let mut data = Vec::new();
+                std::fs::File::from(f).read_to_end(&mut data)?;
+                data
+            };
+            level.push((name, data));
+        }
+        levels.push(level);
+        match open_dir(&fd, "d") {
+            Ok(next) => fd = next,
+            Err(_) => return Ok(levels),
+        }
+    }
+}
+
+/// Chains 2,000 and 5,000 directories deep, a file at each level and one excluded at the
+/// bottom, backed up and restored into an empty volume: every byte where it was in stream
+/// mode. Direct mode restores the 2,000-deep chain; the 5,000-deep one is past what restic
+/// itself can read (it opens whole paths, longer than PATH_MAX there), and the backup says
+/// so instead of keeping a snapshot without it. All of it runs as the worker runs an
+/// assignment, a task on a runtime's worker thread, here with a quarter of tokio's default
+/// stack (the blocking pool's threads too): nothing may take stack in proportion to depth.
+#[test]
+fn deep_chains_back_up_and_restore_in_both_modes() -> Result {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(512 << 10)
+        .enable_all()
+        .build()?;
+    rt.block_on(async { rt.spawn(deep_chains()).await? })
+}
+
+async fn deep_chains() -> Result {
+    let w = World::new("256m").await?;
+    for mode in MODES {
+        let src = w.path(&format!("source-{mode:?}"));
+        for depth in [2000, 5000] {
+            let chain = src.join(format!("chain-{depth}"));
+            std::fs::create_dir_all(&chain)?;
+            deep_chain_with_files(&chain, depth)?;
+        }
+        let backup = |src: &Path, key: &str| {
+            let req = BackupRequest {
+                host: Some("host-0".into()),
+                key: Some(key.into()),
+                excludes: vec!["*.log".into()],
+                ..BackupRequest::new(src, mode)
+            };
+            engine::backup(&w.restic, req)
+        };
+        let depths: &[usize] = match mode {
+            ReadMode::Stream => &[2000, 5000],
+            ReadMode::Direct => {
+                let all = backup(&src, "direct-5000").await;
+                match all {
+                    Err(AgentError::Restic(restic_wrapper::Error::IncompleteBackup {
+                        snapshot_id: None,
+                        unreadable,
+                    })) if unreadable.iter().all(|u| u.starts_with("chain-5000/")) => {}
+                    other => panic!("direct mode at 5,000 deep: {other:?}"),
+                }
+                std::fs::rename(src.join("chain-5000"), w.path("out-of-the-way"))?;
+                &[2000]
+            }
+        };
+        let r = backup(&src, &format!("{mode:?}")).await?;
+        assert!(r.changed_during_read.is_empty(), "{mode:?}: {r:?}");
+        let id = r
+            .snapshot_id
+            .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+        let live = w.path(&format!("live-{mode:?}"));
+        std::fs::create_dir_all(&live)?;
+        w.ours(&id, &live, &[], false).await?;
+        for depth in depths {
+            let name = format!("chain-{depth}");
+            let mut want = chain_contents(&src.join(&name))?;
+            assert_eq!(want.len(), depth + 1, "{mode:?}: the source chain");
+            let bottom = want.last_mut().map(|l| {
+                let before = l.len();
+                l.retain(|(name, _)| name != "skip.log");
+                before - l.len()
+            });
+            assert_eq!(
+                bottom,
+                Some(1),
+                "{mode:?}: the excluded file was in the source"
+            );
+            let got = chain_contents(&live.join(&name))?;
+            assert_eq!(got.len(), want.len(), "{mode:?}: levels of {name}");
+            let wrong = want.iter().zip(&got).position(|(w, g)| w != g);
+            assert_eq!(wrong, None, "{mode:?}: first level of {name} that differs");
+        }
+    }
+    Ok(())
+}
+
 /// Whether every regular file of `live` holds either its content in `a` or in `b`.
 fn each_file_is_one_of(live: &Path, a: &Path, b: &Path) -> Result<Vec<String>> {
     let mut bad = Vec::new();
@@ -1033,5 +1183,61 @@ fn a_hard_link_whose_first_name_is_missing_never_links_to_live_data() -> Result 
     assert!(!live.join("b").exists());
     assert_eq!(std::fs::read(live.join("c"))?, b"c", "the rest is restored");
     assert_eq!(std::fs::metadata(live.join("a"))?.nlink(), 1);
+    Ok(())
+}
+
+/// A stream snapshot whose tar the extractor refuses part-way (a `..` entry), with more
+/// data after it than a pipe holds: the restore fails with the extractor's reason, and
+/// `restic dump` is not left blocked on a pipe nobody reads.
+#[tokio::test]
+async fn a_stream_refused_part_way_ends_its_dump() -> Result {
+    let w = World::new("64m").await?;
+    let after = pattern(8 << 20, 7);
+    let stream = tar_of(&[
+        (file_entry("first", 5), b"first".to_vec()),
+        (file_entry("../escape", 5), b"evil!".to_vec()),
+        (file_entry("after", after.len()), after),
+    ])?;
+    let mut restic = std::process::Command::new(restic_bin())
+        .args([
+            "backup",
+            "--no-cache",
+            "--json",
+            "--stdin",
+            "--stdin-filename",
+        ])
+        .args([
+            engine::STREAM_FILE,
+            "--tag",
+            engine::TAG_STREAM,
+            "--host",
+            "host-0",
+        ])
+        .env("RESTIC_REPOSITORY", w.dir.path().join("repo"))
+        .env("RESTIC_PASSWORD", PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = restic.stdin.take() {
+        std::io::Write::write_all(&mut stdin, &stream)?;
+    }
+    let out = restic.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "restic backup --stdin");
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["snapshot_id"].as_str().map(str::to_owned))
+        .ok_or_else(|| anyhow::anyhow!("no snapshot id"))?;
+    let live = w.path("live");
+    let done = w.ours(&id, &live, &[], false).await;
+    assert!(
+        matches!(
+            done,
+            Err(AgentError::Stream(
+                stash_node_agent::stream::StreamError::Unsafe { .. }
+            ))
+        ),
+        "{done:?}"
+    );
     Ok(())
 }
