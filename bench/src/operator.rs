@@ -728,6 +728,8 @@ pub async fn run(
             .env("STASH_PUSHGATEWAY_URL", "")
             .env("STASH_RESTIC", restic)
             .env("STASH_STATE_DIR", scratch.path().join("operator-state"))
+            // As the chart's localRepositories.hostPaths would mount them.
+            .env("STASH_LOCAL_REPOSITORY_ROOTS", &repos)
             .env("STASH_LOG_LEVEL", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -344,14 +344,20 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         crate::repository::repo_key(repo_ref.namespace.as_deref().unwrap_or(&ns), &repo_ref.name);
     if step.status.targets.is_none() {
         // Pre-backup: the repository initialised once, by the operator, before any agent.
+        let mut node_local = None;
         if step.cond(types::BACKEND_REPOSITORY_INITIALIZED) != Some(true) {
             match post::initialise(&ctx, &repo_ref).await {
-                Ok(()) => step.set(
-                    types::BACKEND_REPOSITORY_INITIALIZED,
-                    true,
-                    reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
-                    "the repository is initialised",
-                ),
+                Ok(backend) => {
+                    if let restic_wrapper::Backend::Local { path } = backend {
+                        node_local = Some(path);
+                    }
+                    step.set(
+                        types::BACKEND_REPOSITORY_INITIALIZED,
+                        true,
+                        reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
+                        "the repository is initialised",
+                    )
+                }
                 Err(e) if e.is_retryable() => {
                     tracing::info!(error = %e, "repository not ready yet");
                     return Ok(Action::requeue(Duration::from_secs(5)));
@@ -390,7 +396,17 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
         let observed = resolve(&ctx, &bc).await?;
-        let planned = plan::plan(&session, &bc, &observed);
+        let mut planned = plan::plan(&session, &bc, &observed);
+        // The operator initialised the hostPath repository on its own node; hosts elsewhere
+        // would write into another directory. Unknown node (not set): nothing to compare.
+        let here = ctx.args.node_name.as_str();
+        if let Some(path) = node_local.as_deref()
+            && !here.is_empty()
+        {
+            plan::confine_to_node(&mut planned, here, |other| {
+                stash_rules::repository::other_node_message(path, here, other)
+            });
+        }
         let created_secs = session
             .metadata
             .creation_timestamp

@@ -269,6 +269,29 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
     out
 }
 
+/// Keeps only the work on `node` for a repository that is a directory of that node (a
+/// hostPath): the hosts on other nodes would write into another node's directory of the
+/// same path, a repository the operator never initialised and never prunes. They become
+/// problems, each with `message(their node)`.
+pub fn confine_to_node(plan: &mut Plan, node: &str, message: impl Fn(&str) -> String) {
+    let (keep, away): (Vec<_>, Vec<_>) = std::mem::take(&mut plan.assignments)
+        .into_iter()
+        .partition(|a| a.spec.node_name == node);
+    plan.assignments = keep;
+    for a in away {
+        let other = a.spec.node_name.as_str();
+        plan.waiting_for_agent.remove(other);
+        let hosts: BTreeSet<&str> = a.spec.volumes.iter().map(|v| v.host.as_str()).collect();
+        for host in hosts {
+            plan.problems.push(HostProblem {
+                host: host.to_owned(),
+                node: Some(other.to_owned()),
+                error: message(other),
+            });
+        }
+    }
+}
+
 /// Stash's exclude patterns name container paths (`/source/data/tmp`); the agent matches
 /// paths inside the volume, so an absolute pattern under a mount loses the mount's prefix.
 pub fn volume_patterns(patterns: &[String], mounts: &[String]) -> Vec<String> {
@@ -292,6 +315,42 @@ pub fn volume_patterns(patterns: &[String], mounts: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_local_repository_keeps_only_its_nodes_hosts() {
+        let on = |node: &str, hosts: &[&str]| BackupAssignment {
+            spec: BackupAssignmentSpec {
+                node_name: node.into(),
+                volumes: hosts
+                    .iter()
+                    .map(|h| AssignedVolume {
+                        host: (*h).into(),
+                        ..AssignedVolume::default()
+                    })
+                    .collect(),
+                ..BackupAssignmentSpec::default()
+            },
+            ..BackupAssignment::default()
+        };
+        let mut p = Plan {
+            assignments: vec![
+                on("a", &["host-0"]),
+                on("b", &["host-1", "host-1", "host-2"]),
+            ],
+            waiting_for_agent: ["b".to_owned()].into(),
+            ..Plan::default()
+        };
+        confine_to_node(&mut p, "a", |n| format!("on {n}"));
+        assert_eq!(p.assignments.len(), 1);
+        assert_eq!(p.assignments[0].spec.node_name, "a");
+        assert!(p.waiting_for_agent.is_empty());
+        let problems: Vec<(&str, &str)> = p
+            .problems
+            .iter()
+            .map(|x| (x.host.as_str(), x.error.as_str()))
+            .collect();
+        assert_eq!(problems, [("host-1", "on b"), ("host-2", "on b")]);
+    }
 
     #[test]
     fn container_path_excludes_become_volume_paths() {

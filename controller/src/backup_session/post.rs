@@ -60,14 +60,13 @@ fn known_usable(repo: &Repository) -> bool {
 /// The session's repository initialised and opening with its password
 /// (InitializeBackendRepository). What the Repository reconciler already established is
 /// taken from its status, so a burst of sessions does not each go to the backend.
-pub async fn initialise(ctx: &Ctx, r: &ObjectRef) -> Result<(), Error> {
+/// Returns the repository's backend.
+pub async fn initialise(ctx: &Ctx, r: &ObjectRef) -> Result<restic_wrapper::Backend, Error> {
     let (repo, opened) = open_ref(ctx, r).await?;
-    if known_usable(&repo) {
-        return Ok(());
+    if !known_usable(&repo) {
+        crate::repository::ensure_usable(ctx, &opened).await?;
     }
-    crate::repository::ensure_usable(ctx, &opened)
-        .await
-        .map(|_| ())
+    Ok(opened.backend)
 }
 
 fn keep(n: Option<i64>) -> Option<u64> {
