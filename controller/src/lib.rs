@@ -14,6 +14,7 @@ pub mod repo_lease;
 pub mod repository;
 pub mod schedule;
 pub mod server;
+pub mod spec_changes;
 pub mod target;
 pub mod trigger;
 

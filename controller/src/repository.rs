@@ -456,10 +456,10 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let configs: Api<BackupConfiguration> = Api::all(ctx.client.clone());
     Controller::new(repos, watcher::Config::default())
         .with_config(crate::context::controller_config())
-        // A new or changed BackupConfiguration changes the references.
-        .watches(
-            configs,
-            watcher::Config::default(),
+        // A new, re-pointed or deleted BackupConfiguration changes the references; its
+        // status, which references do not depend on, does not.
+        .watches_stream(
+            crate::spec_changes::watch(configs, watcher::Config::default()),
             |c: BackupConfiguration| {
                 let ns = c.namespace().unwrap_or_default();
                 c.spec.repository.map(|r| {

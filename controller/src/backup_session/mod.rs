@@ -13,12 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use stash_api::assignment::BackupAssignment;
@@ -27,10 +29,53 @@ use stash_api::backup_session::{
 };
 use stash_api::common::InvokerPhase;
 use stash_api::conditions::{Condition, find_condition, reasons, set_condition, types};
+use stash_api::repository::Repository;
 use stash_api::{BackupConfiguration, BackupSession, labels};
 
 use crate::context::Ctx;
 use crate::error::{Error, is_conflict};
+
+/// The shared context plus what only sessions read, from watches: every session (this
+/// controller's own cache) and every Repository. A burst of 500 sessions listed their
+/// namespace's sessions and read their Repository and its Secret once each, which cost the
+/// API server more than the planning.
+pub struct SessionCtx {
+    ctx: Arc<Ctx>,
+    sessions: Store<BackupSession>,
+    repositories: Store<Repository>,
+    /// The Leases of the operator's namespace: the repositories' retention Leases.
+    leases: Store<Lease>,
+}
+
+impl std::fmt::Debug for SessionCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionCtx").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for SessionCtx {
+    type Target = Ctx;
+    fn deref(&self) -> &Ctx {
+        &self.ctx
+    }
+}
+
+/// An object from a cache, or from the API server when the cache does not hold it (yet):
+/// an object created a moment ago must not look absent.
+async fn cached_or_get<K>(
+    store: &Store<K>,
+    api: Api<K>,
+    name: &str,
+) -> Result<Option<K>, kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let key = ObjectRef::new(name).within(api.namespace().unwrap_or_default());
+    match store.get(&key) {
+        Some(o) => Ok(Some((*o).clone())),
+        None => api.get_opt(name).await,
+    }
+}
 
 /// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
 /// `retryConfig.delay` are written.
@@ -95,11 +140,20 @@ async fn resolve(ctx: &Ctx, bc: &BackupConfiguration) -> Result<plan::Observed, 
         .await
         .map_err(Error::kube("list the target's pods"))?
         .items;
-    observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("list the claims"))?
-        .items;
+    // Claims (and their volumes) matter only to pods that mount one.
+    let uses_claims = observed.pods.iter().any(|p| {
+        p.spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .any(|v| v.persistent_volume_claim.is_some() || v.ephemeral.is_some())
+    });
+    if uses_claims {
+        observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("list the claims"))?
+            .items;
+    }
     let wanted: BTreeSet<String> = observed
         .claims
         .iter()
@@ -212,7 +266,7 @@ impl Step<'_> {
 }
 
 #[tracing::instrument(skip_all, fields(kind = "BackupSession", ns = %session.namespace().unwrap_or_default(), name = %session.name_any()))]
-async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles
         .get_or_create(&crate::metrics::KindLabels {
@@ -237,10 +291,13 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         step.save().await?;
         return Ok(Action::await_change());
     };
-    let bc = Api::<BackupConfiguration>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&bc_name)
-        .await
-        .map_err(Error::kube("read the BackupConfiguration"))?;
+    let bc = cached_or_get(
+        &ctx.configs,
+        Api::namespaced(ctx.client.clone(), &ns),
+        &bc_name,
+    )
+    .await
+    .map_err(Error::kube("read the BackupConfiguration"))?;
     if is_final(step.status.phase) {
         return post::after_final(&ctx, &session, bc.as_ref()).await;
     }
@@ -297,13 +354,11 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
             .await;
             return Ok(Action::await_change());
         }
-        let others = Api::<BackupSession>::namespaced(ctx.client.clone(), &ns)
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::kube("list the invoker's sessions"))?
-            .items;
+        // This controller's cache holds every session it was started for, older ones first.
+        let others = ctx.sessions.state();
         let running = others.iter().find(|o| {
             o.name_any() != session.name_any()
+                && o.namespace().as_deref() == Some(ns.as_str())
                 && invoker_name(o).as_deref() == Some(bc_name.as_str())
                 && o.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Running)
         });
@@ -346,7 +401,15 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         // Pre-backup: the repository initialised once, by the operator, before any agent.
         let mut node_local = None;
         if step.cond(types::BACKEND_REPOSITORY_INITIALIZED) != Some(true) {
-            match post::initialise(&ctx, &repo_ref).await {
+            let repo_ns = repo_ref.namespace.clone().unwrap_or_else(|| ns.clone());
+            let repo = cached_or_get(
+                &ctx.repositories,
+                Api::namespaced(ctx.client.clone(), &repo_ns),
+                &repo_ref.name,
+            )
+            .await
+            .map_err(Error::kube("read the Repository"))?;
+            match post::initialise(&ctx, &repo_ns, &repo_ref.name, repo).await {
                 Ok(backend) => {
                     if let restic_wrapper::Backend::Local { path } = backend {
                         node_local = Some(path);
@@ -392,7 +455,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         // side by side.
         let lock = ctx.repo_lock(&repo_key);
         let held = lock.read().await;
-        if crate::repo_lease::held(&ctx, &repo_key).await? {
+        if crate::repo_lease::held_in(&ctx.leases, &ctx, &repo_key).await? {
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
         let observed = resolve(&ctx, &bc).await?;
@@ -599,7 +662,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<Ctx>) -> Action {
+fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<SessionCtx>) -> Action {
     ctx.metrics
         .errors
         .get_or_create(&crate::metrics::ErrorLabels {
@@ -618,12 +681,32 @@ fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<Ctx>) -> Action {
 pub async fn controller(ctx: Arc<Ctx>) {
     let api: Api<BackupSession> = Api::all(ctx.client.clone());
     let assignments: Api<BackupAssignment> = Api::all(ctx.client.clone());
-    Controller::new(api, watcher::Config::default())
+    let (repositories, repository_watch) = crate::context::watch_into_store(
+        Api::<Repository>::all(ctx.client.clone()),
+        watcher::Config::default(),
+        "Repositories",
+    );
+    let (leases, lease_watch) = crate::context::watch_into_store(
+        Api::<Lease>::namespaced(ctx.client.clone(), &ctx.args.namespace),
+        watcher::Config::default(),
+        "repository Leases",
+    );
+    let controller = Controller::new(api, watcher::Config::default())
         .with_config(crate::context::controller_config())
-        .owns(assignments, watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
+        .owns(assignments, watcher::Config::default());
+    let sctx = Arc::new(SessionCtx {
+        sessions: controller.store(),
+        repositories,
+        leases,
+        ctx,
+    });
+    tokio::join!(
+        repository_watch,
+        lease_watch,
+        controller
+            .run(reconcile, error_policy, sctx)
+            .for_each(|_| async {}),
+    );
 }
 
 #[cfg(test)]
