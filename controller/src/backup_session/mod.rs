@@ -45,6 +45,39 @@ pub struct SessionCtx {
     repositories: Store<Repository>,
     /// The Leases of the operator's namespace: the repositories' retention Leases.
     leases: Store<Lease>,
+    /// The status this process last wrote when it planned a session, by session UID, until
+    /// the cache shows it. A reconcile started by the session's new assignment often found
+    /// the cache without that write yet and planned the session again (one in seven of a
+    /// burst: its reads, a refused create and a second "BackupAssigned" event).
+    planned: std::sync::Mutex<std::collections::HashMap<String, BackupSessionStatus>>,
+}
+
+impl SessionCtx {
+    fn planned(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, BackupSessionStatus>> {
+        self.planned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session's status: the cache's, or this process's planning write the cache does
+    /// not show yet.
+    fn status_of(&self, session: &BackupSession) -> BackupSessionStatus {
+        let uid = session.uid().unwrap_or_default();
+        let cached = session.status.clone().unwrap_or_default();
+        let mut planned = self.planned();
+        if cached.targets.is_some() {
+            planned.remove(&uid);
+            return cached;
+        }
+        planned.get(&uid).cloned().unwrap_or(cached)
+    }
+
+    fn remember_planned(&self, session: &BackupSession, status: &BackupSessionStatus) {
+        self.planned()
+            .insert(session.uid().unwrap_or_default(), status.clone());
+    }
 }
 
 impl std::fmt::Debug for SessionCtx {
@@ -278,7 +311,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
     let mut step = Step {
         ctx: &ctx,
         session: &session,
-        status: session.status.clone().unwrap_or_default(),
+        status: ctx.status_of(&session),
         now: Time(now),
     };
     let Some(bc_name) = invoker_name(&session) else {
@@ -446,6 +479,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
                         ..BackupTargetStatus::default()
                     }]);
                     step.save().await?;
+                    ctx.remember_planned(&session, &step.status);
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
             }
@@ -547,6 +581,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
             ..BackupTargetStatus::default()
         }]);
         step.save().await?;
+        ctx.remember_planned(&session, &step.status);
         event(
             &ctx,
             &session,
@@ -698,6 +733,7 @@ pub async fn controller(ctx: Arc<Ctx>) {
         sessions: controller.store(),
         repositories,
         leases,
+        planned: std::sync::Mutex::default(),
         ctx,
     });
     tokio::join!(
