@@ -1059,6 +1059,9 @@ async fn killed_worker(mode: &str) -> Result {
             .arg(restic_bin())
             .arg("--mountinfo")
             .arg(dir.path().join("mountinfo"))
+            // As the chart's localRepositories.hostPaths would pass it.
+            .arg("--local-repository-roots")
+            .arg(&repo_path)
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("KUBECONFIG", &kubeconfig)
