@@ -680,6 +680,18 @@ async fn burst(
     })
 }
 
+/// Requests served between two counts, by verb and resource; what did not change is left out.
+fn request_diff(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 /// A free TCP port on the loopback interface, for the operator's /metrics.
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
@@ -728,6 +740,8 @@ pub async fn run(
             .env("STASH_PUSHGATEWAY_URL", "")
             .env("STASH_RESTIC", restic)
             .env("STASH_STATE_DIR", scratch.path().join("operator-state"))
+            // As the chart's localRepositories.hostPaths would mount them.
+            .env("STASH_LOCAL_REPOSITORY_ROOTS", &repos)
             .env("STASH_LOG_LEVEL", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -745,9 +759,11 @@ pub async fn run(
 
     let cpu_before = op.cpu_seconds()?;
     let own_before = cpu_seconds("self")?;
+    let requests_before = sim.get()?.request_counts();
     let b = burst(&client, &size, &configs, &mut op, &log).await?;
     let cpu = op.cpu_seconds()? - cpu_before;
     let own_cpu = cpu_seconds("self")? - own_before;
+    let requests = request_diff(&requests_before, &sim.get()?.request_counts());
     let rss_after_burst = op.memory_mib("VmRSS")?;
     let rss_peak = op.memory_mib("VmHWM")?;
     let warnings = std::fs::read_to_string(&log)
@@ -797,6 +813,22 @@ pub async fn run(
     latency.insert("all_creates_returned_ms".into(), ms(b.creates).into());
     latency.insert("all_assignments_seen_ms".into(), ms(b.wall).into());
     latency.insert("operator_warnings_in_log".into(), warnings.into());
+    // The bench's own requests are its creates and its one watch.
+    let served: u64 = requests.values().sum();
+    let operator_requests = served.saturating_sub(size.sessions as u64 + 1);
+    latency.insert(
+        "operator_requests_per_session".into(),
+        (operator_requests as f64 / size.sessions as f64).into(),
+    );
+    latency.insert(
+        "requests_during_burst".into(),
+        Value::Object(
+            requests
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+        ),
+    );
     let mut p50_notes = latency.clone();
     p50_notes.insert(
         "ratio_meaning".into(),

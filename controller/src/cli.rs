@@ -108,6 +108,26 @@ pub struct RunArgs {
     /// Seconds a restic command of the operator may run before it is stopped.
     #[arg(long, env = "STASH_RESTIC_TIMEOUT_SECONDS", default_value_t = 1800)]
     pub restic_timeout_seconds: u64,
+    /// Host directories mounted into this pod (and the node agents) at the same path, under
+    /// which local (hostPath) repositories may live; comma-separated. A local repository
+    /// elsewhere gets a condition instead of a repository in the container's filesystem.
+    #[arg(long, env = "STASH_LOCAL_REPOSITORY_ROOTS", value_delimiter = ',')]
+    pub local_repository_roots: Vec<PathBuf>,
+    /// The node this pod runs on: a local repository is a directory of this node, so only
+    /// hosts on it can back up into one.
+    #[arg(long, env = "STASH_NODE_NAME", default_value = "")]
+    pub node_name: String,
+}
+
+impl RunArgs {
+    /// The local repository roots, without the empty entries an empty variable leaves.
+    pub fn local_roots(&self) -> Vec<PathBuf> {
+        self.local_repository_roots
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Args)]

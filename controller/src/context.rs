@@ -196,7 +196,7 @@ where
 
 /// A cache of the objects `api` and `config` select, and the watch that fills it, which
 /// runs as long as it is polled.
-fn watch_into_store<K>(
+pub(crate) fn watch_into_store<K>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,

@@ -15,6 +15,7 @@ pub mod repository;
 pub mod restore_session;
 pub mod schedule;
 pub mod server;
+pub mod spec_changes;
 pub mod target;
 pub mod trigger;
 

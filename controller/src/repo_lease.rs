@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::context::Ctx;
 use crate::error::{Error, is_conflict, is_not_found};
@@ -24,15 +25,36 @@ fn api(ctx: &Ctx) -> Api<Lease> {
     Api::namespaced(ctx.client.clone(), &ctx.args.namespace)
 }
 
-/// Whether someone holds the repository's Lease (and has renewed it in time).
+/// Whether someone holds the repository's Lease (and has renewed it in time), as a watch of
+/// the operator's Leases last saw it: asking the API server, every session of a burst read it
+/// once. A Lease taken a moment ago by this process is also behind its in-process repository
+/// lock, which planning holds.
+pub async fn held_in(leases: &Store<Lease>, ctx: &Ctx, repo_key: &str) -> Result<bool, Error> {
+    // Before the first listing an empty cache would say "free".
+    leases
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped {
+            what: "repository Leases",
+        })?;
+    let key = ObjectRef::new(&lease_name(repo_key)).within(&ctx.args.namespace);
+    Ok(leases.get(&key).is_some_and(|l| is_held(&l)))
+}
+
+/// [`held_in`] asking the API server, for the rare caller without the watch (a restore
+/// planned once).
 pub async fn held(ctx: &Ctx, repo_key: &str) -> Result<bool, Error> {
     let lease = api(ctx)
         .get_opt(&lease_name(repo_key))
         .await
-        .map_err(Error::kube("read the repository Lease"))?;
-    Ok(lease.and_then(|l| l.spec).is_some_and(|s| {
-        s.holder_identity.as_deref().is_some_and(|h| !h.is_empty()) && still_valid(&s)
-    }))
+        .map_err(Error::kube("read the repository's Lease"))?;
+    Ok(lease.is_some_and(|l| is_held(&l)))
+}
+
+fn is_held(lease: &Lease) -> bool {
+    lease.spec.as_ref().is_some_and(|s| {
+        s.holder_identity.as_deref().is_some_and(|h| !h.is_empty()) && still_valid(s)
+    })
 }
 
 fn still_valid(s: &LeaseSpec) -> bool {

@@ -72,6 +72,8 @@ pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
     };
     let backend = stash_rules::repository::backend(&repo.spec.backend)
         .map_err(|e| invalid(reasons::REPOSITORY_NOT_AVAILABLE, e))?;
+    stash_rules::repository::check_reachable(&backend, &ctx.args.local_roots())
+        .map_err(|e| invalid(reasons::REPOSITORY_NOT_AVAILABLE, e))?;
     let secret_name = stash_rules::repository::secret_name(&repo.spec.backend)
         .map_err(|e| invalid(reasons::BACKEND_SECRET_NOT_AVAILABLE, e))?;
     let secret = match Api::<Secret>::namespaced(ctx.client.clone(), &ns)
@@ -193,6 +195,20 @@ pub async fn record_listing(
             status.last_backup_time = times.iter().copied().chain(last).max().map(Time);
         }
         Err(error) => tracing::warn!(%error, "cannot list the repository's snapshots"),
+    }
+}
+
+/// The initialised condition's message; for a hostPath repository it names the one node
+/// whose directory it is, because on every other node the same path is another directory.
+fn usable_message(backend: &restic_wrapper::Backend, node: &str) -> String {
+    let plain = "the restic repository exists and opens with the password";
+    match backend {
+        restic_wrapper::Backend::Local { path } if !node.is_empty() => format!(
+            "{plain}; it is the hostPath {} of node {node}, where the operator runs: only \
+             workloads on that node can back up into it",
+            path.display()
+        ),
+        _ => plain.to_owned(),
     }
 }
 
@@ -396,7 +412,7 @@ async fn reconcile(repo: Arc<Repository>, ctx: Arc<Ctx>) -> Result<Action, Error
                         types::BACKEND_REPOSITORY_INITIALIZED,
                         true,
                         reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
-                        "the restic repository exists and opens with the password",
+                        usable_message(&opened.backend, &ctx.args.node_name),
                     ));
                     record_listing(&mut status, &native).await;
                     Duration::from_secs(300)
@@ -428,10 +444,10 @@ pub async fn controller(ctx: Arc<Ctx>) {
     let configs: Api<BackupConfiguration> = Api::all(ctx.client.clone());
     Controller::new(repos, watcher::Config::default())
         .with_config(crate::context::controller_config())
-        // A new or changed BackupConfiguration changes the references.
-        .watches(
-            configs,
-            watcher::Config::default(),
+        // A new, re-pointed or deleted BackupConfiguration changes the references; its
+        // status, which references do not depend on, does not.
+        .watches_stream(
+            crate::spec_changes::watch(configs, watcher::Config::default()),
             |c: BackupConfiguration| {
                 let ns = c.namespace().unwrap_or_default();
                 c.spec.repository.map(|r| {

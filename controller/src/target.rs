@@ -166,11 +166,20 @@ pub async fn observe(ctx: &Ctx, ns: &str, target: Option<&TargetRef>) -> Result<
         .await
         .map_err(Error::kube("list the target's pods"))?
         .items;
-    observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("list the claims"))?
-        .items;
+    // Claims (and their volumes) matter only to pods that mount one.
+    let uses_claims = observed.pods.iter().any(|p| {
+        p.spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .any(|v| v.persistent_volume_claim.is_some() || v.ephemeral.is_some())
+    });
+    if uses_claims {
+        observed.claims = Api::<PersistentVolumeClaim>::namespaced(c.clone(), &tns)
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("list the claims"))?
+            .items;
+    }
     let wanted: BTreeSet<String> = observed
         .claims
         .iter()

@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// interrupted (and retried while the retry deadline allows).
     #[arg(long, env = "STASH_RESTIC_TIMEOUT_SECONDS", default_value_t = 6 * 3600)]
     pub restic_timeout_seconds: u64,
+    /// Host directories mounted into this pod (and the operator) at the same path, under
+    /// which local (hostPath) repositories may live; comma-separated. An assignment into a
+    /// local repository elsewhere fails instead of writing into the container.
+    #[arg(long, env = "STASH_LOCAL_REPOSITORY_ROOTS", value_delimiter = ',')]
+    pub local_repository_roots: Vec<PathBuf>,
 }
 
 /// Where the repository is and how restic runs; the password and credentials come from
@@ -302,6 +307,11 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                     deadline: Duration::from_secs(a.retry_deadline_seconds),
                 },
                 restic_timeout: Duration::from_secs(a.restic_timeout_seconds.max(1)),
+                local_roots: a
+                    .local_repository_roots
+                    .into_iter()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect(),
             };
             let health = tokio::spawn(serve_health(a.metrics_port, metrics));
             // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

@@ -84,6 +84,8 @@ pub struct WorkerConfig {
     /// The deadline of every restic command; one that runs longer is stopped (a timeout is
     /// retryable).
     pub restic_timeout: Duration,
+    /// The host directories mounted here under which local repositories may live.
+    pub local_roots: Vec<PathBuf>,
 }
 
 fn now() -> Time {
@@ -1187,6 +1189,7 @@ async fn open_repository(
         .await
         .map_err(AgentError::kube("read the storage Secret"))?;
     let backend = stash_rules::repository::backend(&repo.spec.backend).map_err(invalid)?;
+    stash_rules::repository::check_reachable(&backend, &cfg.local_roots).map_err(invalid)?;
     let scratch = cfg.state_dir.join("scratch").join(uid);
     std::fs::create_dir_all(&scratch).map_err(|source| AgentError::Io {
         action: "create the scratch directory",

@@ -251,6 +251,8 @@ async fn the_worker_backs_up_assigned_volumes_and_reports_status() -> Result {
         read_concurrency: None,
         retry: RetryPolicy::default(),
         restic_timeout: Duration::from_secs(600),
+        // The repository's directory stands for the chart's local repository root.
+        local_roots: vec![dir.path().join("repository")],
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(run(client.clone(), cfg, async move {
@@ -437,6 +439,8 @@ async fn an_agent_killed_mid_backup_is_replaced_and_the_work_finishes() -> Resul
         read_concurrency: None,
         retry: RetryPolicy::default(),
         restic_timeout: Duration::from_secs(600),
+        // The repository's directory stands for the chart's local repository root.
+        local_roots: vec![dir.path().join("repository")],
     };
     // The first agent reads at 2 MiB/s, so it is surely mid-volume when it dies.
     let first = tokio::spawn(run(
@@ -543,6 +547,8 @@ impl Cluster {
             read_concurrency: None,
             retry,
             restic_timeout: Duration::from_secs(600),
+            // The repository's directory stands for the chart's local repository root.
+            local_roots: vec![self.dir.path().join("repository")],
         }
     }
 
@@ -1053,6 +1059,9 @@ async fn killed_worker(mode: &str) -> Result {
             .arg(restic_bin())
             .arg("--mountinfo")
             .arg(dir.path().join("mountinfo"))
+            // As the chart's localRepositories.hostPaths would pass it.
+            .arg("--local-repository-roots")
+            .arg(&repo_path)
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("KUBECONFIG", &kubeconfig)

@@ -2,7 +2,7 @@
 //! needs, so that the operator (which initialises repositories and applies retention) and the
 //! node agent (which backs up into them) reach the same repository.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Secret;
 use restic_wrapper::{Backend, Secrets};
@@ -34,6 +34,14 @@ pub enum InvalidRepository {
          agent; use executor: job"
     )]
     LocalNotHostPath,
+    #[error(
+        "the local repository {path} is not under a host directory mounted into the operator \
+         and the node agents ({mounted}); list its directory in the chart value \
+         localRepositories.hostPaths, or use an object-store backend"
+    )]
+    LocalNotMounted { path: String, mounted: String },
+    #[error("the local repository's hostPath {path} must be absolute, without `..`")]
+    LocalPathNotPlain { path: String },
     #[error("the repository names no storageSecretName")]
     NoSecretName,
     #[error("the storage Secret {secret} has no key {key}")]
@@ -118,6 +126,51 @@ pub fn backend(spec: &StashBackend) -> Result<Backend, InvalidRepository> {
         }
         None => Err(InvalidRepository::LocalNotHostPath),
     }
+}
+
+/// Whether the operator and the node agents can reach a local repository: its directory
+/// must lie under one of the host directories the chart mounts into both at the same path
+/// (`roots`). Anything else would be the container's own filesystem, where `restic init`
+/// makes a repository nobody else sees. Other backends are always reachable from here.
+pub fn check_reachable(backend: &Backend, roots: &[PathBuf]) -> Result<(), InvalidRepository> {
+    let Backend::Local { path } = backend else {
+        return Ok(());
+    };
+    let plain = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain {
+        return Err(InvalidRepository::LocalPathNotPlain {
+            path: path.display().to_string(),
+        });
+    }
+    // Component-wise: `/repos-other` is not under `/repos`.
+    if roots.iter().any(|r| path.starts_with(r)) {
+        return Ok(());
+    }
+    let mounted = if roots.is_empty() {
+        "none is".to_owned()
+    } else {
+        let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        format!("mounted: {}", list.join(", "))
+    };
+    Err(InvalidRepository::LocalNotMounted {
+        path: path.display().to_string(),
+        mounted,
+    })
+}
+
+/// Why a host on `node` cannot back up into a hostPath repository kept on `repository_node`
+/// (the node the operator runs on, which initialised it and applies its retention).
+pub fn other_node_message(path: &Path, repository_node: &str, node: &str) -> String {
+    format!(
+        "the local repository {} is a hostPath, a different directory on every node; the \
+         operator keeps it on node {repository_node}, and this pod runs on node {node}: pin the \
+         workload to node {repository_node} (nodeSelector kubernetes.io/hostname), or use an \
+         NFS or object-store repository",
+        path.display()
+    )
 }
 
 /// The name of the storage Secret.
@@ -210,6 +263,47 @@ mod tests {
             matches!(backend(&s3), Ok(Backend::S3 { bucket, prefix, .. }) if bucket == "b" && prefix == "p")
         );
         assert_eq!(metric_location(&s3), ("s3".into(), "b".into(), "p".into()));
+    }
+
+    #[test]
+    fn a_local_repository_must_be_under_a_mounted_root() {
+        let local = |p: &str| Backend::Local { path: p.into() };
+        let roots = [PathBuf::from("/var/lib/stash-repos")];
+        assert_eq!(
+            check_reachable(&local("/var/lib/stash-repos/demo/app"), &roots),
+            Ok(())
+        );
+        assert_eq!(
+            check_reachable(&local("/var/lib/stash-repos"), &roots),
+            Ok(())
+        );
+        // A sibling with the root as a string prefix is not under it.
+        assert!(matches!(
+            check_reachable(&local("/var/lib/stash-repos-x/a"), &roots),
+            Err(InvalidRepository::LocalNotMounted { .. })
+        ));
+        assert!(matches!(
+            check_reachable(&local("/var/lib/stash-repos/../../etc"), &roots),
+            Err(InvalidRepository::LocalPathNotPlain { .. })
+        ));
+        assert!(matches!(
+            check_reachable(&local("relative/repo"), &roots),
+            Err(InvalidRepository::LocalPathNotPlain { .. })
+        ));
+        let none = check_reachable(&local("/data/repo"), &[]).unwrap_err();
+        assert!(none.to_string().contains("none is"), "{none}");
+        assert!(
+            none.to_string().contains("localRepositories.hostPaths"),
+            "{none}"
+        );
+        let s3 = Backend::S3 {
+            endpoint: "http://s3".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            region: None,
+            insecure_tls: false,
+        };
+        assert_eq!(check_reachable(&s3, &[]), Ok(()));
     }
 
     #[test]

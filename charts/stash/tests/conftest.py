@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "custom-kubelet-root": {"agent": {"kubeletRoot": "/var/lib/k0s/kubelet/"}},
     "replicas": {"operator": {"replicas": 3}},
     "backup-only-no-io-uring": {"agent": {"restore": {"inPlace": False}, "ioUring": "off"}},
+    "local-repositories": {"localRepositories": {"hostPaths": ["/var/lib/stash-repositories", "/srv/backups/"]}},
     "everything": {
         "logLevel": "info,stash_node_agent=debug",
         "logFormat": "json",

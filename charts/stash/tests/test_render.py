@@ -221,6 +221,39 @@ def test_agent_privileges_are_no_wider_than_reading_and_restoring(default: chart
     assert sc["seccompProfile"] == {"type": "Unconfined"}
 
 
+def test_local_repository_roots_are_mounted_at_the_same_path_into_agents_and_operator() -> None:
+    r = rendered_variant("local-repositories")
+    roots = ["/var/lib/stash-repositories", "/srv/backups/"]
+    for kind, name, ctr in (("DaemonSet", "stash-node-agent", "agent"), ("Deployment", "stash-operator", "operator")):
+        owner = r.get(kind, name)
+        c = container(owner, ctr)
+        assert env(c)["STASH_LOCAL_REPOSITORY_ROOTS"] == ",".join(roots)
+        m, v = mounts(c), volumes(owner)
+        for i, root in enumerate(roots):
+            vol = f"local-repositories-{i}"
+            assert m[vol] == {"name": vol, "mountPath": root}, (kind, m)
+            assert v[vol]["hostPath"] == {"path": root, "type": "DirectoryOrCreate"}, (kind, v)
+    op = container(r.get("Deployment", "stash-operator"), "operator")
+    # The operator knows its node: a hostPath repository is that node's directory.
+    assert env(op)["STASH_NODE_NAME"] == NODE_NAME
+    # The agents write the repositories as root and restic's files are the owner's only.
+    sc = op["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (0, 0, False)
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    # The pushgateway beside it stays unprivileged.
+    assert "runAsUser" not in container(r.get("Deployment", "stash-operator"), "pushgateway")["securityContext"]
+
+
+def test_without_local_repositories_nothing_is_mounted_and_the_operator_is_not_root(default: chartlib.Rendered) -> None:
+    for kind, name, ctr in (("DaemonSet", "stash-node-agent", "agent"), ("Deployment", "stash-operator", "operator")):
+        c = container(default.get(kind, name), ctr)
+        assert "STASH_LOCAL_REPOSITORY_ROOTS" not in env(c)
+        assert not [m for m in mounts(c) if m.startswith("local-repositories")]
+    op = container(default.get("Deployment", "stash-operator"), "operator")
+    assert "runAsUser" not in op["securityContext"] and "STASH_NODE_NAME" not in env(op)
+
+
 def test_agent_without_restore_reads_only() -> None:
     ds = rendered_variant("backup-only-no-io-uring").get("DaemonSet", "stash-node-agent")
     c = container(ds, "agent")

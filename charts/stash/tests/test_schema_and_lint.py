@@ -63,6 +63,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("agent surge", {"agent": {"updateStrategy": {"rollingUpdate": {"maxSurge": 1}}}},
      "at '/agent/updateStrategy/rollingUpdate/maxSurge': value must be one of 0, '0%'"),
     ("agent update type", {"agent": {"updateStrategy": {"type": "Recreate"}}}, "at '/agent/updateStrategy/type'"),
+    ("relative local repository root", {"localRepositories": {"hostPaths": ["srv/repos"]}},
+     "at '/localRepositories/hostPaths/0'"),
+    ("the whole host as a local repository root", {"localRepositories": {"hostPaths": ["/"]}},
+     "at '/localRepositories/hostPaths/0'"),
+    ("a local repository root climbing out", {"localRepositories": {"hostPaths": ["/srv/../etc"]}},
+     "at '/localRepositories/hostPaths/0'"),
     ("agent update typo", {"agent": {"updateStrategy": {"rollingUpdate": {"maxSurg": 1}}}},
      "additional properties 'maxSurg' not allowed"),
 ]

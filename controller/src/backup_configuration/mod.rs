@@ -320,10 +320,10 @@ pub fn new_controller(client: &kube::Client) -> Controller<BackupConfiguration> 
     let configs = controller.store();
     controller
         .owns(cronjobs, watcher::Config::default())
-        // A Repository (or its Secret) appearing makes its configurations Ready sooner.
-        .watches(
-            repos,
-            watcher::Config::default(),
+        // A Repository appearing, changing its spec or going away makes its configurations
+        // Ready (or not) sooner; its status, which they do not read, does not.
+        .watches_stream(
+            crate::spec_changes::watch(repos, watcher::Config::default()),
             move |repo: Repository| {
                 let ns = repo.namespace().unwrap_or_default();
                 let name = repo.name_any();

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use stash_api::assignment::BackupAssignment;
@@ -25,10 +27,86 @@ use stash_api::backup_session::{
 };
 use stash_api::common::InvokerPhase;
 use stash_api::conditions::{Condition, find_condition, reasons, set_condition, types};
-use stash_api::{BackupConfiguration, BackupSession, labels};
+use stash_api::repository::Repository;
+use stash_api::{BackupSession, labels};
 
 use crate::context::Ctx;
 use crate::error::{Error, is_conflict};
+
+/// The shared context plus what only sessions read, from watches: every session (this
+/// controller's own cache) and every Repository. A burst of 500 sessions listed their
+/// namespace's sessions and read their Repository and its Secret once each, which cost the
+/// API server more than the planning.
+pub struct SessionCtx {
+    ctx: Arc<Ctx>,
+    sessions: Store<BackupSession>,
+    repositories: Store<Repository>,
+    /// The Leases of the operator's namespace: the repositories' retention Leases.
+    leases: Store<Lease>,
+    /// The status this process last wrote when it planned a session, by session UID, until
+    /// the cache shows it. A reconcile started by the session's new assignment often found
+    /// the cache without that write yet and planned the session again (one in seven of a
+    /// burst: its reads, a refused create and a second "BackupAssigned" event).
+    planned: std::sync::Mutex<std::collections::HashMap<String, BackupSessionStatus>>,
+}
+
+impl SessionCtx {
+    fn planned(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, BackupSessionStatus>> {
+        self.planned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session's status: the cache's, or this process's planning write the cache does
+    /// not show yet.
+    fn status_of(&self, session: &BackupSession) -> BackupSessionStatus {
+        let uid = session.uid().unwrap_or_default();
+        let cached = session.status.clone().unwrap_or_default();
+        let mut planned = self.planned();
+        if cached.targets.is_some() {
+            planned.remove(&uid);
+            return cached;
+        }
+        planned.get(&uid).cloned().unwrap_or(cached)
+    }
+
+    fn remember_planned(&self, session: &BackupSession, status: &BackupSessionStatus) {
+        self.planned()
+            .insert(session.uid().unwrap_or_default(), status.clone());
+    }
+}
+
+impl std::fmt::Debug for SessionCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionCtx").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for SessionCtx {
+    type Target = Ctx;
+    fn deref(&self) -> &Ctx {
+        &self.ctx
+    }
+}
+
+/// An object from a cache, or from the API server when the cache does not hold it (yet):
+/// an object created a moment ago must not look absent.
+async fn cached_or_get<K>(
+    store: &Store<K>,
+    api: Api<K>,
+    name: &str,
+) -> Result<Option<K>, kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let key = ObjectRef::new(name).within(api.namespace().unwrap_or_default());
+    match store.get(&key) {
+        Some(o) => Ok(Some((*o).clone())),
+        None => api.get_opt(name).await,
+    }
+}
 
 /// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
 /// `retryConfig.delay` are written.
@@ -150,7 +228,7 @@ impl Step<'_> {
 }
 
 #[tracing::instrument(skip_all, fields(kind = "BackupSession", ns = %session.namespace().unwrap_or_default(), name = %session.name_any()))]
-async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles
         .get_or_create(&crate::metrics::KindLabels {
@@ -162,7 +240,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
     let mut step = Step {
         ctx: &ctx,
         session: &session,
-        status: session.status.clone().unwrap_or_default(),
+        status: ctx.status_of(&session),
         now: Time(now),
     };
     let Some(bc_name) = invoker_name(&session) else {
@@ -175,10 +253,13 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         step.save().await?;
         return Ok(Action::await_change());
     };
-    let bc = Api::<BackupConfiguration>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&bc_name)
-        .await
-        .map_err(Error::kube("read the BackupConfiguration"))?;
+    let bc = cached_or_get(
+        &ctx.configs,
+        Api::namespaced(ctx.client.clone(), &ns),
+        &bc_name,
+    )
+    .await
+    .map_err(Error::kube("read the BackupConfiguration"))?;
     if is_final(step.status.phase) {
         return post::after_final(&ctx, &session, bc.as_ref()).await;
     }
@@ -235,13 +316,11 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
             .await;
             return Ok(Action::await_change());
         }
-        let others = Api::<BackupSession>::namespaced(ctx.client.clone(), &ns)
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::kube("list the invoker's sessions"))?
-            .items;
+        // This controller's cache holds every session it was started for, older ones first.
+        let others = ctx.sessions.state();
         let running = others.iter().find(|o| {
             o.name_any() != session.name_any()
+                && o.namespace().as_deref() == Some(ns.as_str())
                 && invoker_name(o).as_deref() == Some(bc_name.as_str())
                 && o.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Running)
         });
@@ -282,14 +361,28 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         crate::repository::repo_key(repo_ref.namespace.as_deref().unwrap_or(&ns), &repo_ref.name);
     if step.status.targets.is_none() {
         // Pre-backup: the repository initialised once, by the operator, before any agent.
+        let mut node_local = None;
         if step.cond(types::BACKEND_REPOSITORY_INITIALIZED) != Some(true) {
-            match post::initialise(&ctx, &repo_ref).await {
-                Ok(()) => step.set(
-                    types::BACKEND_REPOSITORY_INITIALIZED,
-                    true,
-                    reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
-                    "the repository is initialised",
-                ),
+            let repo_ns = repo_ref.namespace.clone().unwrap_or_else(|| ns.clone());
+            let repo = cached_or_get(
+                &ctx.repositories,
+                Api::namespaced(ctx.client.clone(), &repo_ns),
+                &repo_ref.name,
+            )
+            .await
+            .map_err(Error::kube("read the Repository"))?;
+            match post::initialise(&ctx, &repo_ns, &repo_ref.name, repo).await {
+                Ok(backend) => {
+                    if let restic_wrapper::Backend::Local { path } = backend {
+                        node_local = Some(path);
+                    }
+                    step.set(
+                        types::BACKEND_REPOSITORY_INITIALIZED,
+                        true,
+                        reasons::SUCCESSFULLY_INITIALIZED_BACKEND,
+                        "the repository is initialised",
+                    )
+                }
                 Err(e) if e.is_retryable() => {
                     tracing::info!(error = %e, "repository not ready yet");
                     return Ok(Action::requeue(Duration::from_secs(5)));
@@ -315,6 +408,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
                         ..BackupTargetStatus::default()
                     }]);
                     step.save().await?;
+                    ctx.remember_planned(&session, &step.status);
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
             }
@@ -324,12 +418,22 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
         // side by side.
         let lock = ctx.repo_lock(&repo_key);
         let held = lock.read().await;
-        if crate::repo_lease::held(&ctx, &repo_key).await? {
+        if crate::repo_lease::held_in(&ctx.leases, &ctx, &repo_key).await? {
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
         let observed =
             crate::target::observe(&ctx, &ns, bc.spec.target.as_ref().map(|t| &t.ref_)).await?;
-        let planned = plan::plan(&session, &bc, &observed);
+        let mut planned = plan::plan(&session, &bc, &observed);
+        // The operator initialised the hostPath repository on its own node; hosts elsewhere
+        // would write into another directory. Unknown node (not set): nothing to compare.
+        let here = ctx.args.node_name.as_str();
+        if let Some(path) = node_local.as_deref()
+            && !here.is_empty()
+        {
+            plan::confine_to_node(&mut planned, here, |other| {
+                stash_rules::repository::other_node_message(path, here, other)
+            });
+        }
         let created_secs = session
             .metadata
             .creation_timestamp
@@ -407,6 +511,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
             ..BackupTargetStatus::default()
         }]);
         step.save().await?;
+        ctx.remember_planned(&session, &step.status);
         event(
             &ctx,
             &session,
@@ -522,19 +627,40 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Ctx>) -> Result<Action,
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<Ctx>) -> Action {
+fn error_policy(_: Arc<BackupSession>, error: &Error, ctx: Arc<SessionCtx>) -> Action {
     crate::context::after_error(&ctx, "BackupSession", error, 3, 30)
 }
 
 pub async fn controller(ctx: Arc<Ctx>) {
     let api: Api<BackupSession> = Api::all(ctx.client.clone());
     let assignments: Api<BackupAssignment> = Api::all(ctx.client.clone());
-    Controller::new(api, watcher::Config::default())
+    let (repositories, repository_watch) = crate::context::watch_into_store(
+        Api::<Repository>::all(ctx.client.clone()),
+        watcher::Config::default(),
+        "Repositories",
+    );
+    let (leases, lease_watch) = crate::context::watch_into_store(
+        Api::<Lease>::namespaced(ctx.client.clone(), &ctx.args.namespace),
+        watcher::Config::default(),
+        "repository Leases",
+    );
+    let controller = Controller::new(api, watcher::Config::default())
         .with_config(crate::context::controller_config())
-        .owns(assignments, watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
+        .owns(assignments, watcher::Config::default());
+    let sctx = Arc::new(SessionCtx {
+        sessions: controller.store(),
+        repositories,
+        leases,
+        planned: std::sync::Mutex::default(),
+        ctx,
+    });
+    tokio::join!(
+        repository_watch,
+        lease_watch,
+        controller
+            .run(reconcile, error_policy, sctx)
+            .for_each(|_| async {}),
+    );
 }
 
 #[cfg(test)]

@@ -248,6 +248,69 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
     out
 }
 
+/// Keeps only the work on `node` for a repository that is a directory of that node (a
+/// hostPath): the hosts on other nodes would write into another node's directory of the
+/// same path, a repository the operator never initialised and never prunes. They become
+/// problems, each with `message(their node)`.
+pub fn confine_to_node(plan: &mut Plan, node: &str, message: impl Fn(&str) -> String) {
+    confine(
+        &mut plan.assignments,
+        &mut plan.problems,
+        &mut plan.waiting_for_agent,
+        node,
+        message,
+    );
+}
+
+/// An assignment as node confinement sees it: its node and the hosts it serves.
+pub trait OnNode {
+    fn node(&self) -> &str;
+    fn hosts(&self) -> BTreeSet<&str>;
+}
+
+impl OnNode for BackupAssignment {
+    fn node(&self) -> &str {
+        &self.spec.node_name
+    }
+    fn hosts(&self) -> BTreeSet<&str> {
+        self.spec.volumes.iter().map(|v| v.host.as_str()).collect()
+    }
+}
+
+impl OnNode for stash_api::assignment::RestoreAssignment {
+    fn node(&self) -> &str {
+        &self.spec.node_name
+    }
+    fn hosts(&self) -> BTreeSet<&str> {
+        self.spec.volumes.iter().map(|v| v.host.as_str()).collect()
+    }
+}
+
+/// Keeps the assignments of `node`; the others' hosts become problems with `message`.
+pub fn confine<A: OnNode>(
+    assignments: &mut Vec<A>,
+    problems: &mut Vec<HostProblem>,
+    waiting_for_agent: &mut BTreeSet<String>,
+    node: &str,
+    message: impl Fn(&str) -> String,
+) {
+    let (keep, away): (Vec<_>, Vec<_>) = std::mem::take(assignments)
+        .into_iter()
+        .partition(|a| a.node() == node);
+    *assignments = keep;
+    for a in away {
+        let other = a.node();
+        waiting_for_agent.remove(other);
+        for host in a.hosts() {
+            problems.push(HostProblem {
+                host: host.to_owned(),
+                node: Some(other.to_owned()),
+                error: message(other),
+            });
+        }
+    }
+}
+
 /// Stash's exclude patterns name container paths (`/source/data/tmp`); the agent matches
 /// paths inside the volume, so an absolute pattern under a mount loses the mount's prefix.
 pub fn volume_patterns(patterns: &[String], mounts: &[String]) -> Vec<String> {
@@ -271,6 +334,42 @@ pub fn volume_patterns(patterns: &[String], mounts: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_local_repository_keeps_only_its_nodes_hosts() {
+        let on = |node: &str, hosts: &[&str]| BackupAssignment {
+            spec: BackupAssignmentSpec {
+                node_name: node.into(),
+                volumes: hosts
+                    .iter()
+                    .map(|h| AssignedVolume {
+                        host: (*h).into(),
+                        ..AssignedVolume::default()
+                    })
+                    .collect(),
+                ..BackupAssignmentSpec::default()
+            },
+            ..BackupAssignment::default()
+        };
+        let mut p = Plan {
+            assignments: vec![
+                on("a", &["host-0"]),
+                on("b", &["host-1", "host-1", "host-2"]),
+            ],
+            waiting_for_agent: ["b".to_owned()].into(),
+            ..Plan::default()
+        };
+        confine_to_node(&mut p, "a", |n| format!("on {n}"));
+        assert_eq!(p.assignments.len(), 1);
+        assert_eq!(p.assignments[0].spec.node_name, "a");
+        assert!(p.waiting_for_agent.is_empty());
+        let problems: Vec<(&str, &str)> = p
+            .problems
+            .iter()
+            .map(|x| (x.host.as_str(), x.error.as_str()))
+            .collect();
+        assert_eq!(problems, [("host-1", "on b"), ("host-2", "on b")]);
+    }
 
     #[test]
     fn container_path_excludes_become_volume_paths() {

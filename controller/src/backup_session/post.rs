@@ -35,13 +35,19 @@ async fn open_ref(ctx: &Ctx, r: &ObjectRef) -> Result<(Repository, Opened), Erro
             action: "open the repository",
             reason: format!("Repository {ns}/{} does not exist", r.name),
         })?;
-    match crate::repository::open(ctx, &repo).await {
-        Ok(o) => Ok((repo, o)),
-        Err(OpenError::Invalid { message, .. }) => Err(Error::Invalid {
+    let opened = crate::repository::open(ctx, &repo)
+        .await
+        .map_err(open_failed)?;
+    Ok((repo, opened))
+}
+
+fn open_failed(e: OpenError) -> Error {
+    match e {
+        OpenError::Invalid { message, .. } => Error::Invalid {
             action: "open the repository",
             reason: message,
-        }),
-        Err(OpenError::Failed(e)) => Err(e),
+        },
+        OpenError::Failed(e) => e,
     }
 }
 
@@ -60,14 +66,34 @@ fn known_usable(repo: &Repository) -> bool {
 /// The session's repository initialised and opening with its password
 /// (InitializeBackendRepository). What the Repository reconciler already established is
 /// taken from its status, so a burst of sessions does not each go to the backend.
-pub async fn initialise(ctx: &Ctx, r: &ObjectRef) -> Result<(), Error> {
-    let (repo, opened) = open_ref(ctx, r).await?;
+/// Returns the repository's backend. `repo` is the Repository as read (from a cache).
+pub async fn initialise(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    repo: Option<Repository>,
+) -> Result<restic_wrapper::Backend, Error> {
+    let repo = repo.ok_or_else(|| Error::Invalid {
+        action: "open the repository",
+        reason: format!("Repository {ns}/{name} does not exist"),
+    })?;
     if known_usable(&repo) {
-        return Ok(());
+        // Nothing to initialise, so the storage Secret need not be read: the backend is
+        // the spec's, checked as `open` checks it.
+        let invalid = |e: stash_rules::repository::InvalidRepository| Error::Invalid {
+            action: "open the repository",
+            reason: format!("Repository {ns}/{name}: {e}"),
+        };
+        let backend = stash_rules::repository::backend(&repo.spec.backend).map_err(invalid)?;
+        stash_rules::repository::check_reachable(&backend, &ctx.args.local_roots())
+            .map_err(invalid)?;
+        return Ok(backend);
     }
-    crate::repository::ensure_usable(ctx, &opened)
+    let opened = crate::repository::open(ctx, &repo)
         .await
-        .map(|_| ())
+        .map_err(open_failed)?;
+    crate::repository::ensure_usable(ctx, &opened).await?;
+    Ok(opened.backend)
 }
 
 fn keep(n: Option<i64>) -> Option<u64> {

@@ -587,7 +587,22 @@ async fn start(
         reasons::BACKEND_SECRET_AVAILABLE,
         "the storage Secret opens the repository",
     );
-    let planned = plan::plan(rs, checked, &observed, &snapshots);
+    let mut planned = plan::plan(rs, checked, &observed, &snapshots);
+    // A hostPath repository is the directory of the operator's node: hosts elsewhere would
+    // read another directory.
+    let here = ctx.args.node_name.as_str();
+    if let Ok(restic_wrapper::Backend::Local { path }) =
+        stash_rules::repository::backend(&repo.spec.backend)
+        && !here.is_empty()
+    {
+        crate::backup_session::plan::confine(
+            &mut planned.assignments,
+            &mut planned.problems,
+            &mut planned.waiting_for_agent,
+            here,
+            |other| stash_rules::repository::other_node_message(&path, here, other),
+        );
+    }
     if !planned.waiting_for_agent.is_empty() && step.age().as_secs() < ctx.args.agent_wait_seconds {
         tracing::info!(nodes = ?planned.waiting_for_agent, "waiting for node agents to be Ready");
         step.save().await?;

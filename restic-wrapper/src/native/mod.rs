@@ -89,6 +89,18 @@ fn key_cache() -> &'static Mutex<HashMap<[u8; 32], MasterKey>> {
     CACHE.get_or_init(Default::default)
 }
 
+/// Key derivations running at once in this process. restic's scrypt parameters (N = 2^15,
+/// r = 8) take 32 MiB each: an operator opening its ten repositories at start-up derived all
+/// ten together and peaked at 368 MiB resident. Two keep a second core busy; the rest wait,
+/// and find the key in the cache when it was the same one.
+const CONCURRENT_DERIVATIONS: usize = 2;
+
+fn derivations() -> &'static tokio::sync::Semaphore {
+    static SLOTS: tokio::sync::Semaphore =
+        tokio::sync::Semaphore::const_new(CONCURRENT_DERIVATIONS);
+    &SLOTS
+}
+
 fn cache_key(key_file: &[u8], password: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update((key_file.len() as u64).to_le_bytes());
@@ -516,6 +528,14 @@ async fn open_master_key(source: &Source, password: &[u8]) -> Result<MasterKey, 
     }
     for (_, bytes) in source.get_many("keys", names).await? {
         let id = cache_key(&bytes, password);
+        if let Some(key) = lock(key_cache()).get(&id) {
+            return Ok(key.clone());
+        }
+        let _slot = derivations()
+            .acquire()
+            .await
+            .map_err(|e| NativeError::Store(format!("key derivation slots closed: {e}")))?;
+        // Another open of the same repository may have derived it while this one waited.
         if let Some(key) = lock(key_cache()).get(&id) {
             return Ok(key.clone());
         }

@@ -18,6 +18,9 @@ pub const OPERATOR_SELECTOR: &str = "app.kubernetes.io/component=operator";
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/component=node-agent";
 /// The pushgateway container's port in the operator pod (Stash's layout).
 pub const PUSHGATEWAY_PORT: u16 = 56789;
+/// The host directory the simulated cluster's chart mounts for local repositories
+/// (`localRepositories.hostPaths`), on every node.
+pub const LOCAL_REPOSITORY_ROOT: &str = "/var/lib/stash-e2e/repositories";
 
 /// Rollouts on a loaded two-core machine; only a guard against a hang.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -111,6 +114,9 @@ impl Env {
                 &ns,
                 "--create-namespace",
             ];
+            // The host directory the local-repository scenario keeps its repositories in.
+            let local = format!("localRepositories.hostPaths={{{LOCAL_REPOSITORY_ROOT}}}");
+            args.extend(["--set", &local]);
             // Values to try the suite with (`--set agent.readMode=direct`); none by default.
             let extra = var("STASH_E2E_HELM_ARGS").unwrap_or_default();
             args.extend(extra.split_whitespace());

@@ -92,6 +92,11 @@ pub fn statefulset_host(ordinal: usize) -> String {
 /// restic `--host` of a Deployment without alias (§2 "Default host").
 pub const DEPLOYMENT_HOST: &str = "host-0";
 
+/// The Repository condition that says whether the restic repository is usable (§3.1).
+pub const REPOSITORY_INITIALIZED: &str = "BackendRepositoryInitialized";
+/// The session condition of the retention step (§4).
+pub const RETENTION_APPLIED: &str = "RetentionPolicyApplied";
+
 /// A BackupSession created by the trigger is named `<bc>-<unix seconds>` (§2).
 pub fn is_triggered_session_name(bc: &str, name: &str) -> bool {
     name.strip_prefix(&format!("{bc}-"))

@@ -91,6 +91,8 @@ pub struct Workload {
     pub volumes: Vec<Volume>,
     /// Rewrite `tick` in the first volume every second, so every backup sees a change.
     pub tick: bool,
+    /// The node the pods must run on (`nodeSelector: kubernetes.io/hostname`).
+    pub node: Option<String>,
 }
 
 impl Workload {
@@ -100,7 +102,13 @@ impl Workload {
             name: name.into(),
             volumes,
             tick: false,
+            node: None,
         }
+    }
+
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.into());
+        self
     }
 
     pub fn ticking(mut self) -> Self {
@@ -219,8 +227,18 @@ impl Workload {
         let env = "[{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}, \
                    {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}, \
                    {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]";
+        let node_selector = self
+            .node
+            .as_ref()
+            .map(|n| {
+                format!(
+                    "      nodeSelector: {{kubernetes.io/hostname: {}}}\n",
+                    json(n)
+                )
+            })
+            .unwrap_or_default();
         let pod = format!(
-            "    metadata: {{labels: {labels}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n\
+            "    metadata: {{labels: {labels}}}\n    spec:\n{node_selector}      terminationGracePeriodSeconds: 5\n      containers:\n\
              \x20     - name: busybox\n        image: busybox:1.36\n        command: [sh, -c, {script}]\n\
              \x20       env: {env}\n        volumeMounts: [{}]\n\
              \x20       readinessProbe: {{exec: {{command: [test, -f, /tmp/ready]}}, periodSeconds: 1}}\n\
@@ -274,6 +292,27 @@ pub fn s3_repository(name: &str, ns: &str, secret: &str, s3: &S3, prefix: &str) 
         json(&s3.bucket),
         json(prefix),
         json(&s3.region)
+    )
+}
+
+/// The storage Secret of a local Repository: the password only.
+pub fn password_secret(name: &str, ns: &str, password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: Opaque\nstringData:\n\
+         \x20 RESTIC_PASSWORD: {}\n",
+        json(password)
+    )
+}
+
+/// A local Repository on a hostPath, in Stash's form (the repository is
+/// `<path>/<subPath>`; `mountPath` is where Stash's sidecar mounted it).
+pub fn local_repository(name: &str, ns: &str, secret: &str, path: &str, sub_path: &str) -> String {
+    format!(
+        "apiVersion: stash.appscode.com/v1alpha1\nkind: Repository\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n\
+         \x20 backend:\n    local:\n      hostPath: {{path: {}}}\n      mountPath: /safe/data\n      subPath: {}\n\
+         \x20   storageSecretName: {secret}\n",
+        json(path),
+        json(sub_path)
     )
 }
 

@@ -45,6 +45,14 @@ impl HostRepo {
         }
     }
 
+    /// A local repository, read from this host's view of the node's directory.
+    pub fn local(path: &Path, password: &str) -> Self {
+        Self {
+            url: path.display().to_string(),
+            env: vec![("RESTIC_PASSWORD".into(), password.into())],
+        }
+    }
+
     async fn restic(&self, args: &[&str]) -> Result<std::process::Output> {
         let mut cmd = tokio::process::Command::new(stash_test_support::tool("restic")?);
         cmd.args(["-r", &self.url, "--no-cache"])

@@ -37,6 +37,7 @@ async fn backup_suite() -> Result<()> {
             scenario!(restore_statefulset),
             scenario!(restore_into_new_workload),
             scenario!(restore_rules),
+            scenario!(local_repository),
         ]],
     )
     .await
@@ -590,6 +591,153 @@ async fn pushgateway_metrics(s: &Scenario<'_>) -> Result<()> {
         .unwrap_or_default();
     if value.parse::<f64>().ok() != Some(1.0) {
         bail!("the session is not reported a success: {line}");
+    }
+    Ok(())
+}
+
+/// A condition of an object, by type.
+fn condition(obj: &Value, type_: &str) -> Option<Value> {
+    obj["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+/// k. A Deployment backed up into a local (hostPath) repository, as Stash users write one.
+/// A hostPath is a directory of one node, so the workload runs on the operator's node (the
+/// one whose directory the operator initialises and prunes); stock restic reads the
+/// snapshot back from that node's directory with identical bytes, after retention ran. A
+/// workload on the other node is refused with a reason, and a Repository outside the
+/// chart's `localRepositories.hostPaths` gets a condition, not a repository nobody sees.
+async fn local_repository(s: &Scenario<'_>) -> Result<()> {
+    let env = s.env;
+    if !env.is_simulated() {
+        // Stock restic here cannot read a node's directory of a real cluster.
+        eprintln!(
+            "[backup] local_repository: skipped (reads the node's directory; simulated cluster only)"
+        );
+        return Ok(());
+    }
+    let operators = env.operator_pods().await?;
+    let op_node = operators
+        .first()
+        .and_then(|p| p["spec"]["nodeName"].as_str())
+        .context("no Running operator pod")?
+        .to_owned();
+    let nodes = env.sim_nodes();
+    let node_root = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.root.clone())
+            .with_context(|| format!("node {name} is not among {nodes:?}"))
+    };
+    let other_node = nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| *n != op_node)
+        .context("the cluster has one node")?;
+    let dir = format!("{}/{}", stash_e2e::env::LOCAL_REPOSITORY_ROOT, s.ns);
+    s.apply(&format!(
+        "{}---\n{}",
+        stash_e2e::manifests::password_secret("local-secret", &s.ns, PASSWORD),
+        stash_e2e::manifests::local_repository("local-repo", &s.ns, "local-secret", &dir, "app")
+    ))
+    .await?;
+    let w = Workload::new(
+        Kind::Deployment,
+        "here",
+        vec![
+            Volume::new("data", Source::Pvc, "/data")
+                .with_file("a.txt", "alpha\n")
+                .with_file("sub/b.bin", pseudo_random(200_000, 11)),
+        ],
+    )
+    .on_node(&op_node)
+    .ticking();
+    let mut bc = BackupConfig::new("here-backup", "local-repo");
+    bc.keep_last = 1;
+    s.deploy(&w).await?;
+    s.backup_config(&bc, &w).await?;
+    let repo = HostRepo::local(
+        &node_root(&op_node)?.join(format!("{}/app", dir.trim_start_matches('/'))),
+        PASSWORD,
+    );
+    let mut last = Value::Null;
+    for _ in 0..2 {
+        let session = s.create_session(&bc.name, &w).await?;
+        last = s.wait_session_succeeded(&session).await?;
+    }
+    let retention = condition(&last, expect::RETENTION_APPLIED);
+    ensure!(
+        retention.as_ref().is_some_and(|c| c["status"] == "True"),
+        "{}: {retention:?}",
+        expect::RETENTION_APPLIED
+    );
+    let snaps = repo.snapshots().await?;
+    ensure!(snaps.len() == 1, "keepLast 1 left {snaps:?}");
+    s.verify_host_snapshots(&repo, &last, expect::DEPLOYMENT_HOST, &w, None)
+        .await?;
+    // The operator lists it natively: the count in the Repository's status.
+    until("the Repository to count 1 snapshot", WAIT, || async {
+        let r = s.json(&["get", "repository", "local-repo"]).await?;
+        let ok = r["status"]["snapshotCount"] == 1
+            && condition(&r, expect::REPOSITORY_INITIALIZED).is_some_and(|c| c["status"] == "True");
+        Ok(ok.then_some(()))
+    })
+    .await?;
+
+    // The same repository from the other node: another directory of the same path.
+    let away = small(Kind::Deployment, "away").on_node(&other_node);
+    let away_bc = BackupConfig::new("away-backup", "local-repo");
+    s.deploy(&away).await?;
+    s.backup_config(&away_bc, &away).await?;
+    let session = s.create_session(&away_bc.name, &away).await?;
+    let done = s.wait_session_final(&session).await?;
+    ensure!(done["status"]["phase"] == "Failed", "{}", done["status"]);
+    let host = Scenario::host_stats(&done)
+        .remove(expect::DEPLOYMENT_HOST)
+        .with_context(|| format!("no host stats: {}", done["status"]))?;
+    let error = host["error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains(&other_node) && error.contains(&op_node) && error.contains("every node"),
+        "the reason does not name the nodes: {error}"
+    );
+    ensure!(
+        !node_root(&other_node)?
+            .join(format!("{}/app", dir.trim_start_matches('/')))
+            .exists(),
+        "something was written into the other node's directory"
+    );
+
+    // Outside the mounted directories: a condition, and nothing initialised anywhere.
+    let outside = format!("/srv/stash-e2e-unmounted/{}", s.ns);
+    s.apply(&stash_e2e::manifests::local_repository(
+        "outside-repo",
+        &s.ns,
+        "local-secret",
+        &outside,
+        "",
+    ))
+    .await?;
+    let cond = until("the outside Repository's condition", WAIT, || async {
+        let r = s.json(&["get", "repository", "outside-repo"]).await?;
+        Ok(condition(&r, expect::REPOSITORY_INITIALIZED))
+    })
+    .await?;
+    let message = cond["message"].as_str().unwrap_or_default();
+    ensure!(
+        cond["status"] == "False" && message.contains("localRepositories.hostPaths"),
+        "{cond}"
+    );
+    for n in &nodes {
+        ensure!(
+            !n.root.join(outside.trim_start_matches('/')).exists(),
+            "{outside} was created on node {}",
+            n.name
+        );
     }
     Ok(())
 }

@@ -302,17 +302,57 @@ fn with_list_kind(names: &Value) -> Value {
 pub async fn run(core: Arc<Core>) {
     let mut shutdown = core.shutdown.clone();
     loop {
-        tokio::select! {
-            _ = core.gc.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        let full = tokio::select! {
+            _ = core.gc.notified() => core.gc_full.swap(false, std::sync::atomic::Ordering::AcqRel),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => true,
             _ = shutdown.changed() => return,
-        }
-        for _ in 0..64 {
-            if !pass(&core) {
-                break;
+        };
+        let created = std::mem::take(
+            &mut *core
+                .gc_created
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // A whole pass covers the new objects too; a deletion it makes may cascade.
+        if full || check_created(&core, &created) {
+            for _ in 0..64 {
+                if !pass(&core) {
+                    break;
+                }
             }
         }
     }
+}
+
+/// The collector's view of objects just created with owners: each whose owners all do not
+/// exist is deleted, as a whole pass would. Returns whether it deleted anything.
+fn check_created(core: &Core, created: &[(Gr, String)]) -> bool {
+    if created.is_empty() {
+        return false;
+    }
+    let st = core.lock();
+    let actions: Vec<Action> = created
+        .iter()
+        .filter(|(gr, k)| {
+            st.get(gr, k).is_some_and(|obj| {
+                !is_deleting(&obj)
+                    && obj
+                        .pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .is_some_and(|refs| {
+                            !refs.is_empty()
+                                && !refs.iter().any(|r| {
+                                    st.exists_uid(
+                                        r.get("uid").and_then(Value::as_str).unwrap_or(""),
+                                    )
+                                })
+                        })
+            })
+        })
+        .map(|(gr, k)| Action::Delete(gr.clone(), k.clone()))
+        .collect();
+    drop(st);
+    apply_actions(core, actions)
 }
 
 enum Action {

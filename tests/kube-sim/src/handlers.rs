@@ -672,7 +672,8 @@ async fn commit_create(cx: &Ctx, obj: Value) -> ApiResult<Value> {
     drop(st);
     // Only objects with owners can need the collector on create (their owner may be gone).
     if stored.pointer("/metadata/ownerReferences").is_some() {
-        cx.core.gc.notify_one();
+        cx.core
+            .collect_created(cx.gr(), crate::store::key_of(&stored));
     }
     Ok((*present(&cx.def, &stored)).clone())
 }
@@ -917,7 +918,7 @@ async fn modify(
         crate::gc::after_write(&cx.core, &mut st, &cx.def, &stored);
         drop(st);
         if typ == EventType::Deleted || is_deleting(&stored) {
-            cx.core.gc.notify_one();
+            cx.core.collect_all();
         }
         return Ok(respond(cx, 200, &present(&cx.def, &stored)));
     }
@@ -1301,7 +1302,7 @@ async fn delete_one(cx: &Ctx, name: &str, opts: &DeleteOptions) -> ApiResult<(u1
         }
     };
     drop(st);
-    cx.core.gc.notify_one();
+    cx.core.collect_all();
     Ok(result)
 }
 

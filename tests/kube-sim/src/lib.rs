@@ -113,10 +113,19 @@ pub(crate) struct Core {
     pub gc: Notify,
     /// Wakes the APIService availability controller.
     pub available: Notify,
+    /// Objects created with owners since the collector last looked: on a create, only the
+    /// new object can have lost its owner, so the collector checks just these (a whole pass
+    /// over thousands of objects per owned create held the store's lock for most of a burst).
+    pub gc_created: Mutex<Vec<(registry::Gr, String)>>,
+    /// Something else changed (a delete, a finalizer): the next round is a whole pass.
+    pub gc_full: std::sync::atomic::AtomicBool,
     pub server_addr: Mutex<String>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// CAs, certificates and the token signing key.
     pub auth: auth::Authority,
+    /// Requests served, by verb and resource: what a client's load is made of (benchmarks
+    /// read it; the server itself never does).
+    pub requests: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Core {
@@ -130,6 +139,21 @@ impl Core {
 
     pub fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Wakes the collector for a whole pass.
+    pub fn collect_all(&self) {
+        self.gc_full.store(true, Ordering::Release);
+        self.gc.notify_one();
+    }
+
+    /// Wakes the collector to check one object created with owners.
+    pub fn collect_created(&self, gr: registry::Gr, key: String) {
+        self.gc_created
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((gr, key));
+        self.gc.notify_one();
     }
 }
 
@@ -177,9 +201,12 @@ impl KubeSim {
             opts: opts.clone(),
             gc: Notify::new(),
             available: Notify::new(),
+            gc_created: Mutex::default(),
+            gc_full: std::sync::atomic::AtomicBool::new(false),
             server_addr: Mutex::new(addr.to_string()),
             shutdown,
             auth: authority,
+            requests: Mutex::default(),
         });
         handlers::seed(&core);
         let tls_cfg = if opts.tls {
@@ -208,6 +235,17 @@ impl KubeSim {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Requests served so far, keyed `<verb> <resource>[/<subresource>]` (`list pods`,
+    /// `patch backupsessions/status`, `watch leases`) or `<verb> <path>` for non-resource
+    /// requests.
+    pub fn request_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.core
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn url(&self) -> &str {

@@ -183,6 +183,23 @@ async fn handle(
         Err(e) => return error_response(&e),
     };
     let attrs = rbac::attributes(&method, &path, &query);
+    {
+        let what = if attrs.resource_request {
+            if attrs.subresource.is_empty() {
+                format!("{} {}", attrs.verb, attrs.resource)
+            } else {
+                format!("{} {}/{}", attrs.verb, attrs.resource, attrs.subresource)
+            }
+        } else {
+            format!("{} {}", attrs.verb, attrs.path)
+        };
+        *core
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(what)
+            .or_default() += 1;
+    }
     if let rbac::Decision::Deny(reason) = rbac::authorize(&core, &user, &attrs) {
         return error_response(&rbac::forbidden(&user, &attrs, &reason));
     }
