@@ -38,6 +38,24 @@ pub fn assignment_name(session: &str, node: &str) -> String {
     bounded_name(&format!("{session}-{node}"), 253)
 }
 
+/// The metadata of a session's assignment for one node (backup or restore): its
+/// deterministic name, the session's namespace, `labels` plus the node label the agent
+/// selects by, and the session as controlling owner (deleting it cancels the work).
+pub fn assignment_meta<K>(session: &K, labels: &BTreeMap<String, String>, node: &str) -> ObjectMeta
+where
+    K: Resource<DynamicType = ()>,
+{
+    let mut l = labels.clone();
+    l.insert(labels::NODE.to_owned(), node.to_owned());
+    ObjectMeta {
+        name: Some(assignment_name(&session.name_any(), node)),
+        namespace: session.namespace(),
+        labels: Some(l),
+        owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
 /// The target's repository, with its namespace made explicit.
 pub fn repository_ref(bc: &BackupConfiguration) -> Option<ObjectRef> {
     let ns = bc.namespace().unwrap_or_default();
@@ -211,16 +229,8 @@ pub fn plan(session: &BackupSession, bc: &BackupConfiguration, observed: &Observ
         if volumes.is_empty() {
             continue;
         }
-        let mut l = labels.clone();
-        l.insert(labels::NODE.to_owned(), node.clone());
         out.assignments.push(BackupAssignment {
-            metadata: ObjectMeta {
-                name: Some(assignment_name(&session.name_any(), &node)),
-                namespace: Some(ns.clone()),
-                labels: Some(l),
-                owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
-                ..ObjectMeta::default()
-            },
+            metadata: assignment_meta(session, &labels, &node),
             spec: BackupAssignmentSpec {
                 backup_session: session.name_any(),
                 invoker: Some(BackupInvokerRef {

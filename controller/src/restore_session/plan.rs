@@ -6,8 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use restic_wrapper::Snapshot;
 use stash_api::assignment::{AssignedVolume, RestoreAssignment, RestoreAssignmentSpec};
 use stash_api::common::{Driver, Executor, ObjectRef, RestoreTarget, Rule, TargetRef};
@@ -17,7 +16,7 @@ use stash_rules::snapshots::{by_id, is_complete, latest_for, mount_of, normalise
 use stash_rules::volumes::plan_volume;
 
 use crate::backup_configuration::build::AGENT_TARGET_KINDS;
-use crate::backup_session::plan::{HostProblem, assignment_name, volume_patterns};
+use crate::backup_session::plan::{HostProblem, assignment_meta, volume_patterns};
 use crate::target::{Observed, running_pods};
 
 /// The restic arguments a RestoreSession's `target.args` may carry.
@@ -570,16 +569,8 @@ pub fn plan(
     ]
     .into();
     for (node, volumes) in by_node {
-        let mut l = labels.clone();
-        l.insert(labels::NODE.to_owned(), node.clone());
         out.assignments.push(RestoreAssignment {
-            metadata: ObjectMeta {
-                name: Some(assignment_name(&session.name_any(), &node)),
-                namespace: Some(ns.clone()),
-                labels: Some(l),
-                owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
-                ..ObjectMeta::default()
-            },
+            metadata: assignment_meta(session, &labels, &node),
             spec: RestoreAssignmentSpec {
                 restore_session: session.name_any(),
                 target: Some(checked.target_ref.clone()),
@@ -601,6 +592,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{
         Container, EmptyDirVolumeSource, PodSpec, PodStatus, Volume, VolumeMount,
     };
+    use kube::api::ObjectMeta;
     use stash_rules::snapshots::{TAG_STREAM, mount_tag};
 
     fn pod(name: &str, node: &str, mounts: &[(&str, &str)]) -> Pod {
