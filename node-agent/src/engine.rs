@@ -925,6 +925,21 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
     if !is_complete(&snap) {
         return Err(AgentError::IncompleteSnapshot(snap.id));
     }
+    // What a restore killed earlier left in the volume goes first, in either mode.
+    let target = req.target.clone();
+    let leftovers = tokio::task::spawn_blocking(move || crate::extract::remove_leftovers(&target))
+        .await
+        .map_err(|e| AgentError::Other {
+            action: "wait for the sweep of an earlier restore's temporary files",
+            reason: e.to_string(),
+        })??;
+    if leftovers > 0 {
+        tracing::info!(
+            target = %req.target.display(),
+            removed = leftovers,
+            "removed the temporary files of an interrupted restore"
+        );
+    }
     let opts = ExtractOptions {
         delete_extraneous: req.delete,
         include,

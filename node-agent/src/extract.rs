@@ -1297,6 +1297,61 @@ impl Extractor {
     }
 }
 
+/// Removes, anywhere below `target`, what an interrupted restore left behind: the temporary
+/// files and staging directories named with [`TEMP_PREFIX`]. A restore killed between
+/// writing a file beside its target and renaming it over leaves one; without this sweep it
+/// would stay in the user's volume for good (only `--delete` would take it). The prefix is
+/// the agent's own, and one volume is restored by one agent at a time, so nothing else
+/// uses such a name. Depth first without recursion, never through a symlink.
+pub fn remove_leftovers(target: &Path) -> Result<u64, StreamError> {
+    let restore_err = |source: io::Error| StreamError::Restore {
+        path: target.display().to_string(),
+        source,
+    };
+    let root = match rustix::fs::open(target, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        // Nothing there yet, or a block device: no directory to sweep.
+        Err(Errno::NOENT | Errno::NOTDIR) => return Ok(0),
+        Err(e) => return Err(restore_err(e.into())),
+    };
+    let mut removed = 0u64;
+    let mut sweep = |dir: BorrowedFd<'_>| -> io::Result<Vec<OsString>> {
+        let mut subdirs = Vec::new();
+        for (name, ft) in list(dir)? {
+            let ours = name.as_bytes().starts_with(TEMP_PREFIX.as_bytes());
+            match (ours, ft) {
+                (true, FileType::Directory) => remove_tree_at(dir, &name)?,
+                (true, _) => rustix::fs::unlinkat(dir, &name, AtFlags::empty())?,
+                (false, FileType::Directory) => {
+                    subdirs.push(name);
+                    continue;
+                }
+                (false, _) => continue,
+            }
+            removed += 1;
+        }
+        Ok(subdirs)
+    };
+    let mut dirs: Dirs<'_, ()> = Dirs::new(root.as_fd()).map_err(restore_err)?;
+    let mut todo = vec![sweep(dirs.top()).map_err(restore_err)?];
+    while let Some(pending) = todo.last_mut() {
+        let Some(next) = pending.pop() else {
+            todo.pop();
+            if !todo.is_empty() {
+                dirs.pop().map_err(restore_err)?;
+            }
+            continue;
+        };
+        // Gone or replaced since it was listed: the workload's business, not a failure.
+        let Ok(fd) = open_child_dir(dirs.top(), &next) else {
+            continue;
+        };
+        dirs.push(next, fd, ()).map_err(restore_err)?;
+        todo.push(sweep(dirs.top()).map_err(restore_err)?);
+    }
+    Ok(removed)
+}
+
 /// A directory inside the target where `restic restore` writes (direct mode), on the same
 /// filesystem, so that each of its entries can then be renamed over the live one.
 #[derive(Debug)]

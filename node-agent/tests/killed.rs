@@ -223,3 +223,135 @@ async fn a_stream_cut_short_is_saved_without_its_file_and_never_used() -> Result
     );
     ledger.all_whole().await
 }
+
+/// The names below `root` that an agent's restore gives its temporary entries.
+fn leftovers(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(stash_node_agent::extract::TEMP_PREFIX)
+            {
+                out.push(path);
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// The standalone agent SIGKILLed while it restores in place, in both modes, the moment a
+/// temporary entry of its restore appears in the volume: every live file is then its old
+/// content or the snapshot's, never a mix, and the next restore takes the volume to the
+/// snapshot exactly, leaving none of the killed one's temporary files behind.
+async fn killed_restore(mode: &str) -> Result {
+    let dir = tempfile::tempdir()?;
+    let agent = agent_copy(dir.path())?;
+    let volume = dir.path().join("volume");
+    let ledger = Ledger::new(
+        &dir.path().join("repo"),
+        dir.path(),
+        &restic_bin(),
+        PASSWORD,
+    )?;
+    ledger.restic.init().await?;
+    kill::fill(&volume, 1, 4 * VOLUME_BYTES)?;
+    let out = backup_command(&agent, dir.path(), &volume, mode).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{mode}: the backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout)?;
+    let id = summary["snapshot_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let backed_up = kill::contents(&volume)?;
+    // The workload moved on: every file differs from the snapshot.
+    kill::fill(&volume, 2, 4 * VOLUME_BYTES)?;
+    let moved_on = kill::contents(&volume)?;
+    let restore = || {
+        let mut cmd = Command::new(&agent);
+        cmd.args(["restore", "--snapshot", &id, "--repo"])
+            .arg(&ledger.repo)
+            .arg("--target")
+            .arg(&volume)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--restic")
+            .arg(restic_bin())
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("RESTIC_PASSWORD", PASSWORD)
+            .env("STASH_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    };
+    let mut victim = restore().spawn()?;
+    let started = std::time::Instant::now();
+    let restics = loop {
+        anyhow::ensure!(
+            started.elapsed() < kill::HANG,
+            "{mode}: the restore never wrote"
+        );
+        anyhow::ensure!(
+            victim.try_wait()?.is_none(),
+            "{mode}: the restore ended before it could be killed"
+        );
+        if !leftovers(&volume).is_empty() {
+            let restics = kill::children(victim.id());
+            victim.kill()?;
+            victim.wait()?;
+            break restics;
+        }
+    };
+    // What restic may still be doing when its agent is gone ends with it.
+    while restics.iter().any(|pid| !kill::gone(*pid)) {
+        anyhow::ensure!(
+            started.elapsed() < kill::HANG,
+            "{mode}: restic outlived its agent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    anyhow::ensure!(
+        !leftovers(&volume).is_empty(),
+        "{mode}: the killed restore left nothing to sweep, so this test shows nothing"
+    );
+    for (path, now) in kill::contents(&volume)? {
+        if path.contains(stash_node_agent::extract::TEMP_PREFIX) {
+            continue;
+        }
+        anyhow::ensure!(
+            backed_up.get(&path) == Some(&now) || moved_on.get(&path) == Some(&now),
+            "{mode}: {path} is neither its old content nor the snapshot's after the kill"
+        );
+    }
+
+    let out = restore().stdout(Stdio::piped()).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{mode}: the restore after the kill failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leftovers(&volume), Vec::<PathBuf>::new(), "{mode}");
+    assert_eq!(kill::contents(&volume)?, backed_up, "{mode}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_stream_restore_leaves_old_or_new_files_and_nothing_behind() -> Result {
+    killed_restore("stream").await
+}
+
+#[tokio::test]
+async fn a_killed_direct_restore_leaves_old_or_new_files_and_nothing_behind() -> Result {
+    killed_restore("direct").await
+}

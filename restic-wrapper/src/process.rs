@@ -450,15 +450,24 @@ pub(crate) fn spawn(inv: Invocation, stdout: StdoutMode, input: Input) -> Result
     })?;
     // restic holds a copy of the reading ends of its own output: if this process dies, its
     // writes still succeed (a few lines fit in the pipe), where a broken pipe would kill it
-    // (Go exits on SIGPIPE from stdout or stderr) before it removes its lock.
-    let keep_open = [out.try_clone(), err.try_clone()]
-        .into_iter()
-        .map(|r| r.map(std::os::fd::OwnedFd::from))
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|source| Error::Io {
-            action: "create restic's output pipes",
-            source,
-        })?;
+    // (Go exits on SIGPIPE from stdout or stderr) before it removes its lock. Not of a
+    // `dump`'s stdout, which is the data itself: the pipe would fill within a moment and
+    // restic block on it for good, deaf to the parent-death signal and refreshing its lock
+    // forever. Killed by the broken pipe instead, it leaves a lock of a dead process, which
+    // the next agent removes (`locks`).
+    let piped_data = matches!(stdout, StdoutMode::Pipe(_));
+    let keep_open = [
+        (!piped_data).then(|| out.try_clone()),
+        Some(err.try_clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|r| r.map(std::os::fd::OwnedFd::from))
+    .collect::<std::io::Result<Vec<_>>>()
+    .map_err(|source| Error::Io {
+        action: "create restic's output pipes",
+        source,
+    })?;
     let mut cmd = Command::new(&program);
     cmd.args(&args)
         // Only what restic needs: nothing from this process's environment leaks in, and a

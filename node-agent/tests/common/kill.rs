@@ -22,7 +22,7 @@ pub const VOLUME_BYTES: usize = 16 << 20;
 
 /// A deadline so a broken agent fails the test instead of hanging it; never a performance
 /// threshold.
-const HANG: Duration = Duration::from_secs(300);
+pub const HANG: Duration = Duration::from_secs(300);
 
 /// The processes whose parent is `pid`.
 pub fn children(pid: u32) -> Vec<u32> {

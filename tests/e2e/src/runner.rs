@@ -64,8 +64,12 @@ async fn run_case(env: &Env, case: Case) -> Result<Duration> {
         Err(_) => Err(anyhow!("gave up after {}s", SCENARIO_TIMEOUT.as_secs())),
     };
     if let Err(e) = outcome {
+        // The failure first: CI keeps only the head of a long report.
         let diagnostics = s.diagnostics().await;
-        return Err(e.context(format!("namespace {}:\n{diagnostics}", s.ns)));
+        return Err(anyhow!(
+            "{e:#}\n--- namespace {} at the failure:\n{diagnostics}",
+            s.ns
+        ));
     }
     // Stop what the scenario left running (schedules, ticking pods) before the next ones.
     if std::env::var_os("STASH_E2E_KEEP").is_none() {

@@ -444,13 +444,19 @@ impl<'a> Scenario<'a> {
     /// the namespace, and the tails of the operator's and agents' logs.
     pub async fn diagnostics(&self) -> String {
         let mut out = String::new();
-        let kinds =
-            "backupconfigurations,backupsessions,backupassignments,repositories,cronjobs,jobs,pods";
+        let kinds = "backupconfigurations,backupsessions,backupassignments,restoresessions,\
+                     restoreassignments,repositories,cronjobs,jobs,pods";
         match self.kubectl(&["get", kinds, "-o", "wide"]).await {
             Ok(s) => out.push_str(&s),
             Err(e) => out.push_str(&format!("{e}\n")),
         }
-        for kind in ["backupconfigurations", "backupsessions", "repositories"] {
+        for kind in [
+            "backupconfigurations",
+            "backupsessions",
+            "restoresessions",
+            "restoreassignments",
+            "repositories",
+        ] {
             if let Ok(v) = self.json(&["get", kind]).await {
                 for item in v["items"].as_array().into_iter().flatten() {
                     out.push_str(&format!(
