@@ -1232,32 +1232,13 @@ impl Extractor {
     /// and the include patterns select; depth first, without recursion.
     fn delete_extraneous(&mut self) -> io::Result<()> {
         let root = self.root.try_clone()?;
-        let mut dirs: Dirs<'_, Vec<OsString>> = Dirs::new(root.as_fd())?;
-        let first = self.sweep(dirs.top(), dirs.root_id, Path::new(""))?;
-        // One list of subdirectories still to visit per open level, the root's first.
-        let mut todo = vec![first];
-        while let Some(pending) = todo.last_mut() {
-            let Some(next) = pending.pop() else {
-                todo.pop();
-                if !todo.is_empty() {
-                    dirs.pop()?;
-                }
-                continue;
-            };
-            let fd = match open_child_dir(dirs.top(), &next) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    let path = dirs.path().join(&next);
-                    self.fail(&path, format!("failed to open it: {e}"));
-                    continue;
-                }
-            };
-            dirs.push(next, fd, Vec::new())?;
-            let path = dirs.path();
-            let subdirs = self.sweep(dirs.top(), dirs.top_id(), &path)?;
-            todo.push(subdirs);
-        }
-        Ok(())
+        walk_down(root.as_fd(), |step| match step {
+            Step::Dir { fd, id, rel } => self.sweep(fd, id, rel),
+            Step::Unopened { rel, error } => {
+                self.fail(rel, format!("failed to open it: {error}"));
+                Ok(vec![])
+            }
+        })
     }
 
     /// Deletes the extraneous names of one directory; returns the subdirectories to visit.
@@ -1297,6 +1278,61 @@ impl Extractor {
     }
 }
 
+/// One step of [`walk_down`].
+enum Step<'a> {
+    /// A directory reached: `rel` below the root, `id` its device and inode.
+    Dir {
+        fd: BorrowedFd<'a>,
+        id: (u64, u64),
+        rel: &'a Path,
+    },
+    /// A subdirectory named by its parent's step that could not be opened (what the visit
+    /// returns for it is not used).
+    Unopened { rel: &'a Path, error: io::Error },
+}
+
+/// Visits `root` and, depth first without recursion, every subdirectory the visit of its
+/// parent names, each opened beneath its parent, never through a symlink.
+fn walk_down(
+    root: BorrowedFd<'_>,
+    mut visit: impl FnMut(Step<'_>) -> io::Result<Vec<OsString>>,
+) -> io::Result<()> {
+    let mut dirs: Dirs<'_, ()> = Dirs::new(root)?;
+    let first = visit(Step::Dir {
+        fd: dirs.top(),
+        id: dirs.root_id,
+        rel: Path::new(""),
+    })?;
+    // One list of subdirectories still to visit per open level, the root's first.
+    let mut todo = vec![first];
+    while let Some(pending) = todo.last_mut() {
+        let Some(next) = pending.pop() else {
+            todo.pop();
+            if !todo.is_empty() {
+                dirs.pop()?;
+            }
+            continue;
+        };
+        let fd = match open_child_dir(dirs.top(), &next) {
+            Ok(fd) => fd,
+            Err(error) => {
+                let rel = dirs.path().join(&next);
+                visit(Step::Unopened { rel: &rel, error })?;
+                continue;
+            }
+        };
+        dirs.push(next, fd, ())?;
+        let rel = dirs.path();
+        let subdirs = visit(Step::Dir {
+            fd: dirs.top(),
+            id: dirs.top_id(),
+            rel: &rel,
+        })?;
+        todo.push(subdirs);
+    }
+    Ok(())
+}
+
 /// Removes, anywhere below `target`, what an interrupted restore left behind: the temporary
 /// files and staging directories named with [`TEMP_PREFIX`]. A restore killed between
 /// writing a file beside its target and renaming it over leaves one; without this sweep it
@@ -1332,23 +1368,12 @@ pub fn remove_leftovers(target: &Path) -> Result<u64, StreamError> {
         }
         Ok(subdirs)
     };
-    let mut dirs: Dirs<'_, ()> = Dirs::new(root.as_fd()).map_err(restore_err)?;
-    let mut todo = vec![sweep(dirs.top()).map_err(restore_err)?];
-    while let Some(pending) = todo.last_mut() {
-        let Some(next) = pending.pop() else {
-            todo.pop();
-            if !todo.is_empty() {
-                dirs.pop().map_err(restore_err)?;
-            }
-            continue;
-        };
+    walk_down(root.as_fd(), |step| match step {
+        Step::Dir { fd, .. } => sweep(fd),
         // Gone or replaced since it was listed: the workload's business, not a failure.
-        let Ok(fd) = open_child_dir(dirs.top(), &next) else {
-            continue;
-        };
-        dirs.push(next, fd, ()).map_err(restore_err)?;
-        todo.push(sweep(dirs.top()).map_err(restore_err)?);
-    }
+        Step::Unopened { .. } => Ok(vec![]),
+    })
+    .map_err(restore_err)?;
     Ok(removed)
 }
 

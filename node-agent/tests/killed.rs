@@ -32,13 +32,13 @@ fn agent_copy(dir: &Path) -> Result<PathBuf> {
     Ok(agent)
 }
 
-fn backup_command(agent: &Path, dir: &Path, volume: &Path, mode: &str) -> Command {
+/// The standalone agent running `args` against the test's repository, with nothing of this
+/// process's environment but what it needs.
+fn agent_command(agent: &Path, dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(agent);
-    cmd.args(["backup", "--mode", mode, "--host", HOST, "--key", KEY])
+    cmd.args(args)
         .arg("--repo")
         .arg(dir.join("repo"))
-        .arg("--path")
-        .arg(volume)
         .arg("--cache-dir")
         .arg(dir.join("cache"))
         .arg("--restic")
@@ -48,6 +48,16 @@ fn backup_command(agent: &Path, dir: &Path, volume: &Path, mode: &str) -> Comman
         .env("RESTIC_PASSWORD", PASSWORD)
         .env("STASH_LOG_LEVEL", "warn")
         .stdin(Stdio::null());
+    cmd
+}
+
+fn backup_command(agent: &Path, dir: &Path, volume: &Path, mode: &str) -> Command {
+    let mut cmd = agent_command(
+        agent,
+        dir,
+        &["backup", "--mode", mode, "--host", HOST, "--key", KEY],
+    );
+    cmd.arg("--path").arg(volume);
     cmd
 }
 
@@ -276,23 +286,14 @@ async fn killed_restore(mode: &str) -> Result {
     // The workload moved on: every file differs from the snapshot.
     kill::fill(&volume, 2, 4 * VOLUME_BYTES)?;
     let moved_on = kill::contents(&volume)?;
+    let target = volume.to_string_lossy().into_owned();
     let restore = || {
-        let mut cmd = Command::new(&agent);
-        cmd.args(["restore", "--snapshot", &id, "--repo"])
-            .arg(&ledger.repo)
-            .arg("--target")
-            .arg(&volume)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .arg("--restic")
-            .arg(restic_bin())
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("RESTIC_PASSWORD", PASSWORD)
-            .env("STASH_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut cmd = agent_command(
+            &agent,
+            dir.path(),
+            &["restore", "--snapshot", &id, "--target", &target],
+        );
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         cmd
     };
     let mut victim = restore().spawn()?;
