@@ -485,15 +485,17 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
             .total_hosts
             .max(i32::try_from(stats.len()).unwrap_or(0))
             .max(1);
+        // What will run, as Stash lists it: the integrity check only when it is on.
+        let mut post_actions = vec!["ApplyRetentionPolicy".to_owned()];
+        if ctx.args.verify_integrity {
+            post_actions.push("VerifyRepositoryIntegrity".to_owned());
+        }
+        post_actions.push("SendRepositoryMetrics".to_owned());
         step.status.targets = Some(vec![BackupTargetStatus {
             ref_: target_ref.clone(),
             total_hosts: Some(total),
             pre_backup_actions: Some(vec!["InitializeBackendRepository".into()]),
-            post_backup_actions: Some(vec![
-                "ApplyRetentionPolicy".into(),
-                "VerifyRepositoryIntegrity".into(),
-                "SendRepositoryMetrics".into(),
-            ]),
+            post_backup_actions: Some(post_actions),
             conditions: Some(vec![{
                 let mut c = Condition::new(
                     types::BACKUP_EXECUTOR_ENSURED,
