@@ -156,6 +156,11 @@ pub trait Visitor {
     /// (change detection).
     const OPENS_FILES: bool;
 
+    /// Whether items carry their extended attributes. Change detection needs none: every
+    /// change of one (an ACL, a file capability, any `setfattr`) updates the entry's ctime,
+    /// which it records, so reading them would be a few syscalls per entry for nothing.
+    const READS_XATTRS: bool = true;
+
     fn item(&mut self, item: Item<'_>) -> Result<(), StreamError>;
 
     fn skipped(&mut self, rel: &Path, why: Skipped);
@@ -559,7 +564,7 @@ impl<'v> Walk<'v> {
                     // file now there is read, and reported as changed.
                     visitor.skipped(rel, Skipped::Changed);
                 }
-                (opened, xattrs(&fd), Found::File(Some(File::from(fd))))
+                (opened, xattrs::<V>(&fd), Found::File(Some(File::from(fd))))
             }
             ft => {
                 let found = match ft {
@@ -575,7 +580,7 @@ impl<'v> Walk<'v> {
                 };
                 // Not opened: the attributes are read through the directory, without
                 // following the entry.
-                (meta, xattrs_at(&entry_path(dir, name)), found)
+                (meta, xattrs_at::<V>(dir, name), found)
             }
         };
         match xattrs {
@@ -602,7 +607,7 @@ impl<'v> Walk<'v> {
             Ok(fd) => fd,
             Err(e @ (Errno::ACCESS | Errno::PERM)) if self.skip_denied => {
                 // Its entry stays, empty, as the listing showed it.
-                let xattrs = xattrs_at(&entry_path(parent, name)).unwrap_or_default();
+                let xattrs = xattrs_at::<V>(parent, name).unwrap_or_default();
                 visitor.item(Item {
                     rel,
                     meta,
@@ -617,7 +622,7 @@ impl<'v> Walk<'v> {
         if !opened.same_inode(&meta) {
             visitor.skipped(rel, Skipped::Changed);
         }
-        let xattrs = match xattrs(&fd) {
+        let xattrs = match xattrs::<V>(&fd) {
             Ok(x) => x,
             Err(e) => return self.handle(visitor, rel, e),
         };
@@ -701,14 +706,23 @@ fn read_all_xattrs(
     Ok(out)
 }
 
-fn xattrs(fd: &OwnedFd) -> Result<Xattrs, Errno> {
+fn xattrs<V: Visitor>(fd: &OwnedFd) -> Result<Xattrs, Errno> {
+    if !V::READS_XATTRS {
+        return Ok(Xattrs::default());
+    }
     read_all_xattrs(
         |buf| rustix::fs::flistxattr(fd, buf),
         |name, buf| rustix::fs::fgetxattr(fd, name, buf),
     )
 }
 
-fn xattrs_at(path: &Path) -> Result<Xattrs, Errno> {
+/// The attributes of an entry not opened, read through its directory without following it.
+fn xattrs_at<V: Visitor>(dir: &OwnedFd, name: &OsStr) -> Result<Xattrs, Errno> {
+    if !V::READS_XATTRS {
+        return Ok(Xattrs::default());
+    }
+    let path = entry_path(dir, name);
+    let path = path.as_path();
     read_all_xattrs(
         |buf| rustix::fs::llistxattr(path, buf),
         |name, buf| rustix::fs::lgetxattr(path, name, buf),
@@ -716,8 +730,9 @@ fn xattrs_at(path: &Path) -> Result<Xattrs, Errno> {
 }
 
 /// Change detection: a digest of everything the stream carries of each entry (name, type,
-/// mode, owners, size, times — ctime too —, inode, link count, device numbers, link target,
-/// extended attributes), and the totals progress is reported against.
+/// mode, owners, size, times, inode, link count, device numbers, link target; extended
+/// attributes through the ctime, which every change of one updates), and the totals
+/// progress is reported against.
 #[derive(Debug)]
 pub struct Manifest {
     h: Sha256,
@@ -748,6 +763,7 @@ impl Manifest {
 
 impl Visitor for Manifest {
     const OPENS_FILES: bool = false;
+    const READS_XATTRS: bool = false;
 
     fn item(&mut self, item: Item<'_>) -> Result<(), StreamError> {
         let h = &mut self.h;
@@ -772,13 +788,6 @@ impl Visitor for Manifest {
         if let Found::Symlink(target) = &item.found {
             h.update(target);
             h.update([0]);
-        }
-        h.update((item.xattrs.len() as u64).to_le_bytes());
-        for (name, value) in &item.xattrs {
-            h.update((name.len() as u64).to_le_bytes());
-            h.update(name);
-            h.update((value.len() as u64).to_le_bytes());
-            h.update(value);
         }
         if let Found::File(_) = item.found {
             self.bytes += m.bytes_to_read();
@@ -1043,7 +1052,7 @@ mod tests {
             want.push((name.into_bytes(), value));
         }
         let fd: OwnedFd = File::open(&f)?.into();
-        let mut got = xattrs(&fd)?;
+        let mut got = xattrs::<Record>(&fd)?;
         got.sort();
         want.sort();
         assert!(got == want, "{} of {} attributes", got.len(), want.len());
