@@ -1663,12 +1663,12 @@ impl Extractor {
                 )
                 .map(File::from)
             };
-            let new = open(staged, OFlags::RDONLY)?;
             // Still the mirrored link of the live file: restic found it unchanged.
             if existing.as_ref().map(inode) == Some(inode(st)) {
                 self.report.unchanged += 1;
                 return Ok(());
             }
+            let new = open(staged, OFlags::RDONLY)?;
             if same_type
                 && existing.as_ref().is_some_and(|e| e.st_size == st.st_size)
                 && let Ok(old) = open(live, OFlags::RDONLY)
