@@ -159,13 +159,17 @@ pub struct SnapshotApiArgs {
     /// Seconds between background listings of every Repository's snapshots (they are also
     /// listed at start and after each session that wrote to a repository).
     #[arg(
-        long,
+        long = "snapshot-index-interval-seconds",
         env = "STASH_SNAPSHOT_INDEX_INTERVAL_SECONDS",
         default_value_t = 300
     )]
     pub index_interval_seconds: u64,
     /// Repositories listed at once by the index.
-    #[arg(long, env = "STASH_SNAPSHOT_INDEX_CONCURRENCY", default_value_t = 4)]
+    #[arg(
+        long = "snapshot-index-concurrency",
+        env = "STASH_SNAPSHOT_INDEX_CONCURRENCY",
+        default_value_t = 4
+    )]
     pub index_concurrency: usize,
 }
 
