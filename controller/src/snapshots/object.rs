@@ -50,19 +50,8 @@ impl IndexedSnapshot {
     }
 }
 
-/// Stash's name: `<repository>-<first 8 hex of the snapshot id>`.
-pub fn snapshot_name(repository: &str, id: &str) -> String {
-    let short: String = id.chars().take(8).collect();
-    format!("{repository}-{short}")
-}
-
-/// Splits a Snapshot name on its last `-`: the repository and the 8-hex id prefix, or `None`
-/// when the name cannot be a Snapshot's (Stash refuses such names the same way).
-pub fn parse_name(name: &str) -> Option<(&str, &str)> {
-    let (repo, id) = name.rsplit_once('-')?;
-    (!repo.is_empty() && id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then_some((repo, id))
-}
+/// Stash's name: `<repository>-<first 8 hex of the snapshot id>` (the api crate's rule).
+pub use stash_api::snapshot::{parse_snapshot_name as parse_name, snapshot_name};
 
 /// restic's RFC 3339 time with nanoseconds → metav1.Time (seconds, UTC).
 pub fn kube_time(restic_time: &str) -> Option<String> {
@@ -532,19 +521,6 @@ pub(crate) mod tests {
     }
 
     const ID: &str = "0123abcd99999999999999999999999999999999999999999999999999999999";
-
-    #[test]
-    fn names_are_stashs_and_parse_back() {
-        assert_eq!(snapshot_name("my-repo", ID), "my-repo-0123abcd");
-        assert_eq!(
-            parse_name("my-repo-0123abcd"),
-            Some(("my-repo", "0123abcd"))
-        );
-        assert_eq!(parse_name("my-repo-0123abc"), None);
-        assert_eq!(parse_name("my-repo-0123abcz"), None);
-        assert_eq!(parse_name("-0123abcd"), None);
-        assert_eq!(parse_name("nodash"), None);
-    }
 
     #[test]
     fn the_object_has_stashs_fields() {
