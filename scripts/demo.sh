@@ -139,6 +139,15 @@ after=$(pod_uids)
 echo "   pods before: $before"
 echo "   pods after:  $after"
 
+step "the snapshot through the Snapshot API (kubectl get snapshots, served from the operator's index)"
+# The index lists the repository again once the session has ended; a moment later it is there.
+for _ in $(seq 1 60); do
+  [[ -n "$(kubectl get snapshots -n demo -o name 2>/dev/null)" ]] && break
+  sleep 2
+done
+kubectl get snapshots -n demo
+kubectl get snapshots -n demo -o wide
+
 step "the snapshot, read by stock restic"
 export RESTIC_PASSWORD="$password" AWS_ACCESS_KEY_ID="$key_id" AWS_SECRET_ACCESS_KEY="$key_secret"
 repo="s3:http://$gateway:$s3_port/stash-demo-backups/demo/deployment/stash-demo"

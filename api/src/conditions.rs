@@ -91,6 +91,9 @@ pub mod types {
     pub const RETENTION_POLICY_APPLIED: &str = "RetentionPolicyApplied";
     pub const REPOSITORY_INTEGRITY_VERIFIED: &str = "RepositoryIntegrityVerified";
     pub const REPOSITORY_METRICS_PUSHED: &str = "RepositoryMetricsPushed";
+    /// Not Stash's: whether the Snapshot API's index holds a current listing of the
+    /// repository (False: it serves the last good one, and the message says why).
+    pub const SNAPSHOTS_LISTED: &str = "SnapshotsListed";
     pub const BACKUP_SKIPPED: &str = "BackupSkipped";
     pub const BACKUP_HISTORY_CLEANED: &str = "BackupHistoryCleaned";
     pub const METRICS_PUSHED: &str = "MetricsPushed";
@@ -137,6 +140,8 @@ pub mod reasons {
     pub const RESOURCE_VALIDATION_FAILED: &str = "ResourceValidationFailed";
     pub const SUCCESSFULLY_INITIALIZED_BACKEND: &str = "SuccessfullyInitializedBackend";
     pub const FAILED_TO_INITIALIZE_BACKEND: &str = "FailedToInitializeBackend";
+    pub const SNAPSHOT_LISTING_CURRENT: &str = "SnapshotListingCurrent";
+    pub const SNAPSHOT_LISTING_STALE: &str = "SnapshotListingStale";
     pub const SUCCESSFULLY_CLEANED_RETENTION: &str = "SuccessfullyAppliedRetentionPolicy";
     pub const FAILED_TO_APPLY_RETENTION_POLICY: &str = "FailedToApplyRetentionPolicy";
     pub const SUCCESSFULLY_VERIFIED_INTEGRITY: &str = "SuccessfullyVerifiedRepositoryIntegrity";

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod kubesim;
 pub mod operator;
 pub mod restore;
+pub mod snapshot_api;
 pub mod snapshots;
 
 use std::path::Path;

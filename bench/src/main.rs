@@ -30,6 +30,24 @@ async fn main() -> anyhow::Result<()> {
         );
         stash_bench::record(&results, stash_bench::snapshots::SCENARIO, &outcome)?;
     }
+    if wanted(stash_bench::snapshot_api::SCENARIO) {
+        let outcome = stash_bench::snapshot_api::run(&restic, &data, rounds).await?;
+        println!(
+            "{}: kubectl get snapshots -A {:.1} ms, restic per repository {:.1} ms, ratio {:.1} (goal {}), list at the API server {:.2} ms{}",
+            stash_bench::snapshot_api::SCENARIO,
+            outcome.ours,
+            outcome.baseline,
+            outcome.ratio,
+            outcome.goal,
+            outcome
+                .notes
+                .get("server_list_ms")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0),
+            if outcome.met { "" } else { " NOT MET" }
+        );
+        stash_bench::record(&results, stash_bench::snapshot_api::SCENARIO, &outcome)?;
+    }
     let mut more = Vec::new();
     if wanted("agent") {
         more.extend(stash_bench::agent::run(&data, rounds.min(3)).await?);

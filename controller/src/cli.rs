@@ -117,6 +117,60 @@ pub struct RunArgs {
     /// hosts on it can back up into one.
     #[arg(long, env = "STASH_NODE_NAME", default_value = "")]
     pub node_name: String,
+    #[command(flatten)]
+    pub snapshot_api: SnapshotApiArgs,
+}
+
+/// Where the serving certificate of the Snapshot API comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CertSource {
+    /// The operator issues it into the Secret and writes the APIService's caBundle.
+    Operator,
+    /// cert-manager issues it into the Secret, mounted at the certificate directory.
+    CertManager,
+}
+
+/// The Snapshot API: an aggregated API server on its own HTTPS port.
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotApiArgs {
+    /// The HTTPS port of the Snapshot API (the APIService's Service targets it); 0: not served.
+    #[arg(long, env = "STASH_SECURE_PORT", default_value_t = 8443)]
+    pub secure_port: u16,
+    /// The Service in front of the operator: its DNS names go into the serving certificate.
+    #[arg(long, env = "STASH_SERVICE_NAME", default_value = "stash")]
+    pub service_name: String,
+    #[arg(
+        long,
+        env = "STASH_CERT_SOURCE",
+        value_enum,
+        default_value = "operator"
+    )]
+    pub cert_source: CertSource,
+    /// The Secret (in the operator's namespace) that holds the serving certificate.
+    #[arg(
+        long,
+        env = "STASH_CERT_SECRET_NAME",
+        default_value = "stash-apiserver-cert"
+    )]
+    pub cert_secret_name: String,
+    /// Where the Secret is mounted (`tls.crt`, `tls.key`), read with cert-manager.
+    #[arg(long, env = "STASH_CERT_DIR", default_value = "/var/serving-cert")]
+    pub cert_dir: PathBuf,
+    /// Seconds between background listings of every Repository's snapshots (they are also
+    /// listed at start and after each session that wrote to a repository).
+    #[arg(
+        long = "snapshot-index-interval-seconds",
+        env = "STASH_SNAPSHOT_INDEX_INTERVAL_SECONDS",
+        default_value_t = 300
+    )]
+    pub index_interval_seconds: u64,
+    /// Repositories listed at once by the index.
+    #[arg(
+        long = "snapshot-index-concurrency",
+        env = "STASH_SNAPSHOT_INDEX_CONCURRENCY",
+        default_value_t = 4
+    )]
+    pub index_concurrency: usize,
 }
 
 impl RunArgs {

@@ -137,7 +137,22 @@ pub struct Ctx {
     /// One async lock per repository in this (the leader) process: retention holds it
     /// exclusively; initialisation and the planning of sessions share it, so no assignment is
     /// created while a prune runs, yet sessions of one repository are planned side by side.
-    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    repo_locks: RepoLocks,
+}
+
+/// The per-repository locks of this process, shared by the reconcilers and the Snapshot
+/// API's delete (which prunes like retention does).
+#[derive(Debug, Clone, Default)]
+pub struct RepoLocks(Arc<Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>>);
+
+impl RepoLocks {
+    pub fn get(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(key.to_owned()).or_default().clone()
+    }
 }
 
 impl std::fmt::Debug for Ctx {
@@ -153,6 +168,7 @@ impl Ctx {
         metrics: Arc<Metrics>,
         agents: Store<Pod>,
         configs: Store<BackupConfiguration>,
+        repo_locks: RepoLocks,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -168,16 +184,12 @@ impl Ctx {
             metrics,
             agents,
             configs,
-            repo_locks: Mutex::default(),
+            repo_locks,
         }
     }
 
     pub fn repo_lock(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
-        let mut locks = self
-            .repo_locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.entry(key.to_owned()).or_default().clone()
+        self.repo_locks.get(key)
     }
 }
 
@@ -282,6 +294,18 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         _ = shutdown_signal() => return Ok(()),
     }
     ready.store(true, Ordering::Relaxed);
+    // Every replica serves the Snapshot API, leader or not: the Service may route to any.
+    let repo_locks = RepoLocks::default();
+    let snapshot_api = {
+        let (client, args, locks) = (client.clone(), args.clone(), repo_locks.clone());
+        async move {
+            if args.snapshot_api.secure_port == 0 {
+                return std::future::pending().await;
+            }
+            crate::snapshots::run(client, args, locks).await
+        }
+    };
+    let snapshot_api = tokio::spawn(snapshot_api);
     let elector = args.leader_elect.then(|| {
         crate::leader::Elector::new(
             client.clone(),
@@ -309,6 +333,7 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         metrics.clone(),
         agents,
         configs.store(),
+        repo_locks,
     ));
     let controllers = async {
         tokio::join!(
@@ -333,6 +358,10 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
             Ok(())
         }
         r = server => match r {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
+        },
+        r = snapshot_api => match r {
             Ok(Err(e)) => Err(e),
             _ => Ok(()),
         },

@@ -1,6 +1,7 @@
 //! The Stash operator: `run` reconciles Repositories, BackupConfigurations and BackupSessions
 //! (a session becomes one BackupAssignment per node, worked by that node's agent); `trigger`
-//! is what a BackupConfiguration's CronJob runs; `crd` prints the CRDs.
+//! is what a BackupConfiguration's CronJob runs; `crd` prints the CRDs. `run` also serves the
+//! Snapshot API (`kubectl get snapshots`) as an aggregated API server.
 
 pub mod backup_configuration;
 pub mod backup_session;
@@ -15,6 +16,7 @@ pub mod repository;
 pub mod restore_session;
 pub mod schedule;
 pub mod server;
+pub mod snapshots;
 pub mod spec_changes;
 pub mod target;
 pub mod trigger;

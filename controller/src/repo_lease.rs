@@ -91,9 +91,26 @@ impl Drop for Held {
 
 /// Takes the Lease for this replica; `None` while someone else holds it.
 pub async fn acquire(ctx: &Ctx, repo_key: &str) -> Result<Option<Held>, Error> {
-    let api = api(ctx);
+    acquire_with(
+        &ctx.client,
+        &ctx.args.namespace,
+        &ctx.args.pod_name,
+        repo_key,
+    )
+    .await
+}
+
+/// [`acquire`] for callers without a reconciler's context: the Snapshot API's delete, which
+/// any replica may serve.
+pub async fn acquire_with(
+    client: &kube::Client,
+    namespace: &str,
+    identity: &str,
+    repo_key: &str,
+) -> Result<Option<Held>, Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let name = lease_name(repo_key);
-    let identity = ctx.args.pod_name.clone();
+    let identity = identity.to_owned();
     let spec = || LeaseSpec {
         holder_identity: Some(identity.clone()),
         lease_duration_seconds: Some(DURATION.as_secs() as i32),

@@ -64,6 +64,16 @@ pub fn repo_key(ns: &str, name: &str) -> String {
 
 /// Opens a Repository's restic repository with its Secret (not yet checked to exist).
 pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
+    open_with(&ctx.client, &ctx.args, repo).await
+}
+
+/// [`open`] for callers without a reconciler's context (the Snapshot API's index, which runs
+/// on every replica, leader or not).
+pub async fn open_with(
+    client: &kube::Client,
+    args: &crate::cli::RunArgs,
+    repo: &Repository,
+) -> Result<Opened, OpenError> {
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
     let invalid = |reason, e: stash_rules::repository::InvalidRepository| OpenError::Invalid {
@@ -72,11 +82,11 @@ pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
     };
     let backend = stash_rules::repository::backend(&repo.spec.backend)
         .map_err(|e| invalid(reasons::REPOSITORY_NOT_AVAILABLE, e))?;
-    stash_rules::repository::check_reachable(&backend, &ctx.args.local_roots())
+    stash_rules::repository::check_reachable(&backend, &args.local_roots())
         .map_err(|e| invalid(reasons::REPOSITORY_NOT_AVAILABLE, e))?;
     let secret_name = stash_rules::repository::secret_name(&repo.spec.backend)
         .map_err(|e| invalid(reasons::BACKEND_SECRET_NOT_AVAILABLE, e))?;
-    let secret = match Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+    let secret = match Api::<Secret>::namespaced(client.clone(), &ns)
         .get(secret_name)
         .await
     {
@@ -94,9 +104,12 @@ pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
     let secrets = stash_rules::repository::checked_secrets(&secret)
         .map_err(|e| invalid(reasons::BACKEND_SECRET_NOT_AVAILABLE, e))?;
     let key = repo_key(&ns, &name);
-    let scratch = ctx.args.state_dir.join("scratch").join(hex::encode(
-        <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()),
-    ));
+    let scratch =
+        args.state_dir
+            .join("scratch")
+            .join(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                key.as_bytes(),
+            )));
     std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
         action: "create the scratch directory",
         source,
@@ -104,10 +117,10 @@ pub async fn open(ctx: &Ctx, repo: &Repository) -> Result<Opened, OpenError> {
     let repository = restic_wrapper::Repository::new(backend.clone(), secrets.clone(), &scratch)
         .map_err(Error::restic("open the repository"))?;
     let restic = Restic::new(repository)
-        .with_program(&ctx.args.restic)
-        .with_cache(Cache::Dir(ctx.args.state_dir.join("restic-cache")))
+        .with_program(&args.restic)
+        .with_cache(Cache::Dir(args.state_dir.join("restic-cache")))
         .with_tmp_dir(&scratch)
-        .with_timeout(Duration::from_secs(ctx.args.restic_timeout_seconds));
+        .with_timeout(Duration::from_secs(args.restic_timeout_seconds));
     Ok(Opened {
         restic,
         backend,

@@ -271,6 +271,11 @@ impl Secrets {
         self
     }
 
+    /// Every key and value, in key order (to tell whether two sets of secrets are the same).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SecretValue)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     pub fn get(&self, key: &str) -> Option<&SecretValue> {
         self.0.get(key)
     }

@@ -1,0 +1,82 @@
+//! The Snapshot API (`repositories.stash.appscode.com/v1alpha1`, `kubectl get snapshots`): an
+//! aggregated API server on the operator's secure port, serving from an in-memory index of
+//! every Repository's snapshots that the native reader keeps current in the background.
+
+pub mod auth;
+pub mod cert;
+pub mod index;
+pub mod object;
+pub mod query;
+pub mod refresh;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cli::RunArgs;
+use crate::context::RepoLocks;
+use crate::error::Error;
+
+/// The front-proxy settings, retried until the API server publishes them (a fresh control
+/// plane writes the ConfigMap a moment after it starts).
+async fn front_proxy(client: &kube::Client) -> auth::FrontProxy {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match auth::load_front_proxy(client).await {
+            Ok(cfg) => return cfg,
+            Err(error) => {
+                tracing::warn!(%error, "the Snapshot API waits for the front-proxy configuration");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Binds the secure port, then serves the Snapshot API and fills its index until dropped.
+pub async fn run(client: kube::Client, args: RunArgs, locks: RepoLocks) -> Result<(), Error> {
+    let port = args.snapshot_api.secure_port;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(|source| Error::Serve {
+            what: "the Snapshot API",
+            port,
+            source,
+        })?;
+    serve_on(listener, client, args, locks).await
+}
+
+/// [`run`] on a bound listener (tests bind port 0).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    client: kube::Client,
+    args: RunArgs,
+    locks: RepoLocks,
+) -> Result<(), Error> {
+    let index = Arc::new(index::Index::new());
+    let (refresher, refreshing) =
+        refresh::Refresher::start(client.clone(), args.clone(), index.clone());
+    let serving = async {
+        let front_proxy = front_proxy(&client).await;
+        let serving = cert::ensure(&client, &args).await?;
+        let tls = server::tls_config(&serving, &front_proxy)?;
+        let api = Arc::new(server::SnapshotApi {
+            index,
+            refresher,
+            authorizer: auth::Authorizer::new(client.clone()),
+            front_proxy,
+            client: client.clone(),
+            args: args.clone(),
+            locks,
+        });
+        tracing::info!(
+            port = listener.local_addr().map(|a| a.port()).unwrap_or(0),
+            "serving the Snapshot API"
+        );
+        server::serve(listener, tls, api).await
+    };
+    tokio::select! {
+        r = serving => r,
+        () = refreshing => Ok(()),
+    }
+}

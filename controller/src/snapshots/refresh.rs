@@ -1,0 +1,397 @@
+//! Fills the index in the background: every Repository is listed with the native reader at
+//! start, when it appears or changes, after each BackupSession that wrote to it ends, and on
+//! an interval. A failed listing keeps the last good one and says so in the Repository's
+//! `SnapshotsListed` condition. Runs on every replica: any of them may serve a request.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use restic_wrapper::NativeRepository;
+use sha2::Digest;
+use stash_api::BackupConfiguration;
+use stash_api::backup_session::{BackupSession, BackupSessionPhase};
+use stash_api::conditions::{Condition, find_condition, reasons, set_condition, types};
+use stash_api::repository::Repository;
+use tokio::sync::mpsc;
+
+use super::index::Index;
+use crate::cli::RunArgs;
+use crate::repository::{OpenError, open_with};
+
+/// A repository opened by the native reader, kept between listings (its key derivation is
+/// deliberately slow, and it caches the snapshots it decrypted), with what it was opened by.
+struct Native {
+    fingerprint: [u8; 32],
+    repo: Arc<NativeRepository>,
+}
+
+/// What a listing found.
+#[derive(Debug)]
+enum Outcome {
+    Listed(Vec<restic_wrapper::Snapshot>),
+    /// Not initialised yet, and never listed: nothing to serve and nothing wrong yet.
+    NotYetInitialised,
+    Failed(String),
+}
+
+pub struct Refresher {
+    client: kube::Client,
+    args: RunArgs,
+    index: Arc<Index>,
+    repos: Store<Repository>,
+    natives: Mutex<HashMap<String, Native>>,
+    requests: mpsc::UnboundedSender<String>,
+}
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refresher").finish_non_exhaustive()
+    }
+}
+
+fn split_key(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
+}
+
+fn fingerprint(opened: &crate::repository::Opened) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(opened.backend.repository_string().as_bytes());
+    for (k, v) in opened.secrets.iter() {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.expose());
+        h.update([0]);
+    }
+    h.finalize().into()
+}
+
+/// The `SnapshotsListed` condition for a listing's outcome, or `None` to leave it as is.
+pub fn listing_condition(stale: Option<&str>, listed_at: Option<jiff::Timestamp>) -> Condition {
+    match stale {
+        None => Condition::new(
+            types::SNAPSHOTS_LISTED,
+            true,
+            reasons::SNAPSHOT_LISTING_CURRENT,
+            "the Snapshot API serves a current listing of the repository's snapshots",
+        ),
+        Some(why) => {
+            let since = listed_at.map_or_else(
+                || "it was never listed".to_owned(),
+                |t| {
+                    format!(
+                        "served as last listed at {}",
+                        t.strftime("%Y-%m-%dT%H:%M:%SZ")
+                    )
+                },
+            );
+            Condition::new(
+                types::SNAPSHOTS_LISTED,
+                false,
+                reasons::SNAPSHOT_LISTING_STALE,
+                format!("the snapshot listing is stale ({since}): {why}"),
+            )
+        }
+    }
+}
+
+impl Refresher {
+    /// The refresher, and the future that runs it until dropped.
+    pub fn start(
+        client: kube::Client,
+        args: RunArgs,
+        index: Arc<Index>,
+    ) -> (Arc<Refresher>, impl Future<Output = ()> + Send) {
+        let (reader, writer) = reflector::store();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = Arc::new(Refresher {
+            client: client.clone(),
+            args,
+            index,
+            repos: reader,
+            natives: Mutex::default(),
+            requests: tx,
+        });
+        let run = {
+            let me = me.clone();
+            async move {
+                let repo_watch = reflector::reflector(
+                    writer,
+                    watcher(
+                        Api::<Repository>::all(client.clone()),
+                        watcher::Config::default(),
+                    )
+                    .default_backoff(),
+                )
+                .for_each(|event| {
+                    me.on_repository_event(event);
+                    std::future::ready(())
+                });
+                tokio::join!(
+                    repo_watch,
+                    me.watch_sessions(),
+                    me.tick(),
+                    me.clone().work(rx),
+                );
+            }
+        };
+        (me, run)
+    }
+
+    /// The Repositories the refresher knows, once its watch has listed them.
+    pub fn repositories(&self) -> &Store<Repository> {
+        &self.repos
+    }
+
+    fn on_repository_event(&self, event: Result<watcher::Event<Repository>, watcher::Error>) {
+        match event {
+            Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => {
+                self.request(&crate::repository::repo_key(
+                    &r.namespace().unwrap_or_default(),
+                    &r.name_any(),
+                ));
+            }
+            Ok(watcher::Event::Delete(r)) => {
+                let (ns, name) = (r.namespace().unwrap_or_default(), r.name_any());
+                self.index.remove_repository(&ns, &name);
+                self.forget_native(&crate::repository::repo_key(&ns, &name));
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Err(error) => {
+                tracing::warn!(%error, "the Snapshot index's Repository watch failed; retrying")
+            }
+        }
+    }
+
+    fn forget_native(&self, key: &str) {
+        self.natives
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    /// Asks for a listing of `namespace/name` soon; repeated asks before it runs are one.
+    pub fn request(&self, key: &str) {
+        let _ = self.requests.send(key.to_owned());
+    }
+
+    /// Every Repository, on the interval.
+    async fn tick(&self) {
+        let every = Duration::from_secs(self.args.snapshot_api.index_interval_seconds.max(1));
+        let mut interval = tokio::time::interval(every);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            for r in self.repos.state() {
+                self.request(&crate::repository::repo_key(
+                    &r.namespace().unwrap_or_default(),
+                    &r.name_any(),
+                ));
+            }
+        }
+    }
+
+    /// A BackupSession that ended wrote (or tried to write, and retention may have pruned)
+    /// its repository: list it again.
+    async fn watch_sessions(&self) {
+        let sessions: Api<BackupSession> = Api::all(self.client.clone());
+        let mut ended: HashSet<String> = HashSet::new();
+        let mut stream = std::pin::pin!(
+            watcher(sessions, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+        );
+        while let Some(next) = stream.next().await {
+            let Ok(session) = next else { continue };
+            let done = session
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| {
+                    matches!(
+                        p,
+                        BackupSessionPhase::Succeeded | BackupSessionPhase::Failed
+                    )
+                });
+            let uid = session.uid().unwrap_or_default();
+            if !done || !ended.insert(uid) {
+                continue;
+            }
+            if let Some(key) = self.repository_of(&session).await {
+                self.request(&key);
+            }
+        }
+    }
+
+    async fn repository_of(&self, session: &BackupSession) -> Option<String> {
+        let ns = session.namespace().unwrap_or_default();
+        let invoker = session.spec.invoker.as_ref()?;
+        if invoker.kind != "BackupConfiguration" {
+            return None;
+        }
+        let config = Api::<BackupConfiguration>::namespaced(self.client.clone(), &ns)
+            .get_opt(&invoker.name)
+            .await
+            .ok()??;
+        let r = config.spec.repository?;
+        Some(crate::repository::repo_key(
+            r.namespace.as_deref().unwrap_or(&ns),
+            &r.name,
+        ))
+    }
+
+    /// Lists what was asked for, a few repositories at a time.
+    async fn work(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.args.snapshot_api.index_concurrency.max(1),
+        ));
+        let pending: Arc<Mutex<HashSet<String>>> = Arc::default();
+        while let Some(key) = rx.recv().await {
+            let fresh = pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(key.clone());
+            if !fresh {
+                continue;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (me, pending) = (self.clone(), pending.clone());
+            tokio::spawn(async move {
+                pending
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&key);
+                me.refresh(&key).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Lists one Repository now and records the outcome.
+    pub async fn refresh(&self, key: &str) {
+        let (ns, name) = split_key(key);
+        let Some(repo) = self.repos.get(&ObjectRef::new(name).within(ns)) else {
+            self.index.remove_repository(ns, name);
+            return;
+        };
+        let labels: BTreeMap<String, String> = repo.labels().clone();
+        match self.list(key, &repo).await {
+            Outcome::Listed(snaps) => {
+                tracing::debug!(repository = key, snapshots = snaps.len(), "listed");
+                self.index.replace(ns, name, labels, snaps);
+            }
+            Outcome::NotYetInitialised if self.index.listing(ns, name).is_none() => {
+                self.index.replace(ns, name, labels, Vec::new());
+            }
+            Outcome::NotYetInitialised => self.index.mark_stale(
+                ns,
+                name,
+                "the repository's config file is gone (the backend is empty, unmounted or another one)".into(),
+            ),
+            Outcome::Failed(why) => {
+                tracing::warn!(repository = key, reason = %why, "cannot list the repository's snapshots; serving the last listing");
+                self.index.mark_stale(ns, name, why);
+            }
+        }
+        if let Some(l) = self.index.listing(ns, name) {
+            self.write_condition(&repo, listing_condition(l.stale.as_deref(), l.listed_at))
+                .await;
+        }
+    }
+
+    async fn list(&self, key: &str, repo: &Repository) -> Outcome {
+        let opened = match open_with(&self.client, &self.args, repo).await {
+            Ok(o) => o,
+            Err(OpenError::Invalid { message, .. }) => return Outcome::Failed(message),
+            Err(OpenError::Failed(e)) => return Outcome::Failed(e.to_string()),
+        };
+        let print = fingerprint(&opened);
+        let cached = self
+            .natives
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .filter(|n| n.fingerprint == print)
+            .map(|n| n.repo.clone());
+        let native = match cached {
+            Some(n) => n,
+            None => match NativeRepository::open(&opened.backend, &opened.secrets).await {
+                Ok(n) => {
+                    let n = Arc::new(n);
+                    self.natives
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(
+                            key.to_owned(),
+                            Native {
+                                fingerprint: print,
+                                repo: n.clone(),
+                            },
+                        );
+                    n
+                }
+                Err(restic_wrapper::NativeError::NotFound(_)) => return Outcome::NotYetInitialised,
+                Err(e) => return Outcome::Failed(format!("failed to open the repository: {e}")),
+            },
+        };
+        // A repository whose files went away (an unmounted volume, a wiped bucket) would list
+        // as empty: its config file tells a gone repository from one without snapshots.
+        match restic_wrapper::native::RepositoryFiles::new(&opened.backend, &opened.secrets) {
+            Ok(files) => match files.has_config().await {
+                Ok(true) => {}
+                Ok(false) => return Outcome::NotYetInitialised,
+                Err(e) => return Outcome::Failed(format!("failed to reach the repository: {e}")),
+            },
+            Err(e) => return Outcome::Failed(format!("failed to reach the repository: {e}")),
+        }
+        match native.snapshots().await {
+            Ok(s) => Outcome::Listed(s),
+            Err(e) => Outcome::Failed(format!("failed to list the snapshots: {e}")),
+        }
+    }
+
+    /// Sets the condition when it differs from what the Repository says, with the
+    /// Repository's resourceVersion as a precondition (the reconciler writes its status too).
+    async fn write_condition(&self, repo: &Repository, condition: Condition) {
+        let mut conds = repo
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        if let Some(c) = find_condition(&conds, &condition.type_)
+            && c.status == condition.status
+            && c.message == condition.message
+        {
+            return;
+        }
+        let mut condition = condition;
+        condition.observed_generation = repo.meta().generation;
+        set_condition(&mut conds, condition, Time(jiff::Timestamp::now()));
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": repo.resource_version()},
+            "status": {"conditions": conds},
+        });
+        if let Err(error) = Api::<Repository>::namespaced(
+            self.client.clone(),
+            &repo.namespace().unwrap_or_default(),
+        )
+        .patch_status(
+            &repo.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        {
+            // A conflict means the Repository changed: its watch event lists it again.
+            tracing::debug!(%error, "cannot write the SnapshotsListed condition yet");
+        }
+    }
+}
