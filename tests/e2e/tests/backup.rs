@@ -18,6 +18,10 @@ const PASSWORD: &str = "e2e correct horse battery staple";
 mod restore;
 use restore::{restore_in_place, restore_into_new_workload, restore_rules, restore_statefulset};
 
+#[path = "scenarios/snapshots.rs"]
+mod snapshots;
+use snapshots::snapshot_api;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_suite() -> Result<()> {
     stash_e2e::runner::run(
@@ -38,6 +42,7 @@ async fn backup_suite() -> Result<()> {
             scenario!(restore_into_new_workload),
             scenario!(restore_rules),
             scenario!(local_repository),
+            scenario!(snapshot_api),
         ]],
     )
     .await
