@@ -11,11 +11,12 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{Map, Value, json};
 
 use crate::{Outcome, alternate, median};
+// The repositories are copies of the snapshots-list dataset, with its password.
+use crate::snapshots::PASSWORD;
 
 pub const SCENARIO: &str = "snapshot-api-list";
 const REPOS: usize = 10;
 const PER_REPO: usize = 200;
-const PASSWORD: &str = "bench password";
 const GOAL: f64 = 100.0;
 const SERVER_GOAL_MS: f64 = 100.0;
 
@@ -141,6 +142,8 @@ pub async fn run(restic_bin: &Path, data_dir: &Path, rounds: usize) -> anyhow::R
         client.clone(),
         *args,
         Default::default(),
+        // The only replica: it leads.
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
     ));
 
     let kc_dir = tempfile::tempdir()?;
@@ -194,16 +197,7 @@ pub async fn run(restic_bin: &Path, data_dir: &Path, rounds: usize) -> anyhow::R
         let (bin, repos) = (restic_bin.to_path_buf(), repos.clone());
         async move {
             for repo in &repos {
-                let out = tokio::process::Command::new(&bin)
-                    .args(["snapshots", "--json", "--no-lock"])
-                    .env("RESTIC_REPOSITORY", repo)
-                    .env("RESTIC_PASSWORD", PASSWORD)
-                    .env("RESTIC_CACHE_DIR", repo.with_extension("cache"))
-                    .output()
-                    .await?;
-                ensure!(out.status.success());
-                let list: Vec<Value> = serde_json::from_slice(&out.stdout)?;
-                ensure!(list.len() == PER_REPO);
+                ensure!(crate::snapshots::stock_listing(&bin, repo).await? == PER_REPO);
             }
             Ok(())
         }

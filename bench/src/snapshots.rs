@@ -12,7 +12,7 @@ use crate::{Outcome, alternate, median};
 
 pub const SCENARIO: &str = "snapshots-list-1000";
 const COUNT: usize = 1000;
-const PASSWORD: &str = "bench password";
+pub const PASSWORD: &str = "bench password";
 const GOAL: f64 = 20.0;
 
 fn restic(restic_bin: &Path, repo: &Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
@@ -29,6 +29,20 @@ fn restic(restic_bin: &Path, repo: &Path, args: &[&str]) -> anyhow::Result<Vec<u
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out.stdout)
+}
+
+/// The baseline: `restic snapshots --json` as Stash ran it for each request; the number of
+/// snapshots it printed.
+pub async fn stock_listing(restic_bin: &Path, repo: &Path) -> anyhow::Result<usize> {
+    let out = tokio::process::Command::new(restic_bin)
+        .args(["snapshots", "--json", "--no-lock"])
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", PASSWORD)
+        .env("RESTIC_CACHE_DIR", repo.with_extension("cache"))
+        .output()
+        .await?;
+    ensure!(out.status.success());
+    Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout)?.len())
 }
 
 fn count(restic_bin: &Path, repo: &Path) -> anyhow::Result<usize> {
@@ -122,16 +136,7 @@ pub async fn run(restic_bin: &Path, data_dir: &Path, rounds: usize) -> anyhow::R
     let baseline = || {
         let (bin, repo) = (restic_bin.to_path_buf(), repo.clone());
         async move {
-            let out = tokio::process::Command::new(&bin)
-                .args(["snapshots", "--json", "--no-lock"])
-                .env("RESTIC_REPOSITORY", &repo)
-                .env("RESTIC_PASSWORD", PASSWORD)
-                .env("RESTIC_CACHE_DIR", repo.with_extension("cache"))
-                .output()
-                .await?;
-            ensure!(out.status.success());
-            let list: Vec<Value> = serde_json::from_slice(&out.stdout)?;
-            ensure!(list.len() == COUNT);
+            ensure!(stock_listing(&bin, &repo).await? == COUNT);
             Ok(())
         }
     };

@@ -296,13 +296,19 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
     ready.store(true, Ordering::Relaxed);
     // Every replica serves the Snapshot API, leader or not: the Service may route to any.
     let repo_locks = RepoLocks::default();
+    let leading = Arc::new(AtomicBool::new(false));
     let snapshot_api = {
-        let (client, args, locks) = (client.clone(), args.clone(), repo_locks.clone());
+        let (client, args, locks, leading) = (
+            client.clone(),
+            args.clone(),
+            repo_locks.clone(),
+            leading.clone(),
+        );
         async move {
             if args.snapshot_api.secure_port == 0 {
                 return std::future::pending().await;
             }
-            crate::snapshots::run(client, args, locks).await
+            crate::snapshots::run(client, args, locks, leading).await
         }
     };
     let snapshot_api = tokio::spawn(snapshot_api);
@@ -321,6 +327,7 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         }
     }
     metrics.leader.set(1);
+    leading.store(true, Ordering::Relaxed);
     let (agents, agent_watch) = watch_into_store(
         Api::<Pod>::namespaced(client.clone(), &args.namespace),
         watcher::Config::default().labels(&args.agent_selector),
@@ -367,6 +374,7 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         },
     };
     metrics.leader.set(0);
+    leading.store(false, Ordering::Relaxed);
     if let Some(e) = &elector
         && result.is_ok()
     {

@@ -236,13 +236,13 @@ pub fn wrong_password(opened: &Opened) -> String {
 
 /// Initialises the repository if needed and checks that the password opens it: an existing
 /// repository is recognised by its config file alone, which says nothing about the password.
-/// Returns the repository opened by the native reader.
+/// Returns the process's native reader of the repository.
 pub async fn ensure_usable(
     ctx: &Ctx,
     opened: &Opened,
-) -> Result<restic_wrapper::NativeRepository, Error> {
+) -> Result<std::sync::Arc<restic_wrapper::NativeRepository>, Error> {
     ensure_initialized(ctx, opened).await?;
-    match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
+    match restic_wrapper::native::reader(&opened.backend, &opened.secrets).await {
         Ok(native) => Ok(native),
         Err(restic_wrapper::NativeError::WrongPassword) => Err(Error::Invalid {
             action: "open the repository",

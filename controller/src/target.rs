@@ -26,6 +26,29 @@ pub struct Workload {
     pub total_hosts: i32,
 }
 
+/// Whether `labels` satisfy a label selector, as the API server decides it.
+pub fn selector_matches(
+    sel: &LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let labels_ok = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
+        let vals = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
 /// A label selector as a list-request string.
 pub fn selector_string(sel: &LabelSelector) -> String {
     let mut parts: Vec<String> = sel

@@ -208,6 +208,8 @@ async fn snapshots_are_served_from_the_index_through_the_aggregation_layer() {
         client.clone(),
         *args,
         Default::default(),
+        // The only replica: it leads.
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
     ));
 
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), "demo", &snapshots());

@@ -12,7 +12,6 @@ use restic_wrapper::{
     BackupOptions, NativeRepository, Overwrite, Restic, RestoreOptions, SnapshotFilter,
 };
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::budget::AssignmentBudget;
 use crate::extract::{ExtractOptions, ExtractReport, Extractor};
@@ -120,29 +119,8 @@ pub struct BackupResult {
     pub unreadable: Vec<String>,
 }
 
-type Readers = std::collections::HashMap<[u8; 32], Arc<NativeRepository>>;
-
-/// The open readers of this process, by repository and password.
-fn readers() -> std::sync::MutexGuard<'static, Readers> {
-    static READERS: std::sync::OnceLock<std::sync::Mutex<Readers>> = std::sync::OnceLock::new();
-    READERS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn reader_id(restic: &Restic) -> [u8; 32] {
-    let repo = restic.repository();
-    let mut id = Sha256::new();
-    id.update(repo.display_name().as_bytes());
-    id.update([0]);
-    id.update(repo.password().map(|p| p.expose()).unwrap_or_default());
-    id.finalize().into()
-}
-
-/// The repository's native reader, opened once per repository and password in this
-/// process: its snapshot cache then makes every later lookup read only new snapshot files.
-/// A reader that fails is replaced once, in case the repository was recreated in place.
+/// `use_it` on this process's native reader of the repository (see
+/// [`restic_wrapper::native::with_reader`]).
 async fn with_native<T, F>(
     restic: &Restic,
     use_it: impl Fn(Arc<NativeRepository>) -> F,
@@ -150,20 +128,8 @@ async fn with_native<T, F>(
 where
     F: Future<Output = Result<T, restic_wrapper::NativeError>>,
 {
-    let id = reader_id(restic);
-    let cached = readers().get(&id).cloned();
-    if let Some(reader) = cached {
-        match use_it(reader).await {
-            Ok(v) => return Ok(v),
-            Err(_) => {
-                readers().remove(&id);
-            }
-        }
-    }
     let repo = restic.repository();
-    let reader = Arc::new(NativeRepository::open(repo.backend(), repo.secrets()).await?);
-    readers().insert(id, reader.clone());
-    use_it(reader).await
+    restic_wrapper::native::with_reader(repo.backend(), repo.secrets(), use_it).await
 }
 
 /// The snapshots of a host and volume key, oldest first, found by the native reader
@@ -179,8 +145,8 @@ async fn key_snapshots(
     // the key: a repository without any (a first backup) then costs no scrypt derivation.
     // With a reader open, its own listing suffices; a second would be a second LIST on an
     // object store for every backup.
-    if !readers().contains_key(&reader_id(restic)) {
-        let repo = restic.repository();
+    let repo = restic.repository();
+    if !restic_wrapper::native::is_open(repo.backend(), repo.secrets()) {
         match restic_wrapper::RepositoryFiles::new(repo.backend(), repo.secrets()) {
             Ok(files) => {
                 if files

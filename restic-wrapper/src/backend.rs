@@ -272,7 +272,7 @@ impl Secrets {
     }
 
     /// Every key and value, in key order (to tell whether two sets of secrets are the same).
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &SecretValue)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &SecretValue)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 

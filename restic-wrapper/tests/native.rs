@@ -191,6 +191,52 @@ async fn wrong_password_missing_repository_and_tampering_are_refused() -> Result
     Ok(())
 }
 
+/// The process's shared reader: reused while the repository is the one it opened, and never
+/// handed out for a repository wiped and initialised again in place (another master key).
+#[tokio::test]
+async fn the_shared_reader_follows_a_repository_recreated_in_place() -> Result {
+    let dir = tempfile::tempdir()?;
+    let restic = local(dir.path(), PASSWORD);
+    restic.init().await?;
+    populate(&restic, dir.path()).await?;
+    let (backend, secrets) = (
+        restic.repository().backend().clone(),
+        restic.repository().secrets().clone(),
+    );
+    let first = restic_wrapper::native::reader(&backend, &secrets).await?;
+    assert!(!first.snapshots().await?.is_empty());
+    let again = restic_wrapper::native::reader(&backend, &secrets).await?;
+    assert!(
+        std::sync::Arc::ptr_eq(&first, &again),
+        "a current reader is reused"
+    );
+
+    std::fs::remove_dir_all(dir.path().join("repo"))?;
+    restic.init().await?;
+    let second = dir.path().join("second");
+    std::fs::create_dir(&second)?;
+    populate(&restic, &second).await?;
+    let want = restic.snapshots(&SnapshotFilter::default()).await?.len();
+    // The cached reader cannot decrypt the new repository's snapshots: it is replaced.
+    let (replaced, listed) =
+        restic_wrapper::native::with_reader(&backend, &secrets, |r| async move {
+            let listed = r.snapshots().await?;
+            Ok((r, listed))
+        })
+        .await?;
+    assert_eq!(listed.len(), want);
+    assert_ne!(replaced.config().id, first.config().id);
+    let current = restic_wrapper::native::reader(&backend, &secrets).await?;
+    assert!(std::sync::Arc::ptr_eq(&current, &replaced));
+    // Wiped and initialised once more: `reader` checks the config before handing one out.
+    std::fs::remove_dir_all(dir.path().join("repo"))?;
+    restic.init().await?;
+    let fresh = restic_wrapper::native::reader(&backend, &secrets).await?;
+    assert_ne!(fresh.config().id, replaced.config().id);
+    assert!(fresh.snapshots().await?.is_empty());
+    Ok(())
+}
+
 #[tokio::test]
 async fn s3_listing_equals_restic_and_the_wrapper_works_on_s3() -> Result {
     let garage = garage();

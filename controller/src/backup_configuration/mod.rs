@@ -11,7 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::{Action, Controller};
@@ -27,28 +27,6 @@ use crate::context::Ctx;
 use crate::error::{Error, is_not_found};
 
 pub use build::TriggerSettings;
-
-fn selector_matches(
-    sel: &LabelSelector,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> bool {
-    let labels_ok = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
-        let vals = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
-}
 
 /// Whether the Repository's `usagePolicy` lets an invoker in `ns` use it; `Err` says why not.
 pub async fn usage_allowed(
@@ -80,7 +58,7 @@ pub async fn usage_allowed(
                 .get(ns)
                 .await
                 .map_err(Error::kube("read the invoker's namespace"))?;
-            if selector_matches(sel, &namespace.labels().clone()) {
+            if crate::target::selector_matches(sel, &namespace.labels().clone()) {
                 Ok(Ok(()))
             } else {
                 Ok(Err(refusal))

@@ -348,7 +348,7 @@ async fn update_repository(
     removed: i64,
 ) -> pushgateway::RepositoryMetrics {
     let mut status = repo.status.clone().unwrap_or_default();
-    match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
+    match restic_wrapper::native::reader(&opened.backend, &opened.secrets).await {
         Ok(native) => crate::repository::record_listing(&mut status, &native).await,
         Err(error) => tracing::warn!(%error, "cannot open the repository to count its snapshots"),
     }

@@ -320,20 +320,19 @@ async fn list_snapshots(
         action,
         source: std::io::Error::other(e.to_string()),
     };
-    let native =
-        match restic_wrapper::NativeRepository::open(&opened.backend, &opened.secrets).await {
-            Ok(n) => n,
-            Err(restic_wrapper::NativeError::WrongPassword) => {
-                return unusable(crate::repository::wrong_password(&opened));
-            }
-            Err(e) if e.is_retryable() => return Err(retry("open the repository", e)),
-            Err(e) => {
-                return unusable(format!(
-                    "the repository {} cannot be read (has anything been backed up to it?): {e}",
-                    opened.restic.repository().display_name()
-                ));
-            }
-        };
+    let native = match restic_wrapper::native::reader(&opened.backend, &opened.secrets).await {
+        Ok(n) => n,
+        Err(restic_wrapper::NativeError::WrongPassword) => {
+            return unusable(crate::repository::wrong_password(&opened));
+        }
+        Err(e) if e.is_retryable() => return Err(retry("open the repository", e)),
+        Err(e) => {
+            return unusable(format!(
+                "the repository {} cannot be read (has anything been backed up to it?): {e}",
+                opened.restic.repository().display_name()
+            ));
+        }
+    };
     match native.snapshots().await {
         Ok(s) => Ok(Ok(s)),
         Err(e) if e.is_retryable() => Err(retry("list the repository's snapshots", e)),

@@ -90,25 +90,9 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 
 /// `%XX` of an extra header's key back to bytes, lower-cased first as the API server does.
 fn unescape_key(s: &str) -> String {
-    let lower = s.to_ascii_lowercase();
-    let b = lower.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&s.to_ascii_lowercase())
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The user from the request headers, once the client certificate verified against the

@@ -59,6 +59,18 @@ pub fn kube_time(restic_time: &str) -> Option<String> {
     Some(t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
 
+/// A Snapshot's metadata: all a Table row carries of it by default.
+fn build_metadata(s: &IndexedSnapshot) -> Value {
+    json!({
+        "name": s.name(),
+        "namespace": s.namespace,
+        "uid": s.snapshot.id,
+        "resourceVersion": s.resource_version.to_string(),
+        "creationTimestamp": kube_time(&s.snapshot.time),
+        "labels": s.labels(),
+    })
+}
+
 /// The Snapshot object (STASH-API.md §3.11).
 pub fn build_snapshot(s: &IndexedSnapshot) -> Value {
     let snap = &s.snapshot;
@@ -81,14 +93,7 @@ pub fn build_snapshot(s: &IndexedSnapshot) -> Value {
     json!({
         "apiVersion": format!("{GROUP}/{VERSION}"),
         "kind": KIND,
-        "metadata": {
-            "name": s.name(),
-            "namespace": s.namespace,
-            "uid": snap.id,
-            "resourceVersion": s.resource_version.to_string(),
-            "creationTimestamp": kube_time(&snap.time),
-            "labels": s.labels(),
-        },
+        "metadata": build_metadata(s),
         "status": status,
     })
 }
@@ -214,11 +219,10 @@ pub fn build_row(s: &IndexedSnapshot, include: IncludeObject) -> Value {
     match include {
         IncludeObject::None => {}
         IncludeObject::Metadata => {
-            let full = build_snapshot(s);
             row["object"] = json!({
                 "kind": "PartialObjectMetadata",
                 "apiVersion": "meta.k8s.io/v1",
-                "metadata": full["metadata"],
+                "metadata": build_metadata(s),
             });
         }
         IncludeObject::Object => row["object"] = build_snapshot(s),

@@ -4,23 +4,15 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1 as k8s;
 
 use super::object::IndexedSnapshot;
 
-/// One requirement of a selector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Requirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    NotExists(String),
-}
-
-/// A label selector (`a=b,c!=d,e in (f,g),h,!i`), the forms `kubectl -l` sends.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelSelector(Vec<Requirement>);
+/// A label selector (`a=b,c!=d,e in (f,g),h,!i`), the forms `kubectl -l` sends, parsed into
+/// the API's own selector (`a=b` is `a in (b)`, `a!=b` is `a notin (b)`, as apimachinery reads
+/// them) and matched by the operator's one label matcher.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LabelSelector(k8s::LabelSelector);
 
 /// Splits on commas outside parentheses.
 fn split_top(s: &str) -> Vec<&str> {
@@ -51,6 +43,18 @@ fn set_values(s: &str) -> Option<Vec<String>> {
     )
 }
 
+fn requirement(
+    key: &str,
+    operator: &str,
+    values: Option<Vec<String>>,
+) -> k8s::LabelSelectorRequirement {
+    k8s::LabelSelectorRequirement {
+        key: key.trim().to_owned(),
+        operator: operator.to_owned(),
+        values,
+    }
+}
+
 impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut reqs = Vec::new();
@@ -60,37 +64,32 @@ impl LabelSelector {
                 continue;
             }
             let bad = || format!("unable to parse requirement: {part:?}");
+            let one = |v: &str| Some(vec![v.trim().to_owned()]);
             let req = if let Some((k, v)) = part.split_once("!=") {
-                Requirement::NotEquals(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = part.split_once("==") {
-                Requirement::Equals(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = part.split_once('=') {
-                Requirement::Equals(k.trim().into(), v.trim().into())
+                requirement(k, "NotIn", one(v))
+            } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                requirement(k, "In", one(v))
             } else if let Some((k, v)) = part.split_once(" notin ") {
-                Requirement::NotIn(k.trim().into(), set_values(v).ok_or_else(bad)?)
+                requirement(k, "NotIn", Some(set_values(v).ok_or_else(bad)?))
             } else if let Some((k, v)) = part.split_once(" in ") {
-                Requirement::In(k.trim().into(), set_values(v).ok_or_else(bad)?)
+                requirement(k, "In", Some(set_values(v).ok_or_else(bad)?))
             } else if let Some(k) = part.strip_prefix('!') {
-                Requirement::NotExists(k.trim().into())
+                requirement(k, "DoesNotExist", None)
             } else if part.contains(char::is_whitespace) || part.contains('(') {
                 return Err(bad());
             } else {
-                Requirement::Exists(part.into())
+                requirement(part, "Exists", None)
             };
             reqs.push(req);
         }
-        Ok(LabelSelector(reqs))
+        Ok(LabelSelector(k8s::LabelSelector {
+            match_expressions: Some(reqs),
+            match_labels: None,
+        }))
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.iter().all(|r| match r {
-            Requirement::Equals(k, v) => labels.get(k) == Some(v),
-            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-            Requirement::In(k, vs) => labels.get(k).is_some_and(|x| vs.contains(x)),
-            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|x| !vs.contains(x)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::NotExists(k) => !labels.contains_key(k),
-        })
+        crate::target::selector_matches(&self.0, labels)
     }
 }
 
@@ -154,7 +153,7 @@ pub fn decode_continue(token: &str) -> Result<String, String> {
 }
 
 /// The options of a list or watch request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ListOptions {
     pub labels: LabelSelector,
     pub fields: FieldSelector,
@@ -170,40 +169,11 @@ pub struct ListOptions {
     pub include_object: Option<String>,
 }
 
-/// Decodes `%XX` and `+` of a query value.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The query string as key → value (the last of repeated keys wins).
+/// The query string as key → value, decoded as `application/x-www-form-urlencoded` (the
+/// last of repeated keys wins).
 pub fn query_pairs(query: &str) -> BTreeMap<String, String> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (unescape(k), unescape(v)),
-            None => (unescape(p), String::new()),
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
 }
 

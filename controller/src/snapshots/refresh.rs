@@ -3,7 +3,8 @@
 //! an interval. A failed listing keeps the last good one and says so in the Repository's
 //! `SnapshotsListed` condition. Runs on every replica: any of them may serve a request.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +14,6 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use restic_wrapper::NativeRepository;
-use sha2::Digest;
 use stash_api::BackupConfiguration;
 use stash_api::backup_session::{BackupSession, BackupSessionPhase};
 use stash_api::conditions::{Condition, find_condition, reasons, set_condition, types};
@@ -24,13 +23,6 @@ use tokio::sync::mpsc;
 use super::index::Index;
 use crate::cli::RunArgs;
 use crate::repository::{OpenError, open_with};
-
-/// A repository opened by the native reader, kept between listings (its key derivation is
-/// deliberately slow, and it caches the snapshots it decrypted), with what it was opened by.
-struct Native {
-    fingerprint: [u8; 32],
-    repo: Arc<NativeRepository>,
-}
 
 /// What a listing found.
 #[derive(Debug)]
@@ -46,7 +38,8 @@ pub struct Refresher {
     args: RunArgs,
     index: Arc<Index>,
     repos: Store<Repository>,
-    natives: Mutex<HashMap<String, Native>>,
+    /// Whether this replica leads: only the leader writes Repository status.
+    leading: Arc<AtomicBool>,
     requests: mpsc::UnboundedSender<String>,
 }
 
@@ -58,18 +51,6 @@ impl std::fmt::Debug for Refresher {
 
 fn split_key(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("", key))
-}
-
-fn fingerprint(opened: &crate::repository::Opened) -> [u8; 32] {
-    let mut h = sha2::Sha256::new();
-    h.update(opened.backend.repository_string().as_bytes());
-    for (k, v) in opened.secrets.iter() {
-        h.update(k.as_bytes());
-        h.update([0]);
-        h.update(v.expose());
-        h.update([0]);
-    }
-    h.finalize().into()
 }
 
 /// The `SnapshotsListed` condition for a listing's outcome, or `None` to leave it as is.
@@ -107,6 +88,7 @@ impl Refresher {
         client: kube::Client,
         args: RunArgs,
         index: Arc<Index>,
+        leading: Arc<AtomicBool>,
     ) -> (Arc<Refresher>, impl Future<Output = ()> + Send) {
         let (reader, writer) = reflector::store();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -115,7 +97,7 @@ impl Refresher {
             args,
             index,
             repos: reader,
-            natives: Mutex::default(),
+            leading,
             requests: tx,
         });
         let run = {
@@ -160,20 +142,12 @@ impl Refresher {
             Ok(watcher::Event::Delete(r)) => {
                 let (ns, name) = (r.namespace().unwrap_or_default(), r.name_any());
                 self.index.remove_repository(&ns, &name);
-                self.forget_native(&crate::repository::repo_key(&ns, &name));
             }
             Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
             Err(error) => {
                 tracing::warn!(%error, "the Snapshot index's Repository watch failed; retrying")
             }
         }
-    }
-
-    fn forget_native(&self, key: &str) {
-        self.natives
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
     }
 
     /// Asks for a listing of `namespace/name` soon; repeated asks before it runs are one.
@@ -283,7 +257,7 @@ impl Refresher {
             return;
         };
         let labels: BTreeMap<String, String> = repo.labels().clone();
-        match self.list(key, &repo).await {
+        match self.list(&repo).await {
             Outcome::Listed(snaps) => {
                 tracing::debug!(repository = key, snapshots = snaps.len(), "listed");
                 self.index.replace(ns, name, labels, snaps);
@@ -301,57 +275,32 @@ impl Refresher {
                 self.index.mark_stale(ns, name, why);
             }
         }
+        // One writer per status: a standby serves its own index but leaves the Repository's
+        // condition to the leader, whose index lists the same repository.
+        if !self.leading.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some(l) = self.index.listing(ns, name) {
             self.write_condition(&repo, listing_condition(l.stale.as_deref(), l.listed_at))
                 .await;
         }
     }
 
-    async fn list(&self, key: &str, repo: &Repository) -> Outcome {
+    async fn list(&self, repo: &Repository) -> Outcome {
         let opened = match open_with(&self.client, &self.args, repo).await {
             Ok(o) => o,
             Err(OpenError::Invalid { message, .. }) => return Outcome::Failed(message),
             Err(OpenError::Failed(e)) => return Outcome::Failed(e.to_string()),
         };
-        let print = fingerprint(&opened);
-        let cached = self
-            .natives
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .filter(|n| n.fingerprint == print)
-            .map(|n| n.repo.clone());
-        let native = match cached {
-            Some(n) => n,
-            None => match NativeRepository::open(&opened.backend, &opened.secrets).await {
-                Ok(n) => {
-                    let n = Arc::new(n);
-                    self.natives
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(
-                            key.to_owned(),
-                            Native {
-                                fingerprint: print,
-                                repo: n.clone(),
-                            },
-                        );
-                    n
-                }
-                Err(restic_wrapper::NativeError::NotFound(_)) => return Outcome::NotYetInitialised,
-                Err(e) => return Outcome::Failed(format!("failed to open the repository: {e}")),
-            },
+        // The process's reader, shared with the reconcilers: a listing fetches and decrypts
+        // only the snapshots that are new since any of them last looked. Checked against the
+        // config file first, so a repository whose files went away (an unmounted volume, a
+        // wiped bucket) is told from one without snapshots: it fails to open.
+        let native = match restic_wrapper::native::reader(&opened.backend, &opened.secrets).await {
+            Ok(n) => n,
+            Err(restic_wrapper::NativeError::NotFound(_)) => return Outcome::NotYetInitialised,
+            Err(e) => return Outcome::Failed(format!("failed to open the repository: {e}")),
         };
-        // A repository whose files went away (an unmounted volume, a wiped bucket) would list
-        // as empty: its config file tells a gone repository from one without snapshots.
-        match restic_wrapper::native::RepositoryFiles::new(&opened.backend, &opened.secrets) {
-            Ok(files) => match files.has_config().await {
-                Ok(true) => {}
-                Ok(false) => return Outcome::NotYetInitialised,
-                Err(e) => return Outcome::Failed(format!("failed to reach the repository: {e}")),
-            },
-            Err(e) => return Outcome::Failed(format!("failed to reach the repository: {e}")),
-        }
         match native.snapshots().await {
             Ok(s) => Outcome::Listed(s),
             Err(e) => Outcome::Failed(format!("failed to list the snapshots: {e}")),

@@ -97,13 +97,13 @@ pub fn tls_config(
     Ok(Arc::new(cfg))
 }
 
-/// Accepts connections until the listener fails.
+/// Accepts connections until the listener fails, each with the TLS configuration current
+/// when it arrives (a renewed certificate applies to the next connection).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
     api: Arc<SnapshotApi>,
 ) -> Result<(), Error> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -113,7 +113,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, api) = (acceptor.clone(), api.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let api = api.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
@@ -439,9 +440,14 @@ struct WatchState {
     deadline: tokio::time::Instant,
 }
 
+/// Whether a watch of `namespace` (all when `None`) with `opts` shows the snapshot.
+fn watched(namespace: Option<&str>, opts: &ListOptions, s: &IndexedSnapshot) -> bool {
+    namespace.is_none_or(|ns| ns == s.namespace) && opts.matches(s)
+}
+
 impl WatchState {
     fn selects(&self, s: &IndexedSnapshot) -> bool {
-        self.namespace.as_deref().is_none_or(|ns| ns == s.namespace) && self.opts.matches(s)
+        watched(self.namespace.as_deref(), &self.opts, s)
     }
 
     fn line(&self, change: &Change) -> Vec<u8> {
@@ -470,7 +476,7 @@ fn watch(
             Ok(sub) => {
                 for c in &sub.backlog {
                     let s = &c.snapshot;
-                    if namespace.as_deref().is_none_or(|ns| ns == s.namespace) && opts.matches(s) {
+                    if watched(namespace.as_deref(), &opts, s) {
                         queued.push_back(object::watch_event(
                             c.kind.as_str(),
                             event_object(s, table, include),

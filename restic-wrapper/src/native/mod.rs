@@ -9,8 +9,10 @@
 
 pub mod crypto;
 mod lock;
+mod shared;
 
 pub use lock::Lock;
+pub use shared::{is_open, reader, with_reader};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -395,16 +397,7 @@ impl NativeRepository {
 
     async fn open_source(source: Source, password: &[u8]) -> Result<Self, NativeError> {
         let key = open_master_key(&source, password).await?;
-        let sealed = source
-            .get("config".into())
-            .await?
-            .ok_or_else(|| NativeError::NotFound(source.describe("config")))?;
-        let plain = unpack(key.decrypt(&sealed)?, "config")?;
-        let config: RepoConfig =
-            serde_json::from_slice(&plain).map_err(|e| NativeError::Format {
-                what: "config",
-                reason: e.to_string(),
-            })?;
+        let config = read_config(&source, &key).await?;
         Ok(NativeRepository {
             source,
             key,
@@ -415,6 +408,15 @@ impl NativeRepository {
 
     pub fn config(&self) -> &RepoConfig {
         &self.config
+    }
+
+    /// Whether the repository is still the one this reader opened: its config file is there
+    /// and opens with this reader's key to the same id (one read; a repository wiped and
+    /// initialised again in place has another).
+    pub async fn is_current(&self) -> bool {
+        read_config(&self.source, &self.key)
+            .await
+            .is_ok_and(|c| c.id == self.config.id)
     }
 
     async fn snapshot_ids(&self) -> Result<Vec<String>, NativeError> {
@@ -509,6 +511,18 @@ fn decode_snapshot(
     snapshot.id = id.to_owned();
     snapshot.short_id = id[..8].to_owned();
     Ok(snapshot)
+}
+
+async fn read_config(source: &Source, key: &MasterKey) -> Result<RepoConfig, NativeError> {
+    let sealed = source
+        .get("config".into())
+        .await?
+        .ok_or_else(|| NativeError::NotFound(source.describe("config")))?;
+    let plain = unpack(key.decrypt(&sealed)?, "config")?;
+    serde_json::from_slice(&plain).map_err(|e| NativeError::Format {
+        what: "config",
+        reason: e.to_string(),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
