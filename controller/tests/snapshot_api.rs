@@ -238,7 +238,12 @@ async fn snapshots_are_served_from_the_index_through_the_aggregation_layer() {
         .parse()
         .unwrap();
     assert!(rv > 0);
-    let everywhere = all.list(&ListParams::default()).await.unwrap();
+    // The index lists repositories concurrently: the other namespace's may come later.
+    let everywhere = eventually("every namespace's snapshots", || async {
+        let l = all.list(&ListParams::default()).await.ok()?;
+        (l.items.len() >= 4).then_some(l)
+    })
+    .await;
     assert_eq!(everywhere.items.len(), 4, "{:?}", names(&everywhere));
     assert_eq!(
         names(

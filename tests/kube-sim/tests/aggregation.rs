@@ -176,21 +176,7 @@ async fn aggregated_api_is_proxied_and_discovered() {
     api.create(&PostParams::default(), &svc).await.unwrap();
 
     // The APIService becomes Available.
-    let mut available = false;
-    for _ in 0..100 {
-        let got = api.get(&format!("{VERSION}.{GROUP}")).await.unwrap();
-        available = got.data["status"]["conditions"]
-            .as_array()
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Available" && c["status"] == "True")
-            });
-        if available {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(available, "the APIService never became Available");
+    wait_available(&api).await;
 
     // A list through kube-sim is the backend's answer, verbatim.
     let path = format!("/apis/{GROUP}/{VERSION}/namespaces/x/widgets");
@@ -393,6 +379,24 @@ async fn start_recording_backend(
     addr
 }
 
+/// Waits until the widgets APIService is Available: until then the aggregator answers 503.
+async fn wait_available(api: &Api<DynamicObject>) {
+    for _ in 0..100 {
+        let got = api.get(&format!("{VERSION}.{GROUP}")).await.unwrap();
+        let available = got.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Available" && c["status"] == "True")
+            });
+        if available {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the APIService never became Available");
+}
+
 /// A request as `token` with extra headers: status and body.
 async fn get_as(sim: &KubeSim, path: &str, token: &str, extra: &[(&str, &str)]) -> (u16, Value) {
     let tcp = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
@@ -458,10 +462,9 @@ async fn aggregated_requests_carry_the_front_proxy_identity() {
     sim.map_service("widgets", "widgets-api", 8443, &addr.to_string());
     let ar = apiservices();
     let svc = widgets_apiservice(&id.ca_pem);
-    Api::<DynamicObject>::all_with(client.clone(), &ar)
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    api.create(&PostParams::default(), &svc).await.unwrap();
+    wait_available(&api).await;
 
     // A ServiceAccount with a token.
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}});
