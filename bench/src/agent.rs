@@ -15,9 +15,9 @@ use stash_node_agent::engine::{self, BackupRequest, ReadMode};
 use crate::{Outcome, median};
 
 const PASSWORD: &str = "bench password";
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
-fn xorshift_fill(buf: &mut [u8], seed: &mut u64) {
+pub(crate) fn xorshift_fill(buf: &mut [u8], seed: &mut u64) {
     for chunk in buf.chunks_mut(8) {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
@@ -68,7 +68,7 @@ pub fn dataset(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(root)
 }
 
-fn fresh_repo(scratch: &Path, name: &str) -> anyhow::Result<Restic> {
+pub(crate) fn fresh_repo(scratch: &Path, name: &str) -> anyhow::Result<Restic> {
     let path = scratch.join(name);
     let _ = std::fs::remove_dir_all(&path);
     let repo = Repository::new(
@@ -79,11 +79,15 @@ fn fresh_repo(scratch: &Path, name: &str) -> anyhow::Result<Restic> {
     Ok(Restic::new(repo))
 }
 
-fn restic_bin() -> PathBuf {
+pub(crate) fn restic_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic")
 }
 
-async fn stock_backup(repo: &Path, dir: &Path, cache: Option<&Path>) -> anyhow::Result<Duration> {
+pub(crate) async fn stock_backup(
+    repo: &Path,
+    dir: &Path,
+    cache: Option<&Path>,
+) -> anyhow::Result<Duration> {
     let mut cmd = tokio::process::Command::new(restic_bin());
     cmd.args(["backup", "--json", "-q", "."])
         .current_dir(dir)
@@ -103,7 +107,7 @@ async fn stock_backup(repo: &Path, dir: &Path, cache: Option<&Path>) -> anyhow::
     Ok(t.elapsed())
 }
 
-fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupRequest {
+pub(crate) fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupRequest {
     BackupRequest {
         host: Some("host-0".into()),
         key: Some("bench/volume".into()),
@@ -112,7 +116,7 @@ fn request(path: &Path, mode: ReadMode, budget: AssignmentBudget) -> BackupReque
     }
 }
 
-fn outcome(
+pub(crate) fn outcome(
     ours: f64,
     baseline: f64,
     ratio: f64,
@@ -149,7 +153,7 @@ fn warm(dir: &Path) -> anyhow::Result<()> {
 /// Where the benchmark's repositories go: memory when the machine has a tmpfs, so what is
 /// compared is the two read paths and not the disk's writeback of earlier rounds' packs (on
 /// a slow disk that throttled whichever command ran next).
-fn scratch(data: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn scratch(data: &Path) -> anyhow::Result<PathBuf> {
     let shm = Path::new("/dev/shm");
     let dir = if shm.is_dir() {
         shm.join("stash-bench-agent")
@@ -164,6 +168,7 @@ fn scratch(data: &Path) -> anyhow::Result<PathBuf> {
 pub async fn run(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
     let mut results = throughput(data, rounds).await?;
     results.extend(others(data, rounds).await?);
+    results.extend(page_cache_kept(data).await?);
     Ok(results)
 }
 
@@ -427,6 +432,111 @@ async fn others(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str,
     Ok(results)
 }
 
+/// A volume with a workload's working set: `hot/data` (200 MiB, which the benchmark reads
+/// into the page cache before each backup, as a database would keep it) beside `cold/data`
+/// (200 MiB, not cached).
+fn hot_volume(dir: &Path) -> anyhow::Result<PathBuf> {
+    let root = dir.join("agent-hot-volume");
+    if root.join(".complete").exists() {
+        return Ok(root);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut buf = vec![0u8; 8 << 20];
+    for name in ["hot", "cold"] {
+        use std::io::Write;
+        std::fs::create_dir_all(root.join(name))?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(root.join(name).join("data"))?);
+        for _ in 0..25 {
+            xorshift_fill(&mut buf, &mut seed);
+            f.write_all(&buf)?;
+        }
+        f.into_inner()?.sync_all()?;
+    }
+    std::fs::write(root.join(".complete"), b"")?;
+    Ok(root)
+}
+
+/// A workload's cached working set after a backup of its volume
+/// (`make bench SCENARIOS=agent-page-cache`): how much of it is still cached, and how much
+/// of what was not cached the backup left behind, for a stream backup and for stock restic.
+pub async fn page_cache_kept(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
+    let volume = hot_volume(data)?;
+    let scratch = scratch(data)?;
+    let (hot, cold) = (volume.join("hot"), volume.join("cold"));
+    let size = std::fs::metadata(hot.join("data"))?.len();
+    // Before each backup: the hot file wholly cached, the cold one not at all.
+    let prepare = || -> anyhow::Result<()> {
+        evict(&volume)?;
+        warm(&hot)?;
+        ensure!(
+            cached_bytes(&hot)? >= size * 99 / 100,
+            "the working set could not be cached"
+        );
+        ensure!(cached_bytes(&cold)? == 0, "the cold file stayed cached");
+        Ok(())
+    };
+    prepare()?;
+    let restic = fresh_repo(&scratch, "kept")?.with_program(restic_bin());
+    restic.init().await?;
+    let t = Instant::now();
+    engine::backup(
+        &restic,
+        request(&volume, ReadMode::Stream, AssignmentBudget::unlimited()),
+    )
+    .await?;
+    let took = t.elapsed();
+    let ours = (
+        cached_bytes(&hot)? as f64 / size as f64,
+        cached_bytes(&cold)?,
+    );
+    // A control: what the machine itself evicts from a freshly cached file in as long (a
+    // proactive reclaimer such as DAMON's pageout takes pages nobody read).
+    prepare()?;
+    tokio::time::sleep(took).await;
+    let idle = cached_bytes(&hot)? as f64 / size as f64;
+    prepare()?;
+    let stock_repo = scratch.join("kept-stock");
+    fresh_repo(&scratch, "kept-stock")?
+        .with_program(restic_bin())
+        .init()
+        .await?;
+    stock_backup(&stock_repo, &volume, None).await?;
+    let theirs = (
+        cached_bytes(&hot)? as f64 / size as f64,
+        cached_bytes(&cold)?,
+    );
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "fraction of a cached 200 MiB working set still cached after a stream backup of its \
+         volume (fincore); baseline: after stock restic's backup"
+            .into(),
+    );
+    notes.insert("kept_idle_for_as_long".into(), idle.into());
+    notes.insert(
+        "cold_left_cached_per_byte_ours".into(),
+        (ours.1 as f64 / size as f64).into(),
+    );
+    notes.insert(
+        "cold_left_cached_per_byte_restic".into(),
+        (theirs.1 as f64 / size as f64).into(),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(vec![(
+        "agent-page-cache-kept",
+        outcome(
+            ours.0 * 100.0,
+            theirs.0 * 100.0,
+            ours.0,
+            "% of the working set cached",
+            ">= 0.95",
+            ours.0 >= 0.95,
+            notes,
+        ),
+    )])
+}
+
 /// Streams a directory through the agent's reader into a sink; returns the reader's time.
 async fn read_into_sink(dir: &Path, budget: AssignmentBudget) -> anyhow::Result<f64> {
     let dir = dir.to_path_buf();
@@ -519,7 +629,7 @@ pub async fn budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>>
     Ok(results)
 }
 
-fn walk_size(dir: &Path) -> anyhow::Result<u64> {
+pub(crate) fn walk_size(dir: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -533,7 +643,7 @@ fn walk_size(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+pub(crate) fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();
         if p.is_dir() {
@@ -545,7 +655,7 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn evict(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn evict(dir: &Path) -> anyhow::Result<()> {
     let mut all = Vec::new();
     files(dir, &mut all)?;
     for f in all {
@@ -556,7 +666,7 @@ fn evict(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Bytes of the directory's files in the page cache, as `fincore` reports them.
-fn cached_bytes(dir: &Path) -> anyhow::Result<u64> {
+pub(crate) fn cached_bytes(dir: &Path) -> anyhow::Result<u64> {
     let mut all = Vec::new();
     files(dir, &mut all)?;
     let mut total = 0;

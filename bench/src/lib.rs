@@ -3,6 +3,7 @@
 //! merged into `bench/results/latest.json`, one entry per scenario.
 
 pub mod agent;
+pub mod incremental;
 pub mod kubesim;
 pub mod operator;
 pub mod restore;

@@ -55,6 +55,11 @@ async fn main() -> anyhow::Result<()> {
         more.extend(stash_bench::agent::throughput(&data, rounds.min(5)).await?);
     } else if wanted("agent-budget") {
         more.extend(stash_bench::agent::budget(&data).await?);
+    } else if wanted("agent-page-cache") {
+        more.extend(stash_bench::agent::page_cache_kept(&data).await?);
+    }
+    if wanted(stash_bench::incremental::SCENARIO) {
+        more.extend(stash_bench::incremental::run(&data).await?);
     }
     if wanted(stash_bench::restore::SCENARIO) {
         more.extend(stash_bench::restore::run(&data, rounds.min(3)).await?);

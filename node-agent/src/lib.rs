@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod pending;
 pub mod pipe;
+pub mod residency;
 pub mod spec;
 pub mod status;
 pub mod stream;

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::budget::AssignmentBudget;
 use crate::pattern::Patterns;
+use crate::residency::{CacheKeeper, no_readahead};
 use crate::tar::{Entry, Kind, MAX_SEGMENTS, Segment, TarWriter};
 use crate::walk::{Found, Item, Meta, Skipped, Visitor, Volume};
 
@@ -22,8 +23,6 @@ pub const CHUNK: usize = 1 << 20;
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 /// The name of a raw block volume's content inside the stream.
 pub const BLOCK_FILE: &str = "block.img";
-/// How far behind the current read the page-cache drop reaches.
-const DONTNEED_LAG: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -84,15 +83,16 @@ pub trait ReadEngine: Send {
 
     /// Reads `len` bytes of `file` from `offset` and hands them to `deliver` in file order,
     /// in pieces of at most [`CHUNK`] bytes, each with its offset in the file. `before_read`
-    /// is called with the size of every read before it is issued, so the IO budget paces
-    /// them. Returns the bytes delivered, fewer than `len` when the file ends early. No read
-    /// is left in flight when this returns.
+    /// is called with the offset and size of every read before it is issued, so the IO
+    /// budget paces them and the page cache's state before the read can be noted. Returns
+    /// the bytes delivered, fewer than `len` when the file ends early. No read is left in
+    /// flight when this returns.
     fn read_range(
         &mut self,
         file: &File,
         offset: u64,
         len: u64,
-        before_read: &mut dyn FnMut(u64),
+        before_read: &mut dyn FnMut(u64, u64),
         deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> Result<u64, RangeError>;
 }
@@ -113,15 +113,15 @@ impl ReadEngine for PreadEngine {
         file: &File,
         offset: u64,
         len: u64,
-        before_read: &mut dyn FnMut(u64),
+        before_read: &mut dyn FnMut(u64, u64),
         deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> Result<u64, RangeError> {
         self.buf.resize(CHUNK, 0);
         let mut done = 0u64;
         while done < len {
             let want = (len - done).min(CHUNK as u64) as usize;
-            before_read(want as u64);
             let at = offset + done;
+            before_read(at, want as u64);
             let n = match std::os::unix::fs::FileExt::read_at(file, &mut self.buf[..want], at) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -359,6 +359,9 @@ impl VolumeReader<'_> {
             path: rel.display().to_string(),
             source,
         };
+        // The engine keeps several reads in flight: the kernel's readahead would only bring
+        // in pages twice over for the cache keeper to drop.
+        no_readahead(file);
         let size = if before.file_type() == rustix::fs::FileType::BlockDevice {
             // A device's size is where its end is, not what stat says.
             io::Seek::seek(&mut &*file, io::SeekFrom::End(0)).map_err(read_err)?
@@ -392,20 +395,27 @@ impl VolumeReader<'_> {
         // The header promised every byte of every segment: what the file no longer holds
         // because it shrank (before or after the map was taken) goes as zeros.
         let mut short = false;
-        for segment in segments.iter().filter(|s| s.len > 0) {
-            let got = self
-                .read_segment(file, *segment, tar)
-                .map_err(|e| match e {
-                    RangeError::Read(source) => read_err(source),
-                    RangeError::Deliver(e) => StreamError::Write(e),
-                })?;
-            if got < segment.len {
-                short = true;
-                write_zeros(tar, segment.len - got).map_err(StreamError::Write)?;
+        let mut keeper = CacheKeeper::new(size);
+        let mut copy = || -> Result<(), StreamError> {
+            for segment in segments.iter().filter(|s| s.len > 0) {
+                let got = self
+                    .read_segment(file, *segment, &mut keeper, tar)
+                    .map_err(|e| match e {
+                        RangeError::Read(source) => read_err(source),
+                        RangeError::Deliver(e) => StreamError::Write(e),
+                    })?;
+                if got < segment.len {
+                    short = true;
+                    write_zeros(tar, segment.len - got).map_err(StreamError::Write)?;
+                }
             }
-        }
+            Ok(())
+        };
+        let copied = copy();
+        // Failed or not, what was read leaves the cache.
+        keeper.finish(file);
+        copied?;
         tar.finish_entry(data_len).map_err(StreamError::Write)?;
-        let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
         let after = Meta::of(file).map_err(read_err)?;
         let block = after.file_type() == rustix::fs::FileType::BlockDevice;
         if short
@@ -426,6 +436,7 @@ impl VolumeReader<'_> {
         &mut self,
         file: &File,
         segment: Segment,
+        keeper: &mut CacheKeeper,
         tar: &mut TarWriter<W>,
     ) -> Result<u64, RangeError> {
         let VolumeReader {
@@ -434,23 +445,18 @@ impl VolumeReader<'_> {
             progress,
             ..
         } = self;
-        let mut before_read = |want: u64| {
+        // The workloads' page cache matters more than ours: what was cached before a read
+        // stays cached, and what the read brought in is dropped once it is delivered.
+        let keeper = std::cell::RefCell::new(keeper);
+        let mut before_read = |at: u64, want: u64| {
             let waited = budget.acquire_blocking(want, 1);
             progress
                 .throttled_nanos
                 .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            keeper.borrow_mut().before_read(file, at, want);
         };
         let mut deliver = |at: u64, data: &[u8]| -> io::Result<()> {
-            // The workloads' page cache matters more than ours: drop what we read. The window
-            // reaches back a few chunks because pages still under readahead I/O when advised
-            // are skipped by the kernel; a drop of the whole file at the end catches the rest.
-            let from = at.saturating_sub(DONTNEED_LAG);
-            let _ = rustix::fs::fadvise(
-                file,
-                from,
-                std::num::NonZeroU64::new(at + data.len() as u64 - from),
-                rustix::fs::Advice::DontNeed,
-            );
+            keeper.borrow_mut().delivered(file, at, data.len() as u64);
             tar.data(data)?;
             progress
                 .bytes
@@ -635,7 +641,7 @@ mod tests {
             file: &File,
             offset: u64,
             len: u64,
-            before_read: &mut dyn FnMut(u64),
+            before_read: &mut dyn FnMut(u64, u64),
             deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
         ) -> Result<u64, RangeError> {
             if let Some(act) = self.act.take() {
@@ -713,6 +719,122 @@ mod tests {
                     "{name}: {excludes:?} {paths:?}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Page numbers as runs, `a-b`, for a message.
+    fn runs(pages: &[usize]) -> String {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for &p in pages {
+            match out.last_mut() {
+                Some((_, end)) if *end + 1 == p => *end = p,
+                _ => out.push((p, p)),
+            }
+        }
+        out.iter()
+            .map(|(a, b)| format!("{a}-{b}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Which pages of `path` are cached.
+    fn residency(path: &Path) -> io::Result<Vec<bool>> {
+        let f = File::open(path)?;
+        let len = f.metadata()?.len();
+        crate::residency::resident_pages(&f, 0, len)
+            .ok_or_else(|| io::Error::other("mincore failed"))
+    }
+
+    /// Writes `path` to disk and drops it from the page cache; fails, rather than passing
+    /// with nothing to test, on a filesystem that keeps its pages anyway (tmpfs).
+    fn cold(path: &Path, data: &[u8]) -> io::Result<()> {
+        let f = File::create(path)?;
+        io::Write::write_all(&mut &f, data)?;
+        f.sync_all()?;
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)?;
+        let left = residency(path)?.iter().filter(|r| **r).count();
+        assert_eq!(
+            left,
+            0,
+            "{} keeps its pages cached after POSIX_FADV_DONTNEED: run the tests on a disk \
+             filesystem",
+            path.display()
+        );
+        Ok(())
+    }
+
+    /// A backup leaves the page cache as it found it: the pages a workload had cached are
+    /// still cached, and none that it had not are, whichever engine reads and however the
+    /// cached ranges fall against the reads (within one, across two, at the end).
+    #[test]
+    fn the_page_cache_is_left_as_it_was_found() -> io::Result<()> {
+        // Under target/: a disk filesystem where /tmp may be memory.
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target"))?;
+        let page = crate::residency::page_size() as usize;
+        let mib = 1usize << 20;
+        for engine in engines() {
+            let name = engine.name();
+            let v = dir.path().join(name);
+            std::fs::create_dir(&v)?;
+            let mixed = v.join("mixed");
+            let size = 24 * mib + 5 * page + 17;
+            cold(
+                &mixed,
+                &(0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+            )?;
+            cold(&v.join("untouched"), &vec![7u8; 8 * mib])?;
+            // What a workload keeps hot: whole reads, part of one, two reads' worth across
+            // a boundary, and the file's last pages.
+            let hot = [
+                (0, mib),
+                (3 * mib + 3 * page, 7 * page),
+                (10 * mib + mib / 2, 2 * mib),
+                (size - 2 * page, 2 * page),
+            ];
+            let f = File::open(&mixed)?;
+            for (at, len) in hot {
+                let mut buf = vec![0u8; len];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, at as u64)?;
+            }
+            let before = residency(&mixed)?;
+            let cached = before.iter().filter(|r| **r).count();
+            assert!(
+                cached >= (3 * mib + 7 * page) / page,
+                "{name}: {cached} pages"
+            );
+
+            let r = reader(&v, engine);
+            let progress = r.progress.clone();
+            r.run(io::sink()).map_err(io::Error::other)?;
+            assert_eq!(
+                progress.bytes.load(Ordering::Relaxed),
+                (size + 8 * mib) as u64,
+                "{name}: everything was read"
+            );
+
+            let after = residency(&mixed)?;
+            let lost: Vec<_> = (0..before.len())
+                .filter(|&p| before[p] && !after[p])
+                .collect();
+            let left: Vec<_> = (0..before.len())
+                .filter(|&p| !before[p] && after[p])
+                .collect();
+            assert!(
+                lost.is_empty(),
+                "{name}: hot pages dropped: {}",
+                runs(&lost)
+            );
+            assert!(
+                left.is_empty(),
+                "{name}: pages left cached: {}",
+                runs(&left)
+            );
+            let untouched = residency(&v.join("untouched"))?;
+            assert!(
+                untouched.iter().all(|r| !r),
+                "{name}: a cold file left cached"
+            );
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The io_uring read engine: positional reads submitted to a ring owned by the reader thread,
-//! a few of them in flight at once. This is the only module allowed `unsafe`: a read
-//! submitted to the kernel writes into its buffer until its completion arrives, which the
-//! borrow checker cannot see. So the engine owns its buffers, marks each one in flight from
+//! a few of them in flight at once. This module and `residency` are the only ones allowed
+//! `unsafe`: a read submitted to the kernel writes into its buffer until its completion
+//! arrives, which the borrow checker cannot see. So the engine owns its buffers, marks each one in flight from
 //! submission until its completion is reaped, and never reads, reuses or frees a buffer in
 //! that state: not on errors, not when the caller's callback fails or panics, not on drop.
 #![allow(unsafe_code)]
@@ -220,7 +220,7 @@ impl UringEngine {
         fd: RawFd,
         offset: u64,
         len: u64,
-        before_read: &mut dyn FnMut(u64),
+        before_read: &mut dyn FnMut(u64, u64),
         deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> Result<u64, RangeError> {
         let end = offset.checked_add(len).ok_or_else(|| {
@@ -239,7 +239,7 @@ impl UringEngine {
                     break;
                 };
                 let want = (end - next).min(self.chunk as u64);
-                before_read(want);
+                before_read(next, want);
                 let slot = &mut self.slots[index];
                 slot.offset = next;
                 slot.len = want as usize;
@@ -291,7 +291,7 @@ impl UringEngine {
                 slot.offset += n as u64;
                 slot.len -= n;
                 slot.retries = 0;
-                before_read(slot.len as u64);
+                before_read(slot.offset, slot.len as u64);
                 self.submit(fd, head).map_err(RangeError::Read)?;
             } else {
                 slot.state = State::Idle;
@@ -311,7 +311,7 @@ impl ReadEngine for UringEngine {
         file: &File,
         offset: u64,
         len: u64,
-        before_read: &mut dyn FnMut(u64),
+        before_read: &mut dyn FnMut(u64, u64),
         deliver: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> Result<u64, RangeError> {
         // Reads left over by a call that unwound (a panicking callback) end first.
@@ -427,9 +427,15 @@ mod tests {
         let mut seen = Seen::default();
         let mut next = offset;
         let reads = std::cell::RefCell::new(Vec::new());
-        let mut before_read = |want: u64| {
+        let announced = std::cell::RefCell::new(Vec::new());
+        let mut before_read = |at: u64, want: u64| {
             assert!(want > 0 && want <= chunk, "a read of {want} bytes");
+            assert!(
+                at >= offset && at + want <= offset + len,
+                "a read at {at} outside the range"
+            );
             reads.borrow_mut().push(want);
+            announced.borrow_mut().push((at, want));
             hook(reads.borrow().len());
         };
         let mut deliver = |at: u64, data: &[u8]| -> io::Result<()> {
@@ -439,6 +445,14 @@ mod tests {
             assert!(
                 at + data.len() as u64 - offset <= paid,
                 "read before it was paid for"
+            );
+            let end = at + data.len() as u64;
+            assert!(
+                announced
+                    .borrow()
+                    .iter()
+                    .any(|(a, w)| *a <= at && end <= a + w),
+                "a piece at {at} that no announced read covers"
             );
             next += data.len() as u64;
             seen.data.extend_from_slice(data);
@@ -570,14 +584,15 @@ mod tests {
                 "{name}: {err:?}"
             );
             let mut pieces = 0;
-            let err = engine.read_range(&file, 0, data.len() as u64, &mut |_| {}, &mut |_, _| {
-                pieces += 1;
-                if pieces == 2 {
-                    Err(io::Error::other("the stream is gone"))
-                } else {
-                    Ok(())
-                }
-            });
+            let err =
+                engine.read_range(&file, 0, data.len() as u64, &mut |_, _| {}, &mut |_, _| {
+                    pieces += 1;
+                    if pieces == 2 {
+                        Err(io::Error::other("the stream is gone"))
+                    } else {
+                        Ok(())
+                    }
+                });
             assert!(
                 matches!(err, Err(RangeError::Deliver(_))),
                 "{name}: {err:?}"
@@ -601,7 +616,7 @@ mod tests {
         std::fs::write(&path, &data)?;
         let file = File::open(&path)?;
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.read_range(&file, 0, data.len() as u64, &mut |_| {}, &mut |_, _| {
+            engine.read_range(&file, 0, data.len() as u64, &mut |_, _| {}, &mut |_, _| {
                 panic!("the consumer failed")
             })
         }));
