@@ -175,28 +175,14 @@ impl Refresher {
     /// its repository: list it again.
     async fn watch_sessions(&self) {
         let sessions: Api<BackupSession> = Api::all(self.client.clone());
-        let mut ended: HashSet<String> = HashSet::new();
-        let mut stream = std::pin::pin!(
-            watcher(sessions, watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-        );
+        let mut ended = EndedSessions::default();
+        let mut stream =
+            std::pin::pin!(watcher(sessions, watcher::Config::default()).default_backoff());
         while let Some(next) = stream.next().await {
-            let Ok(session) = next else { continue };
-            let done = session
-                .status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .is_some_and(|p| {
-                    matches!(
-                        p,
-                        BackupSessionPhase::Succeeded | BackupSessionPhase::Failed
-                    )
-                });
-            let uid = session.uid().unwrap_or_default();
-            if !done || !ended.insert(uid) {
+            let Ok(event) = next else { continue };
+            let Some(session) = ended.on(event) else {
                 continue;
-            }
+            };
             if let Some(key) = self.repository_of(&session).await {
                 self.request(&key);
             }
@@ -342,5 +328,110 @@ impl Refresher {
             // A conflict means the Repository changed: its watch event lists it again.
             tracing::debug!(%error, "cannot write the SnapshotsListed condition yet");
         }
+    }
+}
+
+/// The BackupSessions seen ended, so that each end asks for one listing however often the
+/// session is seen again. A session is forgotten once it is deleted or a re-list no longer
+/// has it, so the set holds only sessions that exist (retention deletes old ones).
+#[derive(Debug, Default)]
+struct EndedSessions {
+    uids: HashSet<String>,
+    /// During a re-list: the sessions it has shown so far.
+    relisting: Option<HashSet<String>>,
+}
+
+impl EndedSessions {
+    /// The session this event shows ended for the first time, if it does.
+    fn on(&mut self, event: watcher::Event<BackupSession>) -> Option<BackupSession> {
+        match event {
+            watcher::Event::Apply(session) | watcher::Event::InitApply(session) => {
+                let uid = session.uid().unwrap_or_default();
+                if let Some(seen) = &mut self.relisting {
+                    seen.insert(uid.clone());
+                }
+                let done = session
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| {
+                        matches!(
+                            p,
+                            BackupSessionPhase::Succeeded | BackupSessionPhase::Failed
+                        )
+                    });
+                (done && self.uids.insert(uid)).then_some(session)
+            }
+            watcher::Event::Delete(session) => {
+                self.uids.remove(&session.uid().unwrap_or_default());
+                None
+            }
+            watcher::Event::Init => {
+                self.relisting = Some(HashSet::new());
+                None
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relisting.take() {
+                    self.uids.retain(|uid| seen.contains(uid));
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod ended_tests {
+    use super::*;
+
+    fn session(uid: &str, phase: Option<BackupSessionPhase>) -> BackupSession {
+        let mut s: BackupSession = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stash.appscode.com/v1beta1",
+            "kind": "BackupSession",
+            "metadata": {"name": uid, "namespace": "demo", "uid": uid},
+            "spec": {}
+        }))
+        .unwrap();
+        s.status = phase.map(|p| stash_api::backup_session::BackupSessionStatus {
+            phase: Some(p),
+            ..Default::default()
+        });
+        s
+    }
+
+    fn names(got: Option<BackupSession>) -> Option<String> {
+        got.map(|s| s.name_any())
+    }
+
+    #[test]
+    fn each_end_is_reported_once_and_forgotten_sessions_leave_the_set() {
+        use BackupSessionPhase::{Failed, Running, Succeeded};
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut ended = EndedSessions::default();
+        assert_eq!(names(ended.on(Init)), None);
+        assert_eq!(
+            names(ended.on(InitApply(session("a", Some(Succeeded))))),
+            Some("a".into())
+        );
+        assert_eq!(
+            names(ended.on(InitApply(session("b", Some(Running))))),
+            None
+        );
+        assert_eq!(names(ended.on(InitDone)), None);
+        // Seen again (a status write, a resync): not a new end.
+        assert_eq!(names(ended.on(Apply(session("a", Some(Succeeded))))), None);
+        assert_eq!(
+            names(ended.on(Apply(session("b", Some(Failed))))),
+            Some("b".into())
+        );
+        assert_eq!(names(ended.on(Apply(session("c", None)))), None);
+        // Deleted: forgotten.
+        ended.on(Delete(session("a", Some(Succeeded))));
+        assert_eq!(ended.uids, HashSet::from(["b".to_owned()]));
+        // A re-list that no longer has b (deleted while the watch was down) forgets it too.
+        ended.on(Init);
+        ended.on(InitApply(session("c", Some(Running))));
+        ended.on(InitDone);
+        assert!(ended.uids.is_empty(), "{:?}", ended.uids);
     }
 }
