@@ -407,6 +407,38 @@ async fn others(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str,
         ),
     ));
 
+    // The same in direct mode: restic reads, and its cgroup's page cache is dropped after.
+    evict(&volume)?;
+    let restic = fresh_repo(&scratch, "cache-direct")?.with_program(restic_bin());
+    restic.init().await?;
+    let r = engine::backup(
+        &restic,
+        request(&volume, ReadMode::Direct, AssignmentBudget::unlimited()),
+    )
+    .await?;
+    let grown = cached_bytes(&volume)?.saturating_sub(before) as f64;
+    let read = r
+        .storage_read_bytes
+        .context("restic's reads were not counted")? as f64;
+    let ratio = grown / read.max(1.0);
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "volume pages cached after a direct backup / bytes restic read from the disk".into(),
+    );
+    results.push((
+        "agent-direct-page-cache-growth",
+        outcome(
+            grown / MIB as f64,
+            read / MIB as f64,
+            ratio,
+            "MiB",
+            "<= 0.05",
+            ratio <= 0.05,
+            notes,
+        ),
+    ));
+
     // The agent's resident memory while streaming the whole volume, sampled from /proc.
     let rss = agent_peak_rss(&volume, &scratch)?;
     let mut notes = Map::new();
@@ -432,6 +464,19 @@ async fn others(data: &Path, rounds: usize) -> anyhow::Result<Vec<(&'static str,
     Ok(results)
 }
 
+/// Writes `chunks` × 8 MiB of pseudo-random data from `seed` to `path`, on disk.
+fn random_file(path: &Path, chunks: usize, mut seed: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for _ in 0..chunks {
+        xorshift_fill(&mut buf, &mut seed);
+        f.write_all(&buf)?;
+    }
+    f.into_inner()?.sync_all()?;
+    Ok(())
+}
+
 /// A volume with a workload's working set: `hot/data` (200 MiB, which the benchmark reads
 /// into the page cache before each backup, as a database would keep it) beside `cold/data`
 /// (200 MiB, not cached).
@@ -441,17 +486,12 @@ fn hot_volume(dir: &Path) -> anyhow::Result<PathBuf> {
         return Ok(root);
     }
     let _ = std::fs::remove_dir_all(&root);
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut buf = vec![0u8; 8 << 20];
-    for name in ["hot", "cold"] {
-        use std::io::Write;
+    for (name, seed) in [
+        ("hot", 0x2545_f491_4f6c_dd1d_u64),
+        ("cold", 0x5851_f42d_4c95_7f2d),
+    ] {
         std::fs::create_dir_all(root.join(name))?;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(root.join(name).join("data"))?);
-        for _ in 0..25 {
-            xorshift_fill(&mut buf, &mut seed);
-            f.write_all(&buf)?;
-        }
-        f.into_inner()?.sync_all()?;
+        random_file(&root.join(name).join("data"), 25, seed)?;
     }
     std::fs::write(root.join(".complete"), b"")?;
     Ok(root)
@@ -476,20 +516,29 @@ pub async fn page_cache_kept(data: &Path) -> anyhow::Result<Vec<(&'static str, O
         ensure!(cached_bytes(&cold)? == 0, "the cold file stayed cached");
         Ok(())
     };
-    prepare()?;
-    let restic = fresh_repo(&scratch, "kept")?.with_program(restic_bin());
-    restic.init().await?;
-    let t = Instant::now();
-    engine::backup(
-        &restic,
-        request(&volume, ReadMode::Stream, AssignmentBudget::unlimited()),
-    )
-    .await?;
-    let took = t.elapsed();
-    let ours = (
-        cached_bytes(&hot)? as f64 / size as f64,
-        cached_bytes(&cold)?,
-    );
+    let mut ours = Vec::new();
+    let mut took = std::time::Duration::ZERO;
+    for (mode, repo) in [
+        (ReadMode::Stream, "kept"),
+        (ReadMode::Direct, "kept-direct"),
+    ] {
+        prepare()?;
+        let restic = fresh_repo(&scratch, repo)?.with_program(restic_bin());
+        restic.init().await?;
+        let t = Instant::now();
+        let r = engine::backup(
+            &restic,
+            request(&volume, mode, AssignmentBudget::unlimited()),
+        )
+        .await?;
+        ensure!(r.mode == Some(mode), "read in {:?}, not {mode:?}", r.mode);
+        took = took.max(t.elapsed());
+        ours.push((
+            mode,
+            cached_bytes(&hot)? as f64 / size as f64,
+            cached_bytes(&cold)?,
+        ));
+    }
     // A control: what the machine itself evicts from a freshly cached file in as long (a
     // proactive reclaimer such as DAMON's pageout takes pages nobody read).
     prepare()?;
@@ -506,35 +555,54 @@ pub async fn page_cache_kept(data: &Path) -> anyhow::Result<Vec<(&'static str, O
         cached_bytes(&hot)? as f64 / size as f64,
         cached_bytes(&cold)?,
     );
-    let mut notes = Map::new();
-    notes.insert(
-        "ratio_meaning".into(),
-        "fraction of a cached 200 MiB working set still cached after a stream backup of its \
-         volume (fincore); baseline: after stock restic's backup"
-            .into(),
-    );
-    notes.insert("kept_idle_for_as_long".into(), idle.into());
-    notes.insert(
-        "cold_left_cached_per_byte_ours".into(),
-        (ours.1 as f64 / size as f64).into(),
-    );
-    notes.insert(
-        "cold_left_cached_per_byte_restic".into(),
-        (theirs.1 as f64 / size as f64).into(),
-    );
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok(vec![(
-        "agent-page-cache-kept",
-        outcome(
-            ours.0 * 100.0,
-            theirs.0 * 100.0,
-            ours.0,
-            "% of the working set cached",
-            ">= 0.95",
-            ours.0 >= 0.95,
-            notes,
-        ),
-    )])
+    Ok(ours
+        .into_iter()
+        .map(|(mode, kept, cold_left)| {
+            let mut notes = Map::new();
+            notes.insert(
+                "ratio_meaning".into(),
+                format!(
+                    "fraction of a cached 200 MiB working set still cached after a {} backup \
+                     of its volume (fincore); baseline: after stock restic's backup",
+                    mode_name(mode)
+                )
+                .into(),
+            );
+            notes.insert("kept_idle_for_as_long".into(), idle.into());
+            notes.insert(
+                "cold_left_cached_per_byte_ours".into(),
+                (cold_left as f64 / size as f64).into(),
+            );
+            notes.insert(
+                "cold_left_cached_per_byte_restic".into(),
+                (theirs.1 as f64 / size as f64).into(),
+            );
+            let name = match mode {
+                ReadMode::Stream => "agent-page-cache-kept",
+                ReadMode::Direct => "agent-direct-page-cache-kept",
+            };
+            (
+                name,
+                outcome(
+                    kept * 100.0,
+                    theirs.0 * 100.0,
+                    kept,
+                    "% of the working set cached",
+                    ">= 0.95",
+                    kept >= 0.95,
+                    notes,
+                ),
+            )
+        })
+        .collect())
+}
+
+pub(crate) fn mode_name(mode: ReadMode) -> &'static str {
+    match mode {
+        ReadMode::Stream => "stream",
+        ReadMode::Direct => "direct",
+    }
 }
 
 /// Streams a directory through the agent's reader into a sink; returns the reader's time.
@@ -572,7 +640,6 @@ pub async fn budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>>
         });
         let seconds = read_into_sink(&budget_dir, node.for_assignment(Limits::default())).await?;
         let measured = budget_bytes as f64 / seconds / MIB as f64;
-        let ratio = measured / rate_mib as f64;
         let name = if rate_mib == 20 {
             "agent-budget-accuracy-20mib"
         } else {
@@ -583,18 +650,7 @@ pub async fn budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>>
             "ratio_meaning".into(),
             "measured read rate / configured budget (reader into a sink)".into(),
         );
-        results.push((
-            name,
-            outcome(
-                measured,
-                rate_mib as f64,
-                ratio,
-                "MiB/s",
-                "0.95..1.05",
-                (0.95..=1.05).contains(&ratio),
-                notes,
-            ),
-        ));
+        results.push((name, rate_outcome(measured, rate_mib as f64, notes)));
     }
     {
         let node = IoBudget::new(Limits {
@@ -607,7 +663,6 @@ pub async fn budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>>
         );
         let seconds = a?.max(b?);
         let measured = 2.0 * budget_bytes as f64 / seconds / MIB as f64;
-        let ratio = measured / 100.0;
         let mut notes = Map::new();
         notes.insert(
             "ratio_meaning".into(),
@@ -615,16 +670,128 @@ pub async fn budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>>
         );
         results.push((
             "agent-budget-accuracy-shared",
-            outcome(
-                measured,
-                100.0,
-                ratio,
-                "MiB/s",
-                "0.95..1.05",
-                (0.95..=1.05).contains(&ratio),
-                notes,
-            ),
+            rate_outcome(measured, 100.0, notes),
         ));
+    }
+    results.extend(direct_budget(data).await?);
+    Ok(results)
+}
+
+/// A budget-accuracy figure: the measured rate against the configured one, within 5 %.
+fn rate_outcome(measured: f64, budget: f64, notes: Map<String, Value>) -> Outcome {
+    let ratio = measured / budget;
+    outcome(
+        measured,
+        budget,
+        ratio,
+        "MiB/s",
+        "0.95..1.05",
+        (0.95..=1.05).contains(&ratio),
+        notes,
+    )
+}
+
+/// A second 128 MiB volume for two direct backups at once (one file read by both would be
+/// read from the disk once).
+fn second_budget_volume(dir: &Path) -> anyhow::Result<PathBuf> {
+    let root = dir.join("agent-budget-b");
+    if root.join(".complete").exists() {
+        return Ok(root.join("data"));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("data"))?;
+    random_file(&root.join("data/one"), 16, 0x1234_5678_9abc_def1)?;
+    std::fs::write(root.join(".complete"), b"")?;
+    Ok(root.join("data"))
+}
+
+/// A direct backup of an uncached volume under a node budget; restic's read rate from the
+/// disk, as the kernel counted it.
+async fn direct_budgeted(
+    scratch: &Path,
+    repo: &str,
+    volume: &Path,
+    budget: AssignmentBudget,
+) -> anyhow::Result<(f64, u64)> {
+    let restic = fresh_repo(scratch, repo)?.with_program(restic_bin());
+    restic.init().await?;
+    let r = engine::backup(&restic, request(volume, ReadMode::Direct, budget)).await?;
+    ensure!(
+        r.mode == Some(ReadMode::Direct),
+        "read in {:?}: {:?}",
+        r.mode,
+        r.mode_note
+    );
+    Ok((
+        r.storage_read_rate
+            .context("restic's reads were not counted")?,
+        r.storage_read_bytes.unwrap_or(0),
+    ))
+}
+
+/// Budget accuracy in direct mode, where the kernel limits restic's reads from the volume's
+/// disk: one backup at 50 MiB/s, and two at once sharing 100 MiB/s.
+pub async fn direct_budget(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
+    let a = dataset(data)?.join("budget");
+    let b = second_budget_volume(data)?;
+    let scratch = scratch(data)?;
+    let mut results = Vec::new();
+    let node = |mib: u64| {
+        IoBudget::new(Limits {
+            bytes_per_second: Some(mib * MIB),
+            iops: None,
+        })
+    };
+    evict(&a)?;
+    let (rate, bytes) = direct_budgeted(
+        &scratch,
+        "direct-budget",
+        &a,
+        node(50).for_assignment(Limits::default()),
+    )
+    .await?;
+    let measured = rate / MIB as f64;
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "restic's read rate from the disk in a direct backup (kernel's count, first read to \
+         last) / 50 MiB/s budget"
+            .into(),
+    );
+    notes.insert("storage_read_bytes".into(), bytes.into());
+    results.push((
+        "agent-direct-budget-accuracy-50mib",
+        rate_outcome(measured, 50.0, notes),
+    ));
+    evict(&a)?;
+    evict(&b)?;
+    let shared = node(100);
+    let (ra, rb) = tokio::join!(
+        direct_budgeted(
+            &scratch,
+            "direct-budget-a",
+            &a,
+            shared.for_assignment(Limits::default())
+        ),
+        direct_budgeted(
+            &scratch,
+            "direct-budget-b",
+            &b,
+            shared.for_assignment(Limits::default())
+        )
+    );
+    let measured = (ra?.0 + rb?.0) / MIB as f64;
+    let mut notes = Map::new();
+    notes.insert(
+        "ratio_meaning".into(),
+        "sum of two concurrent direct backups' read rates / node budget of 100 MiB/s".into(),
+    );
+    results.push((
+        "agent-direct-budget-accuracy-shared",
+        rate_outcome(measured, 100.0, notes),
+    ));
+    for name in ["direct-budget", "direct-budget-a", "direct-budget-b"] {
+        let _ = std::fs::remove_dir_all(scratch.join(name));
     }
     Ok(results)
 }

@@ -172,6 +172,11 @@ impl AssignmentBudget {
         self.effective
     }
 
+    /// The node's limits, which this assignment shares with every other.
+    pub fn node_limits(&self) -> Limits {
+        self.node.limits
+    }
+
     /// Charges a read of `bytes` in `ops` operations and returns how long the caller must wait
     /// before doing it.
     pub fn charge(&self, bytes: u64, ops: u64) -> Duration {

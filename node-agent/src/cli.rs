@@ -71,8 +71,8 @@ pub struct RunArgs {
     #[arg(long, env = "STASH_RESTIC", default_value = "restic")]
     pub restic: PathBuf,
     /// The node's read budget in bytes per second, a Kubernetes quantity (`100Mi`, `1G`);
-    /// unlimited when unset. Stream mode only: direct-mode assignments say in their status
-    /// that it does not apply to them.
+    /// unlimited when unset. Both modes: in direct mode the kernel limits restic's reads (see
+    /// `cgroup`).
     #[arg(long, env = "STASH_IO_BUDGET_BYTES_PER_SECOND", value_parser = parse_bytes)]
     pub io_budget: Option<u64>,
     #[arg(long, env = "STASH_IO_BUDGET_IOPS", value_parser = parse_count)]
@@ -80,14 +80,20 @@ pub struct RunArgs {
     /// Volumes read at once on this node.
     #[arg(long, env = "STASH_MAX_CONCURRENT_VOLUMES", default_value_t = 2)]
     pub max_concurrent_volumes: usize,
-    /// The read mode of assignments that do not name one.
-    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
+    /// The read mode of assignments that do not name one (a raw block volume is always
+    /// streamed). Direct is the default: paced and page-cache clean in restic's cgroup, it
+    /// reads only what changed since the parent snapshot, and its snapshots list the files.
+    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "direct")]
     pub read_mode: ReadMode,
     #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
     pub io_uring: IoUringMode,
     /// The mount table used to refuse volumes that are not mounted.
     #[arg(long, env = "STASH_MOUNTINFO", default_value = "/proc/self/mountinfo")]
     pub mountinfo: PathBuf,
+    /// Where the host's cgroup filesystem is mounted, for direct mode's restic cgroups when
+    /// this container's own `/sys/fs/cgroup` is read-only (unset: that one).
+    #[arg(long, env = "STASH_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
     /// Port of /healthz and /readyz.
     #[arg(long, env = "STASH_METRICS_PORT", default_value_t = 9090)]
     pub metrics_port: u16,
@@ -143,10 +149,11 @@ pub struct BackupArgs {
     /// The directory to back up.
     #[arg(long)]
     pub path: PathBuf,
-    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
+    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "direct")]
     pub mode: ReadMode,
     /// Read budget in bytes per second, a Kubernetes quantity (`50Mi`, `1.5Gi`, `500M`, `2e9`);
-    /// unlimited when unset. Stream mode only: refused with `--mode direct`.
+    /// unlimited when unset. In direct mode restic's reads are limited by the kernel, or,
+    /// where the volume's disk cannot be limited, the volume is read in stream mode.
     #[arg(long, env = "STASH_IO_BUDGET_BYTES_PER_SECOND", value_parser = parse_bytes)]
     pub io_budget: Option<u64>,
     /// Read operations per second.
@@ -270,6 +277,10 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
     match command {
         Command::Run(a) => {
             let client = kube::Client::try_default().await?;
+            if let Some(root) = a.cgroup_root.clone() {
+                crate::cgroup::use_host_root(root);
+            }
+            crate::cgroup::use_owner(&a.node_name);
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
             // Probe once at start, so the log and metrics say which engine reads.
             let (engine, fallback) = crate::uring::choose(a.io_uring == IoUringMode::Auto);
@@ -330,13 +341,6 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
             )?)
         }
         Command::Backup(a) => {
-            // restic reads the files itself in direct mode; the agent cannot pace it (yet).
-            if a.mode == ReadMode::Direct && (a.io_budget.is_some() || a.iops.is_some()) {
-                anyhow::bail!(
-                    "--io-budget and --iops apply to stream mode only: in direct mode restic reads \
-                     the files itself, and the agent cannot pace its reads yet"
-                );
-            }
             let restic = restic_for(&a.repo)?;
             let (version, initialized) =
                 tokio::join!(restic.version(), restic.ensure_initialized());
@@ -424,12 +428,5 @@ mod tests {
         assert!(err.contains("use k for 1000 or Ki for 1024"), "{err}");
         assert!(backup(&["--iops", "0"]).is_err_and(|e| e.to_string().contains("zero")));
         assert!(backup(&["--io-budget", "1.5Gi", "--iops", "100"]).is_ok());
-    }
-
-    #[tokio::test]
-    async fn direct_mode_refuses_an_io_budget_it_cannot_keep() {
-        let cli = backup(&["--mode", "direct", "--io-budget", "20Mi"]).expect("parses");
-        let err = run(cli.command).await.expect_err("refused").to_string();
-        assert!(err.contains("stream mode only"), "{err}");
     }
 }

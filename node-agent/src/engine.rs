@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,8 @@ use restic_wrapper::{
 };
 use serde::Serialize;
 
-use crate::budget::AssignmentBudget;
+use crate::budget::{AssignmentBudget, Limits};
+use crate::cgroup::{ReadCount, ReadGroup};
 use crate::extract::{ExtractOptions, ExtractReport, Extractor};
 use crate::pattern::Patterns;
 use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
@@ -117,6 +119,17 @@ pub struct BackupResult {
     /// tagged with their count.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
+    /// Direct mode: what restic read from the volume's disk, as the kernel counted it
+    /// (restic's cache on that disk included; page-cache hits are not reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_read_bytes: Option<u64>,
+    /// Direct mode: restic's read rate from that disk in bytes per second, from its first
+    /// read to its last (what a budget limits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_read_rate: Option<f64>,
+    /// Why the backup read in another mode than the one asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_note: Option<String>,
 }
 
 /// `use_it` on this process's native reader of the repository (see
@@ -215,7 +228,8 @@ async fn remove_incomplete(
     }
 }
 
-fn is_block_device(path: &Path) -> bool {
+/// Whether `path` is a raw block volume (read only in stream mode).
+pub fn is_block_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
@@ -262,7 +276,21 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
     let paths = volume_paths(&req.paths)?;
     // What the backup found of its key, for the clean-up once it is done.
     let mut found = Vec::new();
-    let mut result = match req.mode {
+    // Direct mode is paced and page-cache clean only in cgroups of restic's own; where the
+    // machine cannot limit its reads, a budgeted backup is read by the agent's own reader.
+    let (mode, group, mode_note) = direct_group(&req);
+    if mode != req.mode && !req.restic_args.is_empty() {
+        // Neither can be dropped silently: the args are restic's, the budget the node's.
+        return Err(AgentError::InvalidSpec {
+            what: "backup",
+            reason: format!(
+                "args {:?} need direct mode, which cannot keep the IO budget on this volume ({})",
+                req.restic_args,
+                mode_note.unwrap_or_default()
+            ),
+        });
+    }
+    let mut result = match mode {
         ReadMode::Stream if is_block_device(&req.path) => {
             // A raw device has no metadata to compare: it is read every time.
             tags.push(TAG_STREAM.into());
@@ -331,6 +359,7 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             let targets = direct_targets(&paths)?;
             let cwd = PathBuf::from(format!("/proc/self/fd/{}", volume.root_fd().as_raw_fd()));
             let opts = BackupOptions {
+                join_cgroups: group.as_ref().map(|g| g.procs()).unwrap_or_default(),
                 host: req.host.clone(),
                 tags,
                 excludes: excludes.beneath(volume.host_path())?,
@@ -384,10 +413,25 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                     }
                 })
             });
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let charger = group
+                .clone()
+                .map(|g| charge_reads(g, req.budget.clone(), stopped));
             let finished = run.finish().await;
             if let Some(task) = mirror {
                 // Its channel closed with restic's output: every message is counted.
                 let _ = task.await;
+            }
+            let _ = stop.send(());
+            let trace = match charger {
+                Some(task) => task.await.unwrap_or_default(),
+                None => ReadTrace::default(),
+            };
+            // restic has exited: what it read is counted, and what it cached can go.
+            let storage_read_bytes = group.as_ref().and_then(|g| g.read_count()).map(|c| c.bytes);
+            if let Some(g) = &group {
+                let dropped = g.finish();
+                tracing::debug!(dropped, "dropped the page cache restic brought in");
             }
             let (summary, unreadable) = match finished {
                 Ok(summary) => (summary, vec![]),
@@ -437,14 +481,118 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                 files: summary.total_files_processed,
                 unchanged,
                 unreadable,
+                storage_read_bytes,
+                storage_read_rate: trace.rate(),
                 ..BackupResult::default()
             }
         }
     };
     remove_incomplete(restic, req.key.as_deref(), &found).await;
-    result.mode = Some(req.mode);
+    result.mode = Some(mode);
+    result.mode_note = mode_note;
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
+}
+
+/// The mode a backup reads in, with restic's cgroups for direct mode (see `cgroup`), and why
+/// the mode is not the one asked for when it is not.
+fn direct_group(req: &BackupRequest) -> (ReadMode, Option<Arc<ReadGroup>>, Option<String>) {
+    if req.mode != ReadMode::Direct || is_block_device(&req.path) {
+        return (req.mode, None, None);
+    }
+    let budgeted = req.budget.limits() != Limits::default();
+    let group = std::fs::metadata(&req.path)
+        .map_err(|e| e.to_string())
+        .and_then(|m| {
+            ReadGroup::create(m.dev(), req.budget.limits(), req.budget.node_limits())
+                .map_err(|e| e.to_string())
+        });
+    match group {
+        Ok(g) if g.paced() || !budgeted => {
+            if !g.drops_page_cache() {
+                tracing::warn!("no memory cgroup: the page cache restic's reads bring in stays");
+            }
+            (ReadMode::Direct, Some(Arc::new(g)), None)
+        }
+        Ok(_) if budgeted => (
+            ReadMode::Stream,
+            None,
+            Some(
+                "read in stream mode: the volume has no block device of its own to limit \
+                 restic's reads to the IO budget on"
+                    .into(),
+            ),
+        ),
+        Err(e) if budgeted => (
+            ReadMode::Stream,
+            None,
+            Some(format!(
+                "read in stream mode: restic's reads cannot be limited to the IO budget ({e})"
+            )),
+        ),
+        Ok(g) => (ReadMode::Direct, Some(Arc::new(g)), None),
+        Err(e) => {
+            tracing::warn!(error = %e, "restic runs without a cgroup of its own: the page cache its reads bring in stays");
+            (ReadMode::Direct, None, None)
+        }
+    }
+}
+
+/// What restic read from the volume's disk, sampled as it read: the first and last samples
+/// at which the count grew, for the rate of the read itself (restic's start and its snapshot
+/// upload are not part of it).
+#[derive(Clone, Copy, Debug, Default)]
+struct ReadTrace {
+    first: Option<(Instant, u64)>,
+    last: Option<(Instant, u64)>,
+}
+
+impl ReadTrace {
+    fn note(&mut self, at: Instant, bytes: u64) {
+        if self.last.is_none_or(|(_, b)| bytes > b) {
+            self.first.get_or_insert((at, bytes));
+            self.last = Some((at, bytes));
+        }
+    }
+
+    /// Bytes per second between the first and the last growth seen.
+    fn rate(&self) -> Option<f64> {
+        let ((t0, b0), (t1, b1)) = (self.first?, self.last?);
+        let secs = t1.saturating_duration_since(t0).as_secs_f64();
+        (secs > 0.0 && b1 > b0).then(|| (b1 - b0) as f64 / secs)
+    }
+}
+
+/// Charges what restic reads from the volume's disk to the node's budget as it reads, so the
+/// agent's own reader yields to it (the kernel paces restic itself), until `stop` fires.
+fn charge_reads(
+    group: Arc<ReadGroup>,
+    budget: AssignmentBudget,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<ReadTrace> {
+    tokio::spawn(async move {
+        let mut last = ReadCount::default();
+        let mut trace = ReadTrace::default();
+        // Often enough for a rate within a percent or two over a read of a few seconds.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stop => break,
+            }
+            if let Some(now) = group.read_count() {
+                let _ = budget.charge(
+                    now.bytes.saturating_sub(last.bytes),
+                    now.ops.saturating_sub(last.ops),
+                );
+                if now.bytes > 0 {
+                    trace.note(Instant::now(), now.bytes);
+                }
+                last = now;
+            }
+        }
+        trace
+    })
 }
 
 /// The record file of a direct backup of this repository, host and key, when the caller

@@ -76,7 +76,8 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn unescape_octal(s: &str) -> String {
+/// Decodes mountinfo's octal escapes (`\040` for a space).
+pub(crate) fn unescape_octal(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -4,6 +4,7 @@
 //! confined to the target volume.
 
 pub mod budget;
+pub mod cgroup;
 pub mod cli;
 pub mod engine;
 pub mod error;

@@ -100,27 +100,15 @@ pub fn restic_args(args: &[String], mode: ReadMode) -> Result<Vec<String>, Agent
     Ok(args.to_vec())
 }
 
-/// An assignment's own IO budget. It paces the agent's reader, so it is refused where the
-/// agent does not read: direct mode (restic reads) and restores (not paced yet).
-pub fn limits(budget: Option<&BudgetSpec>, mode: Option<ReadMode>) -> Result<Limits, AgentError> {
+/// An assignment's own IO budget. It paces the agent's reader in stream mode and restic's
+/// reads in direct mode (through restic's cgroup, or the agent's reader where the volume's
+/// disk cannot be limited: see `cgroup`), and a stream snapshot's extraction in a restore.
+pub fn limits(budget: Option<&BudgetSpec>) -> Result<Limits, AgentError> {
     let Some(b) = budget else {
         return Ok(Limits::default());
     };
     if b.bytes_per_second.is_none() && b.iops.is_none() {
         return Ok(Limits::default());
-    }
-    match mode {
-        Some(ReadMode::Stream) => {}
-        Some(ReadMode::Direct) => {
-            return Err(refuse(
-                "ioBudget applies to stream mode only: in direct mode restic reads the files \
-                 itself and the agent cannot pace it yet (use readMode: stream)"
-                    .into(),
-            ));
-        }
-        // A restore: a stream snapshot's extraction is paced; restic writes a direct
-        // snapshot's files itself, which the restore reports.
-        None => {}
     }
     let bytes_per_second = b
         .bytes_per_second
@@ -248,41 +236,44 @@ mod tests {
     }
 
     #[test]
-    fn an_assignment_budget_is_a_quantity_for_stream_backups_and_restores() {
+    fn an_assignment_budget_is_a_quantity_for_backups_in_both_modes_and_restores() {
         let budget = |q: &str| BudgetSpec {
             bytes_per_second: Some(Quantity(q.into())),
             iops: None,
         };
         assert_eq!(
-            limits(Some(&budget("1.5Gi")), Some(ReadMode::Stream)).ok(),
+            limits(Some(&budget("1.5Gi"))).ok(),
             Some(Limits {
                 bytes_per_second: Some(3 << 29),
                 iops: None
             })
         );
-        let err = limits(Some(&budget("fast")), Some(ReadMode::Stream)).expect_err("fast");
+        let err = limits(Some(&budget("fast"))).expect_err("fast");
         assert!(err.to_string().contains("ioBudget.bytesPerSecond"), "{err}");
-        let err = limits(Some(&budget("0")), Some(ReadMode::Stream)).expect_err("0");
+        let err = limits(Some(&budget("0"))).expect_err("0");
         assert!(err.to_string().contains("zero"), "{err}");
-        let err = limits(Some(&budget("10Mi")), Some(ReadMode::Direct)).expect_err("direct");
-        assert!(err.to_string().contains("stream mode only"), "{err}");
-        // A restore is paced too (its stream snapshots' extraction).
+        // Direct mode is paced too (restic's reads, in its cgroup).
         assert_eq!(
-            limits(Some(&budget("10Mi")), None).ok(),
+            limits(Some(&budget("10Mi"))).ok(),
             Some(Limits {
                 bytes_per_second: Some(10 << 20),
                 iops: None
             })
         );
+        // A restore is paced too (its stream snapshots' extraction).
         assert_eq!(
-            limits(None, Some(ReadMode::Direct)).ok(),
-            Some(Limits::default())
+            limits(Some(&budget("10Mi"))).ok(),
+            Some(Limits {
+                bytes_per_second: Some(10 << 20),
+                iops: None
+            })
         );
+        assert_eq!(limits(None).ok(), Some(Limits::default()));
         let zero_iops = BudgetSpec {
             bytes_per_second: None,
             iops: Some(0),
         };
-        assert!(limits(Some(&zero_iops), Some(ReadMode::Stream)).is_err());
+        assert!(limits(Some(&zero_iops)).is_err());
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Plan {
 pub enum Operation {
     Backup {
         mode: ReadMode,
+        /// Whether the assignment named the mode (otherwise it is the agent's default).
+        chosen: bool,
         excludes: Vec<String>,
         on_unreadable: engine::UnreadablePolicy,
         restic_args: Vec<String>,
@@ -152,7 +154,7 @@ impl Assignment for BackupAssignment {
             None => cfg.default_mode,
         };
         let restic_args = spec::restic_args(self.spec.args.as_deref().unwrap_or_default(), mode)?;
-        let own = spec::limits(self.spec.io_budget.as_ref(), Some(mode))?;
+        let own = spec::limits(self.spec.io_budget.as_ref())?;
         for v in &self.spec.volumes {
             spec::volume_fields(v, true)?;
             spec::paths(v)?;
@@ -160,6 +162,7 @@ impl Assignment for BackupAssignment {
         Ok(Plan {
             operation: Operation::Backup {
                 mode,
+                chosen: self.spec.read_mode.is_some(),
                 excludes: self.spec.exclude.clone().unwrap_or_default(),
                 on_unreadable: self.spec.on_unreadable.unwrap_or_default(),
                 restic_args,
@@ -184,7 +187,7 @@ impl Assignment for RestoreAssignment {
         &self.spec.volumes
     }
     fn plan(&self, _: &WorkerConfig) -> Result<Plan, AgentError> {
-        let own = spec::limits(self.spec.io_budget.as_ref(), None)?;
+        let own = spec::limits(self.spec.io_budget.as_ref())?;
         for v in &self.spec.volumes {
             spec::volume_fields(v, false)?;
         }
@@ -1061,10 +1064,18 @@ async fn run_volume(
     match operation {
         Operation::Backup {
             mode,
+            chosen,
             excludes,
             on_unreadable,
             restic_args,
         } => {
+            // A raw block volume can only be streamed: the agent's default is for
+            // filesystems, and only an assignment that names direct mode is refused for it.
+            let mode = if !chosen && engine::is_block_device(&path) {
+                ReadMode::Stream
+            } else {
+                mode
+            };
             let req = BackupRequest {
                 path,
                 mode,
@@ -1084,12 +1095,6 @@ async fn run_volume(
                 pending_dir: Some(cfg.state_dir.join("pending")),
             };
             let r = engine::backup(restic, req).await?;
-            let unpaced = (mode == ReadMode::Direct && cfg.budget.limits() != Limits::default())
-                .then(|| {
-                    "the node's IO budget does not apply to direct mode: restic read the files \
-                     unpaced"
-                        .to_owned()
-                });
             let warnings = r
                 .changed_during_read
                 .iter()
@@ -1104,7 +1109,7 @@ async fn run_volume(
                         .iter()
                         .map(|f| format!("left out, not permitted to read: {f}")),
                 )
-                .chain(unpaced)
+                .chain(r.mode_note.clone())
                 .collect();
             Ok(VolumeOutcome {
                 phase: Some(if r.unchanged {

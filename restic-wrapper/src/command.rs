@@ -79,6 +79,9 @@ pub struct BackupOptions {
     pub skip_if_unchanged: bool,
     /// Extra arguments from the user (`target.args`), appended last.
     pub extra_args: Vec<String>,
+    /// `cgroup.procs` files, open for writing, that restic joins before it starts: its
+    /// reads and page cache are then the cgroups' from its first read.
+    pub join_cgroups: Vec<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Retention of `restic forget` (STASH-API.md §1.2); zero or `None` means "not set".
@@ -283,6 +286,7 @@ impl Restic {
             grace: self.grace,
             timeout: self.timeout,
             observer: self.observer.clone(),
+            join_cgroups: Vec::new(),
         }
     }
 
@@ -446,6 +450,7 @@ impl Restic {
         a.extend(paths.iter().map(|p| p.clone().into_os_string()));
         let mut inv = self.invocation("back up", a);
         inv.current_dir = cwd.map(Path::to_path_buf);
+        inv.join_cgroups = opts.join_cgroups.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let running = spawn(
             inv,

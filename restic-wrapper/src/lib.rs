@@ -10,6 +10,7 @@
 //!   own (a [`SpawnObserver`] tells it the pid of every restic it starts).
 
 pub mod backend;
+mod cgroup_join;
 pub mod command;
 pub mod error;
 pub mod message;

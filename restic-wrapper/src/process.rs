@@ -200,6 +200,8 @@ pub(crate) struct Invocation {
     /// Stop the command (SIGINT, then SIGKILL) if it has not finished by then.
     pub timeout: Option<Duration>,
     pub observer: Option<Arc<dyn SpawnObserver>>,
+    /// `cgroup.procs` files the child writes itself into before it runs (see `cgroup_join`).
+    pub join_cgroups: Vec<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// What a successful run produced.
@@ -481,6 +483,7 @@ pub(crate) fn spawn(inv: Invocation, stdout: StdoutMode, input: Input) -> Result
     if let Some(dir) = &inv.current_dir {
         cmd.current_dir(dir);
     }
+    crate::cgroup_join::before_exec(&mut cmd, inv.join_cgroups.clone());
     let mut stream = None;
     match input {
         Input::Null => {

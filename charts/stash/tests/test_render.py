@@ -181,7 +181,10 @@ def test_agent_mounts_the_kubelet_directories_with_host_to_container(default: ch
     assert m["state"]["mountPath"] == "/var/lib/stash-agent"
     assert "mountPropagation" not in m["state"] and "mountPropagation" not in m["tmp"]
     hostpaths = {x["hostPath"]["path"] for x in v.values() if "hostPath" in x}
-    assert hostpaths == {"/var/lib/kubelet/pods", "/var/lib/kubelet/plugins", "/var/lib/stash-agent"}
+    assert hostpaths == {"/var/lib/kubelet/pods", "/var/lib/kubelet/plugins", "/var/lib/stash-agent", "/sys/fs/cgroup"}
+    # Direct mode's restic cgroups: the host's cgroup filesystem, writable, where the agent looks.
+    assert v["cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert m["cgroup"] == {"name": "cgroup", "mountPath": "/host/sys/fs/cgroup"}
 
 
 def test_agent_env_is_the_runtime_contract(default: chartlib.Rendered) -> None:
@@ -195,8 +198,9 @@ def test_agent_env_is_the_runtime_contract(default: chartlib.Rendered) -> None:
         "STASH_IO_BUDGET_BYTES_PER_SECOND": "104857600",
         # iops 0 = unlimited: the variable is left out (the agent treats "unset" as unlimited).
         "STASH_MAX_CONCURRENT_VOLUMES": "2",
-        "STASH_READ_MODE": "stream",
+        "STASH_READ_MODE": "direct",
         "STASH_IO_URING": "auto",
+        "STASH_CGROUP_ROOT": "/host/sys/fs/cgroup",
         "STASH_METRICS_PORT": "9090",
         "STASH_LOG_LEVEL": "info",
         "STASH_LOG_FORMAT": "text",
@@ -533,7 +537,9 @@ def test_images_and_pull_secrets() -> None:
     assert e["RUST_BACKTRACE"] == "1"
     agent_env = env(container(ds, "agent"))
     assert agent_env["STASH_LOG_LEVEL"] == "debug" and agent_env["STASH_LOG_FORMAT"] == "json"
-    assert agent_env["STASH_READ_MODE"] == "direct" and agent_env["STASH_MAX_CONCURRENT_VOLUMES"] == "4"
+    assert agent_env["STASH_READ_MODE"] == "stream" and agent_env["STASH_MAX_CONCURRENT_VOLUMES"] == "4"
+    # No cgroup root: nothing of the host's cgroups is mounted, and the agent looks at its own.
+    assert "STASH_CGROUP_ROOT" not in agent_env and "cgroup" not in volumes(ds)
     sa = r.get("ServiceAccount", "stash-operator")
     assert sa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "stash@p.iam"}
     assert all(d["metadata"]["labels"]["team"] == "storage" for d in r.docs)

@@ -214,6 +214,14 @@ impl Kubelet {
             std::fs::create_dir_all(&p).map_err(Error::io("create", p))?;
         }
         k.mounts.make_rshared(&k.kubelet_root())?;
+        // A node has a cgroup filesystem, which a hostPath volume can name (a node agent
+        // that manages cgroups beneath its own does): the host's, as the node's processes
+        // are the host's.
+        let cgroup = Path::new("/sys/fs/cgroup");
+        if cgroup.is_dir() {
+            k.mounts
+                .bind_recursive(cgroup, &k.cfg.node_root.join("sys/fs/cgroup"))?;
+        }
         node::register(&k.client, &k.cfg.node_name, node_ip).await?;
         node::renew_lease(&k.client, &k.cfg.node_name).await?;
         Ok(k)

@@ -48,6 +48,17 @@ impl Mounts {
         Ok(())
     }
 
+    /// Bind-mounts the directory `src` onto `dst` with every mount beneath it, once.
+    pub fn bind_recursive(&self, src: &Path, dst: &Path) -> Result<()> {
+        if self.is_mounted(dst) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dst).map_err(Error::io("create the mount point", dst))?;
+        mount_bind_recursive(src, dst).map_err(|e| Error::io("bind-mount onto", dst)(e.into()))?;
+        self.made().push(dst.to_owned());
+        Ok(())
+    }
+
     /// Makes `dir` a shared mount point (the kubelet makes its root rshared so mounts made
     /// under it after a container started reach containers that asked for
     /// HostToContainer propagation).

@@ -121,6 +121,23 @@ fn bind_ro(src: &Path, dst: &Path, recursive: bool) -> Result<()> {
         .map_err(errno("make read-only", dst))
 }
 
+/// Makes every mount beneath `dir` read-only as well: a recursive bind made read-only
+/// leaves the mounts under it (the cgroup filesystems under /sys) writable, where runc mounts
+/// /sys and the cgroup filesystem read-only in a container that is not privileged.
+fn read_only_beneath(dir: &Path) -> Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(Error::io("read", "/proc/self/mountinfo"))?;
+    for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+        let point = Path::new(point);
+        // Escaped names (`\040`) do not occur under /sys.
+        if point != dir && point.starts_with(dir) {
+            mount_remount(point, MountFlags::BIND | MountFlags::RDONLY, "")
+                .map_err(errno("make read-only", point))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs in the container's new namespaces: assembles the root, then execs the process.
 /// Only returns on failure.
 pub fn container_init(spec: &InitSpec) -> Result<std::convert::Infallible> {
@@ -200,6 +217,7 @@ pub fn container_init(spec: &InitSpec) -> Result<std::convert::Infallible> {
     mount_bind_recursive("/dev", root.join("dev"))
         .map_err(errno("bind-mount", &root.join("dev")))?;
     bind_ro(Path::new("/sys"), &root.join("sys"), true)?;
+    read_only_beneath(&root.join("sys"))?;
     mount(
         "proc",
         root.join("proc"),
