@@ -520,8 +520,8 @@ pub enum Executor {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadMode {
-    #[default]
     Stream,
+    #[default]
     Direct,
 }
 

@@ -81,10 +81,9 @@ pub struct RunArgs {
     #[arg(long, env = "STASH_MAX_CONCURRENT_VOLUMES", default_value_t = 2)]
     pub max_concurrent_volumes: usize,
     /// The read mode of assignments that do not name one (a raw block volume is always
-    /// streamed). Stream stays the default until an in-place restore of a direct snapshot
-    /// is safe: restic, writing over the restore's hard-linked mirror of a same-size file
-    /// that changed, leaves wrong content (see the README).
-    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
+    /// streamed). Direct is the default: paced and page-cache clean in restic's cgroup, it
+    /// reads only what changed since the parent snapshot, and its snapshots list the files.
+    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "direct")]
     pub read_mode: ReadMode,
     #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
     pub io_uring: IoUringMode,
@@ -150,7 +149,7 @@ pub struct BackupArgs {
     /// The directory to back up.
     #[arg(long)]
     pub path: PathBuf,
-    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "stream")]
+    #[arg(long, value_enum, env = "STASH_READ_MODE", default_value = "direct")]
     pub mode: ReadMode,
     /// Read budget in bytes per second, a Kubernetes quantity (`50Mi`, `1.5Gi`, `500M`, `2e9`);
     /// unlimited when unset. In direct mode restic's reads are limited by the kernel, or,

@@ -400,13 +400,24 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
                                 progress.files_total.store(s.total_files, Ordering::Relaxed);
                             }
                             // Also printed when some files could not be read (exit code 3).
+                            // A backup quicker than restic's progress interval prints no
+                            // status at all: the summary gives the totals too.
                             restic_wrapper::Message::BackupSummary(s) => {
-                                progress
-                                    .bytes
-                                    .store(s.total_bytes_processed, Ordering::Relaxed);
-                                progress
-                                    .files
-                                    .store(s.total_files_processed, Ordering::Relaxed);
+                                for (done, total, n) in [
+                                    (
+                                        &progress.bytes,
+                                        &progress.bytes_total,
+                                        s.total_bytes_processed,
+                                    ),
+                                    (
+                                        &progress.files,
+                                        &progress.files_total,
+                                        s.total_files_processed,
+                                    ),
+                                ] {
+                                    done.store(n, Ordering::Relaxed);
+                                    total.fetch_max(n, Ordering::Relaxed);
+                                }
                             }
                             _ => {}
                         }
@@ -955,10 +966,27 @@ async fn restore_direct(
         action: "create the restore target",
         reason: e.to_string(),
     })?;
+    // What restic's `--overwrite if-changed` compares of each file: its size and mtime.
+    let (_, nodes) = restic.ls(id).await?;
+    let snapshot_files: std::collections::HashMap<PathBuf, (u64, jiff::Timestamp)> = nodes
+        .into_iter()
+        .filter(|n| n.kind == "file")
+        .filter_map(|n| {
+            let mtime = n.mtime.parse::<jiff::Timestamp>().ok()?;
+            let rel = PathBuf::from(n.path.trim_start_matches('/'));
+            Some((rel, (n.size.unwrap_or(0), mtime)))
+        })
+        .collect();
     let staging = crate::extract::Staging::create(&req.target)?;
-    // The live tree, hard-linked: restic then writes only what differs, beside it.
+    // The live files restic will skip, hard-linked: restic then writes only what differs,
+    // beside it, and never over a link (see `Staging::mirror`).
     let (staging, mirrored) = tokio::task::spawn_blocking(move || {
-        let mirrored = staging.mirror();
+        let mirrored = staging.mirror(|rel, st| {
+            let mtime = jiff::Timestamp::new(st.st_mtime, st.st_mtime_nsec as i32).ok();
+            snapshot_files
+                .get(rel)
+                .is_some_and(|(size, at)| *size == st.st_size as u64 && Some(*at) == mtime)
+        });
         (staging, mirrored)
     })
     .await

@@ -1411,12 +1411,14 @@ impl Staging {
     }
 
     /// Fills the staging directory with the live tree: directories recreated (with the live
-    /// owner, mode and times), regular files hard-linked. `restic restore --overwrite
-    /// if-changed` into it then skips what matches without writing a byte, and replaces a
-    /// file that differs by a new one (restic never writes into a file with several links),
-    /// leaving the live inode alone. Best effort: what cannot be linked (an immutable file,
-    /// a path too long) restic restores in full.
-    pub fn mirror(&self) -> io::Result<()> {
+    /// owner, mode and times), and hard links to the regular files for which `unchanged`
+    /// (their path beneath the volume, their stat) holds: those `restic restore --overwrite
+    /// if-changed` skips without writing a byte. No other file may be linked: restic 0.18,
+    /// replacing a file that has several links, writes only the parts it found to differ
+    /// into the new file and leaves holes for the rest, so a same-size file that changed
+    /// comes back as neither the snapshot's nor the old. Best effort: what cannot be linked
+    /// (an immutable file, a path too long) restic restores in full.
+    pub fn mirror(&self, unchanged: impl Fn(&Path, &rustix::fs::Stat) -> bool) -> io::Result<()> {
         let staging = open_child_dir(self.target.as_fd(), &self.name)?;
         let open = |root: BorrowedFd<'_>, rel: &Path| -> io::Result<OwnedFd> {
             if rel.as_os_str().is_empty() {
@@ -1452,7 +1454,11 @@ impl Staging {
                     {
                         todo.push(rel.join(&name));
                     }
-                    FileType::RegularFile => {
+                    // Only files restic will leave alone: see `unchanged` at the caller.
+                    FileType::RegularFile
+                        if rustix::fs::statat(&live, &name, AtFlags::SYMLINK_NOFOLLOW)
+                            .is_ok_and(|st| unchanged(&rel.join(&name), &st)) =>
+                    {
                         let _ = rustix::fs::linkat(&live, &name, &staged, &name, AtFlags::empty());
                     }
                     _ => {}

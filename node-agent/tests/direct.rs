@@ -231,3 +231,62 @@ async fn a_budget_the_disk_cannot_enforce_is_kept_by_the_agent_reader() -> Resul
     assert_eq!(r.mode_note, None);
     Ok(())
 }
+
+/// A file that changed in place but kept its size (a database page rewritten) comes back as
+/// the snapshot has it, and a file that did not change is left alone, same inode. restic
+/// 0.18, restoring over a hard-linked copy of such a file, leaves holes in it: the restore's
+/// mirror must never hand it one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_size_change_is_restored_in_place_from_a_direct_snapshot() -> Result {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let dir = disk_dir()?;
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&volume)?;
+    // Data that does not repeat, so restic's chunks are all different.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let random: Vec<u8> = (0..8 * MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(volume.join("db"), &random)?;
+    std::fs::write(volume.join("same"), &random[..3 * MIB])?;
+    let restic = repo(dir.path()).await?;
+    let r = engine::backup(&restic, request(&volume)).await?;
+    let snapshot = r.snapshot_id.expect("a snapshot");
+    let db = std::fs::read(volume.join("db"))?;
+    let same_inode = std::fs::metadata(volume.join("same"))?.ino();
+
+    // One MiB rewritten in the middle, the size kept.
+    File::options()
+        .write(true)
+        .open(volume.join("db"))?
+        .write_all_at(&vec![0xa5u8; MIB], 3 * MIB as u64)?;
+    assert!(std::fs::read(volume.join("db"))? != db);
+    let done = engine::restore(
+        &restic,
+        RestoreRequest {
+            snapshot,
+            target: volume.clone(),
+            delete: false,
+            include: vec![],
+            exclude: vec![],
+            budget: AssignmentBudget::unlimited(),
+            owners: true,
+        },
+    )
+    .await?;
+    assert!(
+        std::fs::read(volume.join("db"))? == db,
+        "db restored as the snapshot has it: {done:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(volume.join("same"))?.ino(),
+        same_inode,
+        "the unchanged file was left alone"
+    );
+    Ok(())
+}

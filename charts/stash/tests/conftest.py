@@ -45,7 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "priorityClassName": "system-node-critical",
             "ioBudget": {"bytesPerSecond": "50Mi", "iops": 2000},
             "maxConcurrentVolumes": 4,
-            "readMode": "direct",
+            "readMode": "stream",
             "cgroupRoot": "",
             "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/stash-agent.json"},
             "tolerations": [],

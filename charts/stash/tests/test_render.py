@@ -198,7 +198,7 @@ def test_agent_env_is_the_runtime_contract(default: chartlib.Rendered) -> None:
         "STASH_IO_BUDGET_BYTES_PER_SECOND": "104857600",
         # iops 0 = unlimited: the variable is left out (the agent treats "unset" as unlimited).
         "STASH_MAX_CONCURRENT_VOLUMES": "2",
-        "STASH_READ_MODE": "stream",
+        "STASH_READ_MODE": "direct",
         "STASH_IO_URING": "auto",
         "STASH_CGROUP_ROOT": "/host/sys/fs/cgroup",
         "STASH_METRICS_PORT": "9090",
@@ -537,7 +537,7 @@ def test_images_and_pull_secrets() -> None:
     assert e["RUST_BACKTRACE"] == "1"
     agent_env = env(container(ds, "agent"))
     assert agent_env["STASH_LOG_LEVEL"] == "debug" and agent_env["STASH_LOG_FORMAT"] == "json"
-    assert agent_env["STASH_READ_MODE"] == "direct" and agent_env["STASH_MAX_CONCURRENT_VOLUMES"] == "4"
+    assert agent_env["STASH_READ_MODE"] == "stream" and agent_env["STASH_MAX_CONCURRENT_VOLUMES"] == "4"
     # No cgroup root: nothing of the host's cgroups is mounted, and the agent looks at its own.
     assert "STASH_CGROUP_ROOT" not in agent_env and "cgroup" not in volumes(ds)
     sa = r.get("ServiceAccount", "stash-operator")
