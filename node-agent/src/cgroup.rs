@@ -359,9 +359,8 @@ const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Directories that agents killed before they could remove them left: those of an earlier
 /// agent of this node (one agent runs per node), a standalone agent's once it is gone, and
-/// anyone's once empty for long. Another
-/// live agent's never are: a removal of a busy cgroup fails, and a young one of another
-/// owner is left alone.
+/// anyone's once empty for long. Another live agent's never are: a removal of a busy cgroup
+/// fails, and a young one of another owner is left alone.
 fn sweep(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
@@ -527,7 +526,8 @@ fn own_layout() -> Result<Layout, GroupError> {
 impl ReadGroup {
     /// The cgroups for one restic reading a volume on `dev` (the volume's `st_dev`), limited
     /// to `effective` (the assignment's budget, within the node's) and to its share of
-    /// `node`. Parts the machine does not offer are left out: `paced` and `counts` say.
+    /// `node`. Parts the machine does not offer are left out: `paced`, `drops_page_cache` and
+    /// `read_count` say.
     pub fn create(dev: u64, effective: Limits, node: Limits) -> Result<ReadGroup, GroupError> {
         let layout = own_layout()?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);

@@ -53,6 +53,27 @@ fn resident(path: &Path) -> Result<(usize, usize)> {
     Ok((pages.iter().filter(|r| **r).count(), pages.len()))
 }
 
+/// Restores a whole snapshot into `target`, in place.
+async fn restore(
+    restic: &restic_wrapper::Restic,
+    snapshot: String,
+    target: &Path,
+) -> Result<engine::RestoreResult> {
+    Ok(engine::restore(
+        restic,
+        RestoreRequest {
+            snapshot,
+            target: target.to_path_buf(),
+            delete: false,
+            include: vec![],
+            exclude: vec![],
+            budget: AssignmentBudget::unlimited(),
+            owners: true,
+        },
+    )
+    .await?)
+}
+
 /// Writes `path` to disk and drops it from the page cache.
 fn cold(path: &Path, len: usize) -> Result {
     let mut f = File::create(path)?;
@@ -110,19 +131,7 @@ async fn a_direct_backup_leaves_the_page_cache_as_it_found_it() -> Result {
     // And the snapshot is whole.
     let restored = dir.path().join("restored");
     std::fs::create_dir(&restored)?;
-    engine::restore(
-        &restic,
-        RestoreRequest {
-            snapshot: r.snapshot_id.expect("a snapshot"),
-            target: restored.clone(),
-            delete: false,
-            include: vec![],
-            exclude: vec![],
-            budget: AssignmentBudget::unlimited(),
-            owners: true,
-        },
-    )
-    .await?;
+    restore(&restic, r.snapshot_id.expect("a snapshot"), &restored).await?;
     for name in ["hot", "cold"] {
         assert!(
             std::fs::read(restored.join(name))? == std::fs::read(volume.join(name))?,
@@ -266,19 +275,7 @@ async fn a_same_size_change_is_restored_in_place_from_a_direct_snapshot() -> Res
         .open(volume.join("db"))?
         .write_all_at(&vec![0xa5u8; MIB], 3 * MIB as u64)?;
     assert!(std::fs::read(volume.join("db"))? != db);
-    let done = engine::restore(
-        &restic,
-        RestoreRequest {
-            snapshot,
-            target: volume.clone(),
-            delete: false,
-            include: vec![],
-            exclude: vec![],
-            budget: AssignmentBudget::unlimited(),
-            owners: true,
-        },
-    )
-    .await?;
+    let done = restore(&restic, snapshot, &volume).await?;
     assert!(
         std::fs::read(volume.join("db"))? == db,
         "db restored as the snapshot has it: {done:?}"
