@@ -518,30 +518,26 @@ fn direct_group(req: &BackupRequest) -> (ReadMode, Option<Arc<ReadGroup>>, Optio
             ReadGroup::create(m.dev(), req.budget.limits(), req.budget.node_limits())
                 .map_err(|e| e.to_string())
         });
+    if budgeted && !group.as_ref().is_ok_and(ReadGroup::paced) {
+        let why = match &group {
+            Ok(_) => "the volume has no block device of its own to limit restic's reads to the \
+                      IO budget on"
+                .to_owned(),
+            Err(e) => format!("restic's reads cannot be limited to the IO budget ({e})"),
+        };
+        return (
+            ReadMode::Stream,
+            None,
+            Some(format!("read in stream mode: {why}")),
+        );
+    }
     match group {
-        Ok(g) if g.paced() || !budgeted => {
+        Ok(g) => {
             if !g.drops_page_cache() {
                 tracing::warn!("no memory cgroup: the page cache restic's reads bring in stays");
             }
             (ReadMode::Direct, Some(Arc::new(g)), None)
         }
-        Ok(_) if budgeted => (
-            ReadMode::Stream,
-            None,
-            Some(
-                "read in stream mode: the volume has no block device of its own to limit \
-                 restic's reads to the IO budget on"
-                    .into(),
-            ),
-        ),
-        Err(e) if budgeted => (
-            ReadMode::Stream,
-            None,
-            Some(format!(
-                "read in stream mode: restic's reads cannot be limited to the IO budget ({e})"
-            )),
-        ),
-        Ok(g) => (ReadMode::Direct, Some(Arc::new(g)), None),
         Err(e) => {
             tracing::warn!(error = %e, "restic runs without a cgroup of its own: the page cache its reads bring in stays");
             (ReadMode::Direct, None, None)

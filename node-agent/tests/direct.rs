@@ -74,6 +74,14 @@ async fn restore(
     .await?)
 }
 
+/// An empty volume directory on a disk filesystem, in a directory of its own.
+fn disk_volume() -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let dir = disk_dir()?;
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&volume)?;
+    Ok((dir, volume))
+}
+
 /// Writes `path` to disk and drops it from the page cache.
 fn cold(path: &Path, len: usize) -> Result {
     let mut f = File::create(path)?;
@@ -94,9 +102,7 @@ async fn a_direct_backup_leaves_the_page_cache_as_it_found_it() -> Result {
     if !root() {
         return Ok(());
     }
-    let dir = disk_dir()?;
-    let volume = dir.path().join("volume");
-    std::fs::create_dir(&volume)?;
+    let (dir, volume) = disk_volume()?;
     cold(&volume.join("hot"), 16 * MIB)?;
     cold(&volume.join("cold"), 24 * MIB)?;
     // What a workload keeps hot: read through once, so it is cached, and charged to this
@@ -156,9 +162,7 @@ async fn restic_reads_are_charged_to_the_node_budget() -> Result {
     if !root() {
         return Ok(());
     }
-    let dir = disk_dir()?;
-    let volume = dir.path().join("volume");
-    std::fs::create_dir(&volume)?;
+    let (dir, volume) = disk_volume()?;
     cold(&volume.join("data"), 32 * MIB)?;
     let restic = repo(dir.path()).await?;
     // Fast enough to take a moment, slow enough that the kernel paces restic.
@@ -248,9 +252,7 @@ async fn a_budget_the_disk_cannot_enforce_is_kept_by_the_agent_reader() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_same_size_change_is_restored_in_place_from_a_direct_snapshot() -> Result {
     use std::os::unix::fs::{FileExt, MetadataExt};
-    let dir = disk_dir()?;
-    let volume = dir.path().join("volume");
-    std::fs::create_dir(&volume)?;
+    let (dir, volume) = disk_volume()?;
     // Data that does not repeat, so restic's chunks are all different.
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
     let random: Vec<u8> = (0..8 * MIB)
