@@ -949,7 +949,66 @@ fn restore_stream(
     Ok(ex.finish()?)
 }
 
-/// A direct restore that never writes into a live file: restic restores into a staging
+/// A direct restore read by the agent itself (see `tree_source`): the snapshot's trees
+/// walked into the extractor, only the files that differ fetched and written, each beside
+/// its target and renamed over it. `None` when this build's reader cannot open the backend.
+async fn restore_native(
+    restic: &Restic,
+    snap: &restic_wrapper::Snapshot,
+    req: &RestoreRequest,
+    opts: &ExtractOptions,
+) -> Result<Option<ExtractReport>, AgentError> {
+    let repo = restic.repository();
+    let reader = match restic_wrapper::native::reader(repo.backend(), repo.secrets()).await {
+        Ok(reader) => reader,
+        Err(restic_wrapper::NativeError::Unsupported(backend)) => {
+            tracing::info!(backend, "restoring through restic: no native reader for it");
+            return Ok(None);
+        }
+        Err(e) => return Err(AgentError::ReadSnapshot(e)),
+    };
+    let index = reader
+        .load_index()
+        .await
+        .map_err(AgentError::ReadSnapshot)?;
+    use crate::tree_source::into_agent_error;
+    let (handle, tree) = (tokio::runtime::Handle::current(), snap.tree.clone());
+    let (target, opts, budget) = (req.target.clone(), opts.clone(), req.budget.clone());
+    tokio::task::spawn_blocking(move || -> Result<ExtractReport, AgentError> {
+        let source = || {
+            crate::tree_source::TreeSource::new(
+                handle.clone(),
+                reader.clone(),
+                index.clone(),
+                &tree,
+                budget.clone(),
+            )
+            .map_err(|e| into_agent_error(StreamError::Decode(e)))
+        };
+        let mut ex = Extractor::new(&target, &opts)?;
+        let mut first = source()?;
+        ex.extract_from(&mut first).map_err(into_agent_error)?;
+        let mut fetched = first.fetched;
+        // Hard links whose first name was left out: a second walk, as a stream is read twice.
+        if ex.needs_second_pass() {
+            let mut again = source()?;
+            ex.extract_links_from(&mut again)
+                .map_err(into_agent_error)?;
+            fetched += again.fetched;
+        }
+        tracing::debug!(fetched, "direct restore read from the repository");
+        Ok(ex.finish()?)
+    })
+    .await
+    .map_err(|e| AgentError::Other {
+        action: "wait for the extractor",
+        reason: e.to_string(),
+    })?
+    .map(Some)
+}
+
+/// A direct restore through restic, where the agent cannot read the backend itself, that
+/// never writes into a live file: restic restores into a staging
 /// directory inside the volume (same filesystem), whose entries then replace the live ones
 /// one rename at a time; identical files are left alone, `--delete` applies last.
 async fn restore_direct(
@@ -1036,7 +1095,36 @@ async fn restore_direct(
     })?
 }
 
+/// Who reads a direct snapshot's data for a restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectReader {
+    /// The agent's own reader where it can open the backend, restic elsewhere.
+    Native,
+    /// restic, into a staging directory.
+    Restic,
+}
+
+/// Restores a snapshot into `req.target`, in place: see the README's "What an in-place
+/// restore guarantees".
 pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResult, AgentError> {
+    restore_with(restic, req, DirectReader::Native).await
+}
+
+/// [`restore`] with a direct snapshot's data read by restic into a staging directory, as it
+/// is for the backends the agent's own reader cannot open (GCS, Azure, B2, Swift, REST).
+/// Public so that path is held to the same tests on a backend every machine has.
+pub async fn restore_through_restic(
+    restic: &Restic,
+    req: RestoreRequest,
+) -> Result<RestoreResult, AgentError> {
+    restore_with(restic, req, DirectReader::Restic).await
+}
+
+async fn restore_with(
+    restic: &Restic,
+    req: RestoreRequest,
+    reader: DirectReader,
+) -> Result<RestoreResult, AgentError> {
     let started = Instant::now();
     // Bad patterns are refused before anything is read or written.
     let include = Patterns::new(&req.include)?;
@@ -1103,10 +1191,15 @@ pub async fn restore(restic: &Restic, req: RestoreRequest) -> Result<RestoreResu
         })??;
         (report, ReadMode::Stream)
     } else {
-        (
-            restore_direct(restic, &snap.id, &req, &opts).await?,
-            ReadMode::Direct,
-        )
+        let native = match reader {
+            DirectReader::Native => restore_native(restic, &snap, &req, &opts).await?,
+            DirectReader::Restic => None,
+        };
+        let report = match native {
+            Some(report) => report,
+            None => restore_direct(restic, &snap.id, &req, &opts).await?,
+        };
+        (report, ReadMode::Direct)
     };
     if !req.include.is_empty() && report.matched == 0 {
         return Err(AgentError::NothingMatched {

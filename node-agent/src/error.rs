@@ -25,6 +25,9 @@ pub enum AgentError {
     /// read: never taken for "no snapshots".
     #[error("failed to list the snapshots: {0}")]
     ListSnapshots(#[source] restic_wrapper::NativeError),
+    /// A snapshot's index, trees or data could not be read by the agent's own reader.
+    #[error("failed to read the snapshot from the repository: {0}")]
+    ReadSnapshot(#[source] restic_wrapper::NativeError),
     /// The assignment or command asks for something the agent cannot do; it fails at once
     /// and says what to change.
     #[error("failed to accept the {what}: {reason}")]
@@ -107,6 +110,7 @@ impl AgentError {
                 "repository-not-found"
             }
             AgentError::ListSnapshots(_) => "list-snapshots",
+            AgentError::ReadSnapshot(_) => "read-snapshot",
             AgentError::InvalidSpec { .. } => "invalid-spec",
             AgentError::InvalidRepository { .. } => "invalid-config",
             AgentError::Io { .. } => "io",
@@ -134,7 +138,7 @@ impl AgentError {
                 e,
                 ResolveError::ClaimNotBound { .. } | ResolveError::Io { .. }
             ),
-            AgentError::ListSnapshots(e) => e.is_retryable(),
+            AgentError::ListSnapshots(e) | AgentError::ReadSnapshot(e) => e.is_retryable(),
             AgentError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::Interrupted

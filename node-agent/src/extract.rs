@@ -538,6 +538,46 @@ fn reads_as_zeros(file: &File, start: u64, end: u64, buf: &mut [u8]) -> io::Resu
     Ok(true)
 }
 
+/// Where an extraction's entries and data come from: a tar stream ([`TarReader`]), or a
+/// snapshot's trees read natively (`crate::tree_source`).
+pub trait EntrySource {
+    /// The next entry, or `None` at the end. The previous entry's unread data is skipped.
+    fn next_entry(&mut self) -> io::Result<Option<Entry>>;
+    /// The current entry's data segments when it is stored sparse (see [`TarReader`]).
+    fn sparse_map(&self) -> Option<&[Segment]>;
+    /// The current entry's data; 0 at its end.
+    fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Whether a live file of the snapshot's size and mtime is taken as unchanged without
+    /// reading the snapshot's data, as restic's `--overwrite if-changed` takes it: true where
+    /// the data costs a fetch from the repository, false for a stream that carries it anyway
+    /// (and is then compared byte for byte).
+    fn trusts_size_and_mtime(&self) -> bool {
+        false
+    }
+    /// Reads what is left after the last entry.
+    fn drain(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: Read> EntrySource for TarReader<R> {
+    fn next_entry(&mut self) -> io::Result<Option<Entry>> {
+        TarReader::next_entry(self)
+    }
+
+    fn sparse_map(&self) -> Option<&[Segment]> {
+        TarReader::sparse_map(self)
+    }
+
+    fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        TarReader::read_data(self, buf)
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        TarReader::drain(self).map(drop)
+    }
+}
+
 /// How a file's data is being restored: compared against the live file while it matches,
 /// then written to a temporary file beside it.
 enum Sink {
@@ -729,6 +769,12 @@ impl Extractor {
     pub fn extract_links<R: Read>(&mut self, input: R) -> Result<(), StreamError> {
         let pending = std::mem::take(&mut self.pending);
         self.pass(input, Some(&pending))?;
+        self.links_done(pending);
+        Ok(())
+    }
+
+    /// Pending links the second read did not place become failures.
+    fn links_done(&mut self, pending: Pending) {
         for (first, names) in pending {
             for name in names {
                 let reported = self
@@ -747,10 +793,33 @@ impl Extractor {
                 }
             }
         }
+    }
+
+    /// The first read of a snapshot's trees (or any other source): every selected entry.
+    pub fn extract_from<S: EntrySource>(&mut self, source: &mut S) -> Result<(), StreamError> {
+        self.pass_from(source, None)
+    }
+
+    /// The second read of a source, for hard links (see [`Extractor::extract_links`]).
+    pub fn extract_links_from<S: EntrySource>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<(), StreamError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pass_from(source, Some(&pending))?;
+        self.links_done(pending);
         Ok(())
     }
 
     fn pass<R: Read>(&mut self, input: R, links: Option<&Pending>) -> Result<(), StreamError> {
+        self.pass_from(&mut TarReader::new(input), links)
+    }
+
+    fn pass_from<S: EntrySource>(
+        &mut self,
+        reader: &mut S,
+        links: Option<&Pending>,
+    ) -> Result<(), StreamError> {
         let root = self.root.try_clone().map_err(|e| StreamError::Restore {
             path: ".".into(),
             source: e,
@@ -760,8 +829,7 @@ impl Extractor {
                 path: ".".into(),
                 source: e,
             })?;
-        let mut reader = TarReader::new(input);
-        let outcome = self.entries(&mut reader, &mut dirs, links);
+        let outcome = self.entries(reader, &mut dirs, links);
         // Directories left open get their metadata whatever happened to the stream: what
         // was written into them changed their times.
         while !dirs.levels.is_empty() {
@@ -776,9 +844,9 @@ impl Extractor {
         Ok(())
     }
 
-    fn entries<R: Read>(
+    fn entries<S: EntrySource>(
         &mut self,
-        reader: &mut TarReader<R>,
+        reader: &mut S,
         dirs: &mut Dirs<'_, DirMeta>,
         links: Option<&Pending>,
     ) -> Result<(), StreamError> {
@@ -840,9 +908,9 @@ impl Extractor {
     }
 
     /// Restores one entry other than a directory at `name` in the current directory.
-    fn one<R: Read>(
+    fn one<S: EntrySource>(
         &mut self,
-        reader: &mut TarReader<R>,
+        reader: &mut S,
         dirs: &Dirs<'_, DirMeta>,
         entry: &Entry,
         rel: &Path,
@@ -1021,9 +1089,9 @@ impl Extractor {
     /// Restores a regular file's data: compared against the live file while that is a
     /// regular file of the same size and its bytes match, written to a temporary file from
     /// the first difference on, then renamed over it.
-    fn file<R: Read>(
+    fn file<S: EntrySource>(
         &mut self,
-        reader: &mut TarReader<R>,
+        reader: &mut S,
         dir: BorrowedFd<'_>,
         entry: &Entry,
         size: u64,
@@ -1050,7 +1118,15 @@ impl Extractor {
                 Mode::empty(),
             ) && rustix::fs::fstat(&fd).is_ok_and(|now| inode(&now) == inode(st))
             {
-                sink = Some(Sink::Compare(File::from(fd)));
+                let old = File::from(fd);
+                if reader.trusts_size_and_mtime()
+                    && st.st_mtime == entry.mtime_secs
+                    && st.st_mtime_nsec as u32 == entry.mtime_nanos
+                {
+                    set_metadata(old.as_fd(), entry, self.owners, &mut self.notes)?;
+                    return Ok(Outcome::Unchanged);
+                }
+                sink = Some(Sink::Compare(old));
             }
         }
         let mut sink = match sink {
@@ -1107,9 +1183,9 @@ impl Extractor {
     /// Reads the entry's segments from the stream into `sink`. Comparing, holes must read
     /// as zeros and segments as the stream's bytes; at the first difference, what matched
     /// is copied from the live file into a new temporary file, which takes the rest.
-    fn copy_data<R: Read>(
+    fn copy_data<S: EntrySource>(
         &mut self,
-        reader: &mut TarReader<R>,
+        reader: &mut S,
         dir: BorrowedFd<'_>,
         sink: &mut Sink,
         map: &[Segment],

@@ -20,6 +20,7 @@ pub mod spec;
 pub mod status;
 pub mod stream;
 pub mod tar;
+pub mod tree_source;
 pub mod uring;
 pub mod walk;
 pub mod worker;

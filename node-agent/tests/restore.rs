@@ -59,6 +59,25 @@ struct World {
     restic: Restic,
 }
 
+fn request(
+    id: &str,
+    target: &Path,
+    include: &[&str],
+    exclude: &[&str],
+    delete: bool,
+) -> RestoreRequest {
+    let strings = |p: &[&str]| p.iter().map(|s| s.to_string()).collect();
+    RestoreRequest {
+        snapshot: id.to_owned(),
+        target: target.to_path_buf(),
+        delete,
+        include: strings(include),
+        exclude: strings(exclude),
+        budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
+        owners: true,
+    }
+}
+
 impl World {
     async fn new(size: &str) -> Result<World> {
         let dir = tempfile::tempdir()?;
@@ -109,20 +128,7 @@ impl World {
         exclude: &[&str],
         delete: bool,
     ) -> std::result::Result<engine::RestoreResult, AgentError> {
-        let strings = |p: &[&str]| p.iter().map(|s| s.to_string()).collect();
-        engine::restore(
-            &self.restic,
-            RestoreRequest {
-                snapshot: id.to_owned(),
-                target: target.to_path_buf(),
-                delete,
-                include: strings(include),
-                exclude: strings(exclude),
-                budget: stash_node_agent::budget::AssignmentBudget::unlimited(),
-                owners: true,
-            },
-        )
-        .await
+        engine::restore(&self.restic, request(id, target, include, exclude, delete)).await
     }
 
     /// Stock `restic restore` of a snapshot: the reference.
@@ -569,20 +575,24 @@ async fn every_case_restores_as_stock_restic_does_in_both_modes() -> Result {
         prepare(&w, &direct, &reference, case.live)?;
         w.stock_excluding(&direct, &reference, case.include, case.exclude, case.delete)?;
         let want = describe(&reference)?;
-        for mode in MODES {
+        // Direct snapshots twice: read by the agent, and through restic as for the backends
+        // the agent's reader cannot open.
+        for (way, mode, through_restic) in [
+            ("stream", ReadMode::Stream, false),
+            ("direct", ReadMode::Direct, false),
+            ("direct through restic", ReadMode::Direct, true),
+        ] {
             let live = w.path(&format!("live-{n}-{mode:?}"));
             prepare(&w, &direct, &live, case.live)?;
             let before = inodes(&live)?;
-            let done = w
-                .ours_excluding(
-                    &ids[&format!("{mode:?}")],
-                    &live,
-                    case.include,
-                    case.exclude,
-                    case.delete,
-                )
-                .await;
-            let label = format!("{} ({mode:?})", case.name);
+            let id = &ids[&format!("{mode:?}")];
+            let req = request(id, &live, case.include, case.exclude, case.delete);
+            let done = if through_restic {
+                engine::restore_through_restic(&w.restic, req).await
+            } else {
+                engine::restore(&w.restic, req).await
+            };
+            let label = format!("{} ({way})", case.name);
             match done {
                 Ok(r) => {
                     if matches!(case.live, Live::Identical) {
@@ -1239,5 +1249,125 @@ async fn a_stream_refused_part_way_ends_its_dump() -> Result {
         ),
         "{done:?}"
     );
+    Ok(())
+}
+
+/// The pack files of the repository, largest first: with one kind of blob per pack, a few
+/// MiB of file data lands in the largest ones, the trees in the smallest.
+fn packs_by_size(repo: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut packs = Vec::new();
+    for sub in std::fs::read_dir(repo.join("data"))? {
+        for pack in std::fs::read_dir(sub?.path())? {
+            let pack = pack?;
+            packs.push((pack.metadata()?.len(), pack.path()));
+        }
+    }
+    packs.sort_by(|a, b| b.cmp(a));
+    Ok(packs)
+}
+
+/// Live files that differ from the snapshot, so a restore must fetch every one.
+fn changed_copy(src: &Path, live: &Path) -> Result {
+    std::fs::create_dir_all(live)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let mut data = std::fs::read(e.path())?;
+        data.iter_mut().for_each(|b| *b ^= 0x5a);
+        std::fs::write(live.join(e.file_name()), &data)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_damaged_or_lost_pack_fails_the_restore_and_leaves_the_live_files() -> Result {
+    for damage in ["corrupt", "lost"] {
+        let w = World::new("64m").await?;
+        let src = w.path("source");
+        std::fs::create_dir_all(&src)?;
+        for i in 0..4 {
+            std::fs::write(src.join(format!("f{i}")), pattern(1 << 20, 2 * i + 1))?;
+        }
+        let id = w.backup(&src, ReadMode::Direct).await?;
+        let (live, old) = (w.path("live"), w.path("old"));
+        changed_copy(&src, &live)?;
+        changed_copy(&src, &old)?;
+        let (_, pack) = packs_by_size(&w.dir.path().join("repo"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no pack"))?;
+        if damage == "corrupt" {
+            let mut bytes = std::fs::read(&pack)?;
+            let middle = bytes.len() / 2;
+            bytes[middle..middle + 64]
+                .iter_mut()
+                .for_each(|b| *b ^= 0xff);
+            std::fs::write(&pack, &bytes)?;
+        } else {
+            std::fs::remove_file(&pack)?;
+        }
+        let err = w
+            .ours(&id, &live, &[], false)
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("{damage}: the restore succeeded"))?;
+        assert!(
+            matches!(err, AgentError::ReadSnapshot(_)),
+            "{damage}: {err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("failed to read the snapshot from the repository"),
+            "{damage}: {err}"
+        );
+        // Every live file old or new, at least the one the damage is in old, and nothing of
+        // the restore left beside them.
+        assert_eq!(
+            each_file_is_one_of(&live, &old, &src)?,
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            describe(&live)?.keys().collect::<Vec<_>>(),
+            ["f0", "f1", "f2", "f3"]
+        );
+        let old_ones = (0..4)
+            .filter(|i| {
+                let name = format!("f{i}");
+                std::fs::read(live.join(&name)).ok() == std::fs::read(old.join(&name)).ok()
+            })
+            .count();
+        assert!(old_ones > 0, "{damage}: every file was restored");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_in_place_restore_over_a_cp_a_copy_replaces_only_the_changed_files() -> Result {
+    let w = World::new("128m").await?;
+    let src = w.path("source");
+    std::fs::create_dir_all(&src)?;
+    for i in 0..20 {
+        std::fs::write(src.join(format!("f{i:02}")), pattern(1 << 20, 2 * i + 1))?;
+    }
+    let id = w.backup(&src, ReadMode::Direct).await?;
+    // A copy as `cp -a` makes it (mtimes kept, every inode new), then two files rewritten.
+    let live = w.path("live");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&live)
+        .status()?;
+    anyhow::ensure!(status.success(), "cp -a");
+    std::fs::write(live.join("f03"), pattern(1 << 20, 103))?;
+    std::fs::write(live.join("f07"), pattern(1 << 19, 107))?;
+    let before = inodes(&live)?;
+    let r = w.ours(&id, &live, &[], false).await?;
+    assert_eq!((r.files, r.unchanged, r.bytes), (2, 18, 2 << 20), "{r:?}");
+    assert_eq!(describe(&live)?, describe(&src)?);
+    let after = inodes(&live)?;
+    for (name, ino) in &before {
+        if name != "f03" && name != "f07" {
+            assert_eq!(after.get(name), Some(ino), "{name} was replaced");
+        }
+    }
     Ok(())
 }

@@ -445,3 +445,147 @@ async fn locks_are_read_and_removed_on_s3() -> Result {
     ];
     a_killed_backups_lock_is_read_and_removed(restic, &env).await
 }
+
+/// restic's Go `FileMode` as the unix permission bits the native reader reports.
+fn unix_permissions(go_mode: u64) -> u32 {
+    let mut mode = (go_mode & 0o777) as u32;
+    for (go, unix) in [(1 << 23, 0o4000), (1 << 22, 0o2000), (1 << 20, 0o1000)] {
+        if go_mode & go != 0 {
+            mode |= unix;
+        }
+    }
+    mode
+}
+
+#[tokio::test]
+async fn trees_and_file_data_read_natively_equal_restic_ls_and_the_files() -> Result {
+    use futures::StreamExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir()?;
+    let restic = local(dir.path(), PASSWORD);
+    restic.init().await?;
+    // What a tree has to carry: odd bytes in names, several chunks, an empty file, a hard
+    // link, a FIFO, setuid and sticky bits, an mtime before 1970.
+    let data = sample_tree(dir.path());
+    let odd = std::ffi::OsStr::from_bytes(b"odd \xff \"quoted\"\n\\name");
+    std::fs::write(data.join(odd), b"odd")?;
+    std::fs::write(data.join("big"), common::pseudo_random(9 << 20, 3))?;
+    std::fs::write(data.join("empty"), b"")?;
+    std::fs::hard_link(data.join("a.txt"), data.join("a-link"))?;
+    let fifo = Command::new("mkfifo").arg(data.join("fifo")).status()?;
+    anyhow::ensure!(fifo.success(), "mkfifo");
+    std::fs::set_permissions(data.join("a.txt"), std::fs::Permissions::from_mode(0o4755))?;
+    std::fs::set_permissions(data.join("sub"), std::fs::Permissions::from_mode(0o1777))?;
+    let old = std::time::UNIX_EPOCH - std::time::Duration::from_millis(1_000_500);
+    std::fs::File::options()
+        .write(true)
+        .open(data.join("empty"))?
+        .set_modified(old)?;
+    restic
+        .backup(std::slice::from_ref(&data), None, &BackupOptions::default())?
+        .finish()
+        .await?;
+
+    let repo = NativeRepository::open(restic.repository().backend(), restic.repository().secrets())
+        .await?;
+    let snap = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+    let index = repo.load_index().await?;
+    let mut ours = Vec::new();
+    let mut todo = vec![(Vec::new(), restic_wrapper::native::blob_id(&snap.tree)?)];
+    while let Some((parent, id)) = todo.pop() {
+        for node in repo.tree(&index, &id).await? {
+            let raw = [&parent[..], b"/", &node.name].concat();
+            // As Go's JSON writes a name that is not UTF-8.
+            let path = String::from_utf8_lossy(&raw).into_owned();
+            let kind = match node.kind {
+                restic_wrapper::native::NodeKind::File => "file",
+                restic_wrapper::native::NodeKind::Dir => "dir",
+                restic_wrapper::native::NodeKind::Symlink => "symlink",
+                restic_wrapper::native::NodeKind::Fifo => "fifo",
+                ref other => anyhow::bail!("{path}: unexpected {other:?}"),
+            };
+            if let Some(sub) = node.subtree {
+                todo.push((raw.clone(), sub));
+            }
+            let nanos = i128::from(node.mtime_secs) * 1_000_000_000 + i128::from(node.mtime_nanos);
+            let size = (kind == "file").then_some(node.size);
+            ours.push((
+                path.clone(),
+                kind,
+                node.mode,
+                nanos,
+                size,
+                node.uid,
+                node.inode,
+            ));
+            if kind == "file" {
+                // The data, blob by blob, is the file on disk.
+                let blobs: Vec<_> = repo.data_blobs(&index, node.content, 4).collect().await;
+                let bytes = blobs
+                    .into_iter()
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let on_disk = std::fs::read(std::ffi::OsStr::from_bytes(&raw))?;
+                assert_eq!(bytes.concat(), on_disk, "{path}");
+            }
+            if kind == "symlink" {
+                assert_eq!(node.link_target, b"a.txt", "{path}");
+            }
+        }
+    }
+    ours.sort();
+
+    let env = [
+        (
+            "RESTIC_REPOSITORY",
+            dir.path().join("repo").display().to_string(),
+        ),
+        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
+    ];
+    let listing = run_restic(&["ls", "--json", "--no-lock", &snap.id], &env)?;
+    let mut theirs = Vec::new();
+    for line in listing.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_slice(line)?;
+        if v["struct_type"] != "node" {
+            continue;
+        }
+        let kind = match v["type"].as_str().unwrap_or_default() {
+            "file" => "file",
+            "dir" => "dir",
+            "symlink" => "symlink",
+            "fifo" => "fifo",
+            other => anyhow::bail!("restic ls: unexpected type {other}"),
+        };
+        let mtime: jiff::Timestamp = v["mtime"].as_str().unwrap_or_default().parse()?;
+        theirs.push((
+            v["path"].as_str().unwrap_or_default().to_owned(),
+            kind,
+            unix_permissions(v["mode"].as_u64().unwrap_or_default()),
+            mtime.as_nanosecond(),
+            (kind == "file").then(|| v["size"].as_u64().unwrap_or_default()),
+            v["uid"].as_u64().unwrap_or_default(),
+            v["inode"].as_u64().unwrap_or_default(),
+        ));
+    }
+    theirs.sort();
+    assert_eq!(ours, theirs);
+    // The cases the tree was built for are in the comparison.
+    assert!(ours.iter().any(|n| n.0.ends_with("/fifo") && n.1 == "fifo"));
+    assert!(
+        ours.iter()
+            .any(|n| n.0.ends_with("/a.txt") && n.2 == 0o4755)
+    );
+    assert!(ours.iter().any(|n| n.0.ends_with("/sub") && n.2 == 0o1777));
+    assert!(
+        ours.iter()
+            .any(|n| n.0.ends_with("/empty") && n.3 == -1_000_500_000_000)
+    );
+    assert!(ours.iter().any(|n| n.0.contains('\u{fffd}')));
+    Ok(())
+}

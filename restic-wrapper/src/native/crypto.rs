@@ -199,32 +199,54 @@ impl std::fmt::Debug for Unpacker {
 }
 
 impl Unpacker {
+    /// A repository file's plaintext as restic writes it: JSON as it is (format 1), or a
+    /// format byte 2 and a zstd frame.
     pub fn unpack(&mut self, plain: Vec<u8>, what: &'static str) -> Result<Vec<u8>, NativeError> {
-        let zstd_error = |e: &dyn std::fmt::Display| NativeError::Format {
-            what,
-            reason: format!("zstd: {e}"),
-        };
         match plain.first() {
             Some(b'{') | Some(b'[') => Ok(plain),
-            Some(2) => {
-                let decoder = self
-                    .zstd
-                    .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
-                let mut input = &plain[1..];
-                decoder.reset(&mut input).map_err(|e| zstd_error(&e))?;
-                decoder
-                    .decode_blocks(&mut input, ruzstd::decoding::BlockDecodingStrategy::All)
-                    .map_err(|e| zstd_error(&e))?;
-                if !decoder.is_finished() || !input.is_empty() {
-                    return Err(zstd_error(&"truncated or trailing data"));
-                }
-                decoder.collect().ok_or_else(|| zstd_error(&"no output"))
-            }
+            Some(2) => self.zstd_frame(&plain[1..], what),
             other => Err(NativeError::Format {
                 what,
                 reason: format!("unknown format byte {other:?}"),
             }),
         }
+    }
+
+    /// Decompresses a blob stored compressed: a bare zstd frame of `len` plaintext bytes.
+    pub fn decompress(
+        &mut self,
+        data: &[u8],
+        len: usize,
+        what: &'static str,
+    ) -> Result<Vec<u8>, NativeError> {
+        let out = self.zstd_frame(data, what)?;
+        if out.len() != len {
+            return Err(NativeError::Format {
+                what,
+                reason: format!("zstd: {} bytes where the index has {len}", out.len()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// One whole zstd frame, with nothing after it.
+    fn zstd_frame(&mut self, data: &[u8], what: &'static str) -> Result<Vec<u8>, NativeError> {
+        let zstd_error = |e: &dyn std::fmt::Display| NativeError::Format {
+            what,
+            reason: format!("zstd: {e}"),
+        };
+        let decoder = self
+            .zstd
+            .get_or_insert_with(ruzstd::decoding::FrameDecoder::new);
+        let mut input = data;
+        decoder.reset(&mut input).map_err(|e| zstd_error(&e))?;
+        decoder
+            .decode_blocks(&mut input, ruzstd::decoding::BlockDecodingStrategy::All)
+            .map_err(|e| zstd_error(&e))?;
+        if !decoder.is_finished() || !input.is_empty() {
+            return Err(zstd_error(&"truncated or trailing data"));
+        }
+        decoder.collect().ok_or_else(|| zstd_error(&"no output"))
     }
 }
 

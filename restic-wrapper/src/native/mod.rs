@@ -10,9 +10,11 @@
 pub mod crypto;
 mod lock;
 mod shared;
+pub mod tree;
 
 pub use lock::Lock;
 pub use shared::{is_open, reader, with_reader};
+pub use tree::{BlobId, BlobIndex, BlobKind, NodeKind, TreeNode, blob_id};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -424,7 +426,17 @@ impl NativeRepository {
     }
 
     async fn load_snapshots(&self, ids: Vec<String>) -> Result<Vec<Snapshot>, NativeError> {
-        let files = self.source.get_many("snapshots", ids).await?;
+        self.get_decoded("snapshots", ids, decode_snapshot).await
+    }
+
+    /// The files `names` of `dir`, each fetched and decoded by `decode`.
+    async fn get_decoded<T: Send + 'static>(
+        &self,
+        dir: &'static str,
+        names: Vec<String>,
+        decode: fn(&MasterKey, &mut Unpacker, &str, &[u8]) -> Result<T, NativeError>,
+    ) -> Result<Vec<T>, NativeError> {
+        let files = self.source.get_many(dir, names).await?;
         // Hashing, decrypting, decompressing and parsing are CPU work: spread them over the
         // blocking pool in batches instead of running them on one async worker.
         let tasks = files.chunks(DECODE_BATCH).map(|batch| {
@@ -433,7 +445,7 @@ impl NativeRepository {
                 let mut unpacker = Unpacker::default();
                 batch
                     .iter()
-                    .map(|(id, bytes)| decode_snapshot(&key, &mut unpacker, id, bytes))
+                    .map(|(id, bytes)| decode(&key, &mut unpacker, id, bytes))
                     .collect::<Result<Vec<_>, _>>()
             })
         });
@@ -490,24 +502,35 @@ impl NativeRepository {
     }
 }
 
+/// A repository file named by the SHA-256 of its content (an index or a snapshot),
+/// checked, decrypted, unpacked and parsed as JSON.
+fn open_file<T: serde::de::DeserializeOwned>(
+    key: &MasterKey,
+    unpacker: &mut Unpacker,
+    kind: &'static str,
+    id: &str,
+    sealed: &[u8],
+) -> Result<T, NativeError> {
+    if hex::encode(Sha256::digest(sealed)) != id {
+        return Err(NativeError::HashMismatch {
+            kind,
+            id: id.to_owned(),
+        });
+    }
+    let plain = unpacker.unpack(key.decrypt(sealed)?, kind)?;
+    serde_json::from_slice(&plain).map_err(|e| NativeError::Format {
+        what: kind,
+        reason: e.to_string(),
+    })
+}
+
 fn decode_snapshot(
     key: &MasterKey,
     unpacker: &mut Unpacker,
     id: &str,
     bytes: &[u8],
 ) -> Result<Snapshot, NativeError> {
-    if hex::encode(Sha256::digest(bytes)) != id {
-        return Err(NativeError::HashMismatch {
-            kind: "snapshot",
-            id: id.to_owned(),
-        });
-    }
-    let plain = unpacker.unpack(key.decrypt(bytes)?, "snapshot")?;
-    let mut snapshot: Snapshot =
-        serde_json::from_slice(&plain).map_err(|e| NativeError::Format {
-            what: "snapshot",
-            reason: e.to_string(),
-        })?;
+    let mut snapshot: Snapshot = open_file(key, unpacker, "snapshot", id, bytes)?;
     snapshot.id = id.to_owned();
     snapshot.short_id = id[..8].to_owned();
     Ok(snapshot)
