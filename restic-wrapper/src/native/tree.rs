@@ -409,13 +409,33 @@ impl RawNode {
     }
 }
 
-/// Decodes a tree blob's plaintext.
+/// Decodes a tree blob's plaintext. A node whose name is not one path component (empty, `.`,
+/// `..`, or holding `/` or NUL) is refused: restic never writes one, and a reader that
+/// joined it to a path could be led out of the directory it restores into.
 pub fn decode_tree(plain: &[u8]) -> Result<Vec<TreeNode>, NativeError> {
     let raw: RawTree = serde_json::from_slice(plain).map_err(format_error("tree blob"))?;
     raw.nodes
         .unwrap_or_default()
         .into_iter()
-        .map(RawNode::decode)
+        .map(|raw| {
+            let node = raw.decode()?;
+            let name = &node.name[..];
+            if name.is_empty()
+                || name == b"."
+                || name == b".."
+                || name.contains(&b'/')
+                || name.contains(&0)
+            {
+                return Err(NativeError::Format {
+                    what: "tree blob",
+                    reason: format!(
+                        "a node's name {:?} is not a single path component",
+                        String::from_utf8_lossy(name)
+                    ),
+                });
+            }
+            Ok(node)
+        })
         .collect()
 }
 
@@ -614,5 +634,23 @@ mod tests {
         assert_eq!(nodes[3].link_target, b"d/a");
         assert_eq!(nodes[4].link_target, b"\xff");
         Ok(())
+    }
+
+    #[test]
+    fn names_that_are_not_one_path_component_are_refused() {
+        for name in ["", ".", "..", "a/b", "../x", r"\\x00"] {
+            let tree = format!(
+                r#"{{"nodes":[{{"name":"{name}","type":"fifo","mode":33554852,"content":null}}]}}"#
+            );
+            assert!(
+                matches!(
+                    decode_tree(tree.as_bytes()),
+                    Err(NativeError::Format { reason, .. }) if reason.contains("single path component")
+                ),
+                "{name:?}"
+            );
+        }
+        let fine = br#"{"nodes":[{"name":"..a","type":"fifo","mode":33554852,"content":null}]}"#;
+        assert!(decode_tree(fine).is_ok());
     }
 }
