@@ -2,6 +2,7 @@
 //! shared by every assignment running on the node. An assignment may bring its own, lower
 //! budget; a read then waits for both. Time comes from a clock that tests control.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,14 @@ impl Bucket {
             tokens: 0.0,
             last: now,
         }
+    }
+
+    /// A new rate from now on: what accrued so far at the old rate stays.
+    fn set_rate(&mut self, rate: u64, now: Instant) {
+        self.refill(now);
+        self.rate = rate.max(1) as f64;
+        self.burst = (self.rate / 10.0).max(1.0);
+        self.tokens = self.tokens.min(self.burst);
     }
 
     fn refill(&mut self, now: Instant) {
@@ -121,7 +130,10 @@ impl Buckets {
 pub struct IoBudget {
     node: Arc<Mutex<Buckets>>,
     clock: Arc<dyn Clock>,
+    /// The configured limits: the ceiling an adaptive budget never exceeds.
     limits: Limits,
+    /// The byte rate now, when an adaptive budget has lowered it (0: the ceiling).
+    current: Arc<AtomicU64>,
 }
 
 impl IoBudget {
@@ -135,11 +147,40 @@ impl IoBudget {
             node: Arc::new(Mutex::new(Buckets::new(limits, now))),
             clock,
             limits,
+            current: Arc::new(AtomicU64::new(0)),
         }
     }
 
+    /// The configured limits.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The limits in force now: the configured ones, with the byte rate an adaptive budget
+    /// set (see `pressure`).
+    pub fn current(&self) -> Limits {
+        match self.current.load(Ordering::Relaxed) {
+            0 => self.limits,
+            rate => Limits {
+                bytes_per_second: Some(rate),
+                ..self.limits
+            },
+        }
+    }
+
+    /// Sets the node's byte rate, within the configured one: every assignment's reads slow
+    /// down or speed up from their next charge on. Without a configured byte rate there is
+    /// nothing to adapt, and nothing changes.
+    pub fn set_bytes_per_second(&self, rate: u64) {
+        let Some(ceiling) = self.limits.bytes_per_second else {
+            return;
+        };
+        let rate = rate.clamp(1, ceiling);
+        self.current.store(rate, Ordering::Relaxed);
+        let now = self.clock.now();
+        if let Some(bytes) = lock(&self.node).bytes.as_mut() {
+            bytes.set_rate(rate, now);
+        }
     }
 
     /// A budget for one assignment: the node's, plus its own stricter limits if any.
@@ -172,9 +213,9 @@ impl AssignmentBudget {
         self.effective
     }
 
-    /// The node's limits, which this assignment shares with every other.
+    /// The node's limits now, which this assignment shares with every other.
     pub fn node_limits(&self) -> Limits {
-        self.node.limits
+        self.node.current()
     }
 
     /// Charges a read of `bytes` in `ops` operations and returns how long the caller must wait
@@ -340,6 +381,32 @@ mod tests {
     }
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_lowered_rate_paces_every_assignment_and_never_exceeds_the_ceiling() {
+        let c = clock();
+        let node = IoBudget::with_clock(
+            Limits {
+                bytes_per_second: Some(100 * MIB),
+                iops: None,
+            },
+            c.clone(),
+        );
+        let a = node.for_assignment(Limits::default());
+        // At the ceiling a second of reads costs a second.
+        assert_eq!(a.charge(100 * MIB, 0).as_secs(), 1);
+        c.advance(Duration::from_secs(1));
+        node.set_bytes_per_second(10 * MIB);
+        assert_eq!(a.node_limits().bytes_per_second, Some(10 * MIB));
+        let wait = a.charge(10 * MIB, 0);
+        assert!((0.99..=1.01).contains(&wait.as_secs_f64()), "{wait:?}");
+        // Above the ceiling is the ceiling; a budget without a byte rate has nothing to adapt.
+        node.set_bytes_per_second(1000 * MIB);
+        assert_eq!(node.current().bytes_per_second, Some(100 * MIB));
+        let unlimited = IoBudget::new(Limits::default());
+        unlimited.set_bytes_per_second(MIB);
+        assert_eq!(unlimited.current(), Limits::default());
+    }
 
     #[test]
     fn rates_parse_as_kubernetes_quantities() {

@@ -228,6 +228,18 @@ fn rebalance(active: &[Active]) -> Result<(), GroupError> {
     result
 }
 
+/// The node's byte rate changed (an adaptive budget, `pressure`): every limited run takes
+/// its new share at once.
+pub fn set_node_rate(bytes_per_second: Option<u64>) {
+    let mut active = lock_active();
+    for run in active.iter_mut() {
+        run.node.bytes_per_second = bytes_per_second;
+    }
+    if let Err(e) = rebalance(&active) {
+        tracing::warn!(error = %e, "restic's reads keep their earlier limit");
+    }
+}
+
 fn lock_active() -> std::sync::MutexGuard<'static, Vec<Active>> {
     ACTIVE
         .lock()

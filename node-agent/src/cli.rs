@@ -77,6 +77,10 @@ pub struct RunArgs {
     pub io_budget: Option<u64>,
     #[arg(long, env = "STASH_IO_BUDGET_IOPS", value_parser = parse_count)]
     pub iops: Option<u64>,
+    /// Lower the byte rate while the node's workloads stall on IO (Linux pressure stall
+    /// information), and raise it again when they do not; `--io-budget` is the ceiling.
+    #[arg(long, env = "STASH_IO_BUDGET_ADAPTIVE", requires = "io_budget")]
+    pub io_budget_adaptive: bool,
     /// Volumes read at once on this node.
     #[arg(long, env = "STASH_MAX_CONCURRENT_VOLUMES", default_value_t = 2)]
     pub max_concurrent_volumes: usize,
@@ -159,6 +163,10 @@ pub struct BackupArgs {
     /// Read operations per second.
     #[arg(long, env = "STASH_IO_BUDGET_IOPS", value_parser = parse_count)]
     pub iops: Option<u64>,
+    /// Lower the byte rate while the node's other workloads stall on IO, up to `--io-budget`
+    /// (see `run --io-budget-adaptive`).
+    #[arg(long, env = "STASH_IO_BUDGET_ADAPTIVE", requires = "io_budget")]
+    pub io_budget_adaptive: bool,
     /// Read through io_uring when the runtime allows it (`auto`), or never (`off`).
     #[arg(long, value_enum, env = "STASH_IO_URING", default_value = "auto")]
     pub io_uring: IoUringMode,
@@ -219,6 +227,30 @@ pub fn parse_count(text: &str) -> Result<u64, String> {
         )),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
+/// Starts adapting `budget` to the node's IO pressure when asked to; the task ends when the
+/// guard is dropped.
+fn adaptive(budget: &IoBudget, wanted: bool) -> Option<AbortOnDrop> {
+    let ceiling = budget.limits().bytes_per_second.filter(|_| wanted)?;
+    let files = crate::pressure::PressureFiles::of_this_process();
+    tracing::info!(ceiling, node = %files.node.display(),
+        own = ?files.own.as_ref().map(|p| p.display().to_string()),
+        "the IO budget follows the node's IO pressure");
+    Some(AbortOnDrop(tokio::spawn(crate::pressure::adapt(
+        budget.clone(),
+        files,
+        ceiling,
+    ))))
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -294,16 +326,18 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 })
                 .set(1);
             drop(engine);
+            let budget = IoBudget::new(Limits {
+                bytes_per_second: a.io_budget,
+                iops: a.iops,
+            });
+            let _adapting = adaptive(&budget, a.io_budget_adaptive);
             let cfg = crate::worker::WorkerConfig {
                 node_name: a.node_name,
                 pod_name: a.pod_name,
                 kubelet_root: a.kubelet_root,
                 state_dir: a.state_dir,
                 restic: a.restic,
-                budget: IoBudget::new(Limits {
-                    bytes_per_second: a.io_budget,
-                    iops: a.iops,
-                }),
+                budget: budget.clone(),
                 max_volumes: a.max_concurrent_volumes,
                 default_mode: a.read_mode,
                 io_uring: a.io_uring == IoUringMode::Auto,
@@ -346,11 +380,12 @@ pub async fn run(command: Command) -> anyhow::Result<String> {
                 tokio::join!(restic.version(), restic.ensure_initialized());
             version?;
             initialized?;
-            let budget = IoBudget::new(Limits {
+            let node = IoBudget::new(Limits {
                 bytes_per_second: a.io_budget,
                 iops: a.iops,
-            })
-            .for_assignment(Limits::default());
+            });
+            let _adapting = adaptive(&node, a.io_budget_adaptive);
+            let budget = node.for_assignment(Limits::default());
             let req = BackupRequest {
                 path: a.path,
                 mode: a.mode,
@@ -428,5 +463,11 @@ mod tests {
         assert!(err.contains("use k for 1000 or Ki for 1024"), "{err}");
         assert!(backup(&["--iops", "0"]).is_err_and(|e| e.to_string().contains("zero")));
         assert!(backup(&["--io-budget", "1.5Gi", "--iops", "100"]).is_ok());
+        // An adaptive budget needs its ceiling.
+        let err = backup(&["--io-budget-adaptive"])
+            .expect_err("no ceiling")
+            .to_string();
+        assert!(err.contains("--io-budget <IO_BUDGET>"), "{err}");
+        assert!(backup(&["--io-budget", "50Mi", "--io-budget-adaptive"]).is_ok());
     }
 }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod pending;
 pub mod pipe;
+pub mod pressure;
 pub mod residency;
 pub mod spec;
 pub mod status;

@@ -355,6 +355,14 @@ def test_io_budget_reaches_the_agent_verbatim(given: object, env_value: str | No
     assert e["STASH_IO_BUDGET_IOPS"] == "1500"
 
 
+def test_an_adaptive_budget_reaches_the_agent_and_needs_its_ceiling() -> None:
+    r = render({"agent": {"ioBudget": {"bytesPerSecond": "50Mi", "adaptive": True}}})
+    e = env(container(r.get("DaemonSet", "stash-node-agent"), "agent"))
+    assert (e["STASH_IO_BUDGET_BYTES_PER_SECOND"], e["STASH_IO_BUDGET_ADAPTIVE"]) == ("50Mi", "true")
+    with pytest.raises(helm.HelmRenderError, match="needs agent.ioBudget.bytesPerSecond"):
+        render({"agent": {"ioBudget": {"bytesPerSecond": 0, "adaptive": True}}})
+
+
 def test_agent_off_removes_every_agent_object() -> None:
     r = rendered_variant("agent-off")
     assert r.all("DaemonSet") == []

@@ -1,0 +1,203 @@
+//! The adaptive IO budget: the node's byte rate lowered while the node's own workloads stall
+//! on IO, raised again when they do not, never above the configured ceiling.
+//!
+//! The signal is Linux pressure stall information: `/proc/pressure/io`'s `some` total is the
+//! time, in microseconds, during which at least one task on the node waited for IO. The
+//! agent's own waits (its reader, and the restic processes it starts, whose cgroups are
+//! below its own) count there too, so the agent's cgroup's `io.pressure` is subtracted: what
+//! remains is time during which something else waited while the agent did not, which its
+//! reads can only have lengthened. Where the agent has no cgroup of its own (the root cgroup,
+//! or no cgroup v2 mount), nothing can be subtracted and every stall on the node counts as
+//! the workloads': the budget then yields more than it must, never less.
+//!
+//! The rate follows additive increase, multiplicative decrease, as TCP's congestion control
+//! does: halved after every interval in which the workloads stalled more than
+//! [`HIGH_STALL`] of the time, raised by a tenth of the ceiling after every interval with
+//! less than [`LOW_STALL`], held in between, and never below [`FLOOR`] of the ceiling, so a
+//! backup on a node that is never idle still finishes.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::budget::IoBudget;
+
+/// The workloads' stall fraction above which the rate is halved.
+pub const HIGH_STALL: f64 = 0.10;
+/// The stall fraction below which the rate grows again.
+pub const LOW_STALL: f64 = 0.02;
+/// The lowest rate, as a fraction of the ceiling.
+pub const FLOOR: f64 = 0.05;
+/// How often pressure is read and the rate set.
+pub const INTERVAL: Duration = Duration::from_millis(500);
+
+/// The `some` line's `total=` of a PSI file: microseconds during which at least one task
+/// stalled.
+pub fn some_total(text: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// The rate controller, separate from time and files so its arithmetic can be tested.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adaptive {
+    ceiling: u64,
+    rate: u64,
+}
+
+impl Adaptive {
+    /// Starts at the ceiling: an idle node gets the whole budget at once.
+    pub fn new(ceiling: u64) -> Adaptive {
+        Adaptive {
+            ceiling,
+            rate: ceiling,
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    fn floor(&self) -> u64 {
+        ((self.ceiling as f64 * FLOOR) as u64).max(1)
+    }
+
+    /// The next rate after an interval in which the workloads stalled `stall` of the time.
+    pub fn step(&mut self, stall: f64) -> u64 {
+        self.rate = if stall > HIGH_STALL {
+            (self.rate / 2).max(self.floor())
+        } else if stall < LOW_STALL {
+            self.rate
+                .saturating_add((self.ceiling / 10).max(1))
+                .min(self.ceiling)
+        } else {
+            self.rate
+        };
+        self.rate
+    }
+}
+
+/// Where the stalls are read from.
+#[derive(Clone, Debug)]
+pub struct PressureFiles {
+    pub node: PathBuf,
+    /// The agent's own cgroup's `io.pressure`, when it has a cgroup of its own.
+    pub own: Option<PathBuf>,
+}
+
+impl PressureFiles {
+    /// This node's: `/proc/pressure/io`, and the `io.pressure` of the cgroup v2 directory
+    /// `/proc/self/cgroup` names, below the unified hierarchy's mount.
+    pub fn of_this_process() -> PressureFiles {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(str::to_owned)
+            })
+            .filter(|path| path != "/")
+            .and_then(|path| {
+                ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                    .into_iter()
+                    .map(|mount| Path::new(mount).join(path.trim_start_matches('/')))
+                    .map(|dir| dir.join("io.pressure"))
+                    .find(|file| file.is_file())
+            });
+        PressureFiles {
+            node: PathBuf::from("/proc/pressure/io"),
+            own,
+        }
+    }
+
+    /// Whether the node has PSI at all (a kernel built without it, or booted `psi=0`, has not).
+    pub fn available(&self) -> bool {
+        self.read().is_some()
+    }
+
+    /// The node's and the agent's stall totals, in microseconds.
+    fn read(&self) -> Option<(u64, u64)> {
+        let node = some_total(&std::fs::read_to_string(&self.node).ok()?)?;
+        let own = match &self.own {
+            Some(own) => some_total(&std::fs::read_to_string(own).ok()?)?,
+            None => 0,
+        };
+        Some((node, own))
+    }
+}
+
+/// Sets `budget`'s node rate from the workloads' stalls every [`INTERVAL`], until dropped.
+/// Direct-mode restic runs follow through their cgroups (`cgroup::set_node_rate`).
+pub async fn adapt(budget: IoBudget, files: PressureFiles, ceiling: u64) {
+    let mut control = Adaptive::new(ceiling);
+    let Some(mut last) = files.read() else {
+        tracing::warn!(file = %files.node.display(),
+            "no IO pressure information: the budget stays at its ceiling");
+        return;
+    };
+    let mut at = Instant::now();
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(now) = files.read() else { continue };
+        let elapsed = at.elapsed().as_micros().max(1) as f64;
+        let theirs = now.0.saturating_sub(last.0) as f64 - now.1.saturating_sub(last.1) as f64;
+        let stall = (theirs / elapsed).clamp(0.0, 1.0);
+        (last, at) = (now, Instant::now());
+        let before = control.rate();
+        let rate = control.step(stall);
+        if rate != before {
+            tracing::debug!(stall, rate, "IO budget adapted to the node's pressure");
+            budget.set_bytes_per_second(rate);
+            crate::cgroup::set_node_rate(Some(rate));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psi_totals_are_read() {
+        let text = "some avg10=0.04 avg60=0.44 avg300=0.55 total=14978754\n\
+                    full avg10=0.00 avg60=0.23 avg300=0.33 total=8923301\n";
+        assert_eq!(some_total(text), Some(14_978_754));
+        assert_eq!(some_total("full avg10=0 total=5\n"), None);
+        assert_eq!(some_total(""), None);
+    }
+
+    #[test]
+    fn the_rate_halves_under_stalls_and_grows_back_to_the_ceiling() {
+        let mut c = Adaptive::new(1000);
+        assert_eq!(c.rate(), 1000);
+        assert_eq!(c.step(0.5), 500);
+        assert_eq!(c.step(0.2), 250);
+        // Between the thresholds the rate holds.
+        assert_eq!(c.step(0.05), 250);
+        // Never below the floor, however long the stalls last.
+        for _ in 0..20 {
+            c.step(1.0);
+        }
+        assert_eq!(c.rate(), 50);
+        // Calm intervals add a tenth of the ceiling each, up to it and no further.
+        assert_eq!(c.step(0.0), 150);
+        for _ in 0..20 {
+            c.step(0.0);
+        }
+        assert_eq!(c.rate(), 1000);
+    }
+
+    #[test]
+    fn files_that_are_missing_make_pressure_unavailable() {
+        let files = PressureFiles {
+            node: PathBuf::from("/nonexistent/pressure"),
+            own: None,
+        };
+        assert!(!files.available());
+    }
+}
