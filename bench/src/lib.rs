@@ -2,6 +2,7 @@
 //! so both see the same machine noise, and reports medians and their ratio. Results are
 //! merged into `bench/results/latest.json`, one entry per scenario.
 
+pub mod adaptive;
 pub mod agent;
 pub mod incremental;
 pub mod kubesim;

@@ -4,6 +4,13 @@ use std::path::PathBuf;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The competing workload of the adaptive-budget scenario, a process of its own.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, file] = &args[..]
+        && flag == "--competitor"
+    {
+        return stash_bench::adaptive::competitor(std::path::Path::new(file));
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let tools = root.join("../.tools/bin");
     let restic = tools.join("restic");
@@ -60,6 +67,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted(stash_bench::incremental::SCENARIO) {
         more.extend(stash_bench::incremental::run(&data).await?);
+    }
+    if wanted(stash_bench::adaptive::SCENARIO) {
+        more.extend(stash_bench::adaptive::run(&data).await?);
     }
     if wanted(stash_bench::restore::SCENARIO) {
         more.extend(stash_bench::restore::run(&data, rounds.min(3)).await?);

@@ -52,7 +52,7 @@ fn files(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Generated once: `large/` 40 × 16 MiB, `medium/` 200 × 1 MiB, `small/` 3,000 × 64 KiB
 /// in 30 directories.
-fn dataset(data: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn dataset(data: &Path) -> anyhow::Result<PathBuf> {
     let root = data.join("restore-volume-1g");
     if root.join(".complete").exists() {
         return Ok(root);

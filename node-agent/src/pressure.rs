@@ -10,25 +10,34 @@
 //! or no cgroup v2 mount), nothing can be subtracted and every stall on the node counts as
 //! the workloads': the budget then yields more than it must, never less.
 //!
-//! The rate follows additive increase, multiplicative decrease, as TCP's congestion control
-//! does: halved after every interval in which the workloads stalled more than
-//! [`HIGH_STALL`] of the time, raised by a tenth of the ceiling after every interval with
-//! less than [`LOW_STALL`], held in between, and never below [`FLOOR`] of the ceiling, so a
-//! backup on a node that is never idle still finishes.
+//! A workload's IO waits are not all the agent's doing: a database reading from disk stalls
+//! a little on an idle node too. So the agent learns what the rest of the node stalls on
+//! its own: every [`PROBE_EVERY`] intervals it reads at the floor rate for two intervals, and
+//! takes the second one's stall as the baseline. In between, the rate follows additive
+//! increase, multiplicative decrease, as TCP's congestion control does: halved after an
+//! interval in which the workloads stalled markedly more than the baseline
+//! ([`HIGH_FACTOR`] of it, plus [`HIGH_MARGIN`]), raised by a tenth of the ceiling after one
+//! in which they stalled hardly more ([`LOW_FACTOR`], [`LOW_MARGIN`]), held in between, and
+//! never below [`FLOOR`] of the ceiling, so a backup on a node that is never idle still
+//! finishes. A backup starts with a probe, at the floor, and ramps up from there.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::budget::IoBudget;
 
-/// The workloads' stall fraction above which the rate is halved.
-pub const HIGH_STALL: f64 = 0.10;
-/// The stall fraction below which the rate grows again.
-pub const LOW_STALL: f64 = 0.02;
-/// The lowest rate, as a fraction of the ceiling.
+/// Stalls above `baseline * HIGH_FACTOR + HIGH_MARGIN` halve the rate.
+pub const HIGH_FACTOR: f64 = 1.5;
+pub const HIGH_MARGIN: f64 = 0.005;
+/// Stalls below `baseline * LOW_FACTOR + LOW_MARGIN` let it grow.
+pub const LOW_FACTOR: f64 = 1.2;
+pub const LOW_MARGIN: f64 = 0.002;
+/// The lowest rate, as a fraction of the ceiling: the rate while probing, too.
 pub const FLOOR: f64 = 0.05;
 /// How often pressure is read and the rate set.
 pub const INTERVAL: Duration = Duration::from_millis(500);
+/// Intervals from one probe to the next (15 s): two of them at the floor.
+pub const PROBE_EVERY: u64 = 30;
 
 /// The `some` line's `total=` of a PSI file: microseconds during which at least one task
 /// stalled.
@@ -46,14 +55,24 @@ pub fn some_total(text: &str) -> Option<u64> {
 pub struct Adaptive {
     ceiling: u64,
     rate: u64,
+    /// The rate to go back to after a probe.
+    resume: u64,
+    /// The workloads' stall fraction with the agent at the floor, from the last probe.
+    baseline: f64,
+    /// Intervals measured so far.
+    tick: u64,
 }
 
 impl Adaptive {
-    /// Starts at the ceiling: an idle node gets the whole budget at once.
+    /// Starts with a probe, at the floor.
     pub fn new(ceiling: u64) -> Adaptive {
+        let floor = Self::floor_of(ceiling);
         Adaptive {
             ceiling,
-            rate: ceiling,
+            rate: floor,
+            resume: floor,
+            baseline: 0.0,
+            tick: 0,
         }
     }
 
@@ -61,21 +80,43 @@ impl Adaptive {
         self.rate
     }
 
-    fn floor(&self) -> u64 {
-        ((self.ceiling as f64 * FLOOR) as u64).max(1)
+    pub fn baseline(&self) -> f64 {
+        self.baseline
     }
 
-    /// The next rate after an interval in which the workloads stalled `stall` of the time.
+    fn floor_of(ceiling: u64) -> u64 {
+        ((ceiling as f64 * FLOOR) as u64).max(1)
+    }
+
+    /// The rate for the next interval, after one in which the workloads stalled `stall` of
+    /// the time.
     pub fn step(&mut self, stall: f64) -> u64 {
-        self.rate = if stall > HIGH_STALL {
-            (self.rate / 2).max(self.floor())
-        } else if stall < LOW_STALL {
-            self.rate
-                .saturating_add((self.ceiling / 10).max(1))
-                .min(self.ceiling)
-        } else {
-            self.rate
-        };
+        let floor = Self::floor_of(self.ceiling);
+        let phase = self.tick % PROBE_EVERY;
+        self.tick += 1;
+        match phase {
+            // The first interval at the floor lets reads paced at the old rate drain.
+            0 => {}
+            // The second is the workloads' own.
+            1 => {
+                self.baseline = stall;
+                self.rate = self.resume;
+            }
+            _ if stall > self.baseline * HIGH_FACTOR + HIGH_MARGIN => {
+                self.rate = (self.rate / 2).max(floor);
+            }
+            _ if stall < self.baseline * LOW_FACTOR + LOW_MARGIN => {
+                self.rate = self
+                    .rate
+                    .saturating_add((self.ceiling / 10).max(1))
+                    .min(self.ceiling);
+            }
+            _ => {}
+        }
+        if self.tick.is_multiple_of(PROBE_EVERY) {
+            self.resume = self.rate;
+            self.rate = floor;
+        }
         self.rate
     }
 }
@@ -138,6 +179,11 @@ pub async fn adapt(budget: IoBudget, files: PressureFiles, ceiling: u64) {
             "no IO pressure information: the budget stays at its ceiling");
         return;
     };
+    let apply = |rate: u64| {
+        budget.set_bytes_per_second(rate);
+        crate::cgroup::set_node_rate(Some(rate));
+    };
+    apply(control.rate());
     let mut at = Instant::now();
     let mut ticker = tokio::time::interval(INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -151,9 +197,13 @@ pub async fn adapt(budget: IoBudget, files: PressureFiles, ceiling: u64) {
         let before = control.rate();
         let rate = control.step(stall);
         if rate != before {
-            tracing::debug!(stall, rate, "IO budget adapted to the node's pressure");
-            budget.set_bytes_per_second(rate);
-            crate::cgroup::set_node_rate(Some(rate));
+            tracing::debug!(
+                stall,
+                rate,
+                baseline = control.baseline(),
+                "IO budget adapted to the node's pressure"
+            );
+            apply(rate);
         }
     }
 }
@@ -172,24 +222,35 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_halves_under_stalls_and_grows_back_to_the_ceiling() {
+    fn the_rate_probes_then_follows_the_stalls_against_the_baseline() {
         let mut c = Adaptive::new(1000);
-        assert_eq!(c.rate(), 1000);
-        assert_eq!(c.step(0.5), 500);
-        assert_eq!(c.step(0.2), 250);
-        // Between the thresholds the rate holds.
-        assert_eq!(c.step(0.05), 250);
+        // The probe: at the floor, the second interval's stall is the baseline.
+        assert_eq!(c.rate(), 50);
+        assert_eq!(c.step(0.30), 50);
+        assert_eq!(c.step(0.04), 50);
+        assert_eq!(c.baseline(), 0.04);
+        // Hardly above the baseline: grow by tenths of the ceiling.
+        assert_eq!(c.step(0.045), 150);
+        assert_eq!(c.step(0.04), 250);
+        // Between the thresholds the rate holds; markedly above, it halves.
+        assert_eq!(c.step(0.058), 250);
+        assert_eq!(c.step(0.08), 125);
         // Never below the floor, however long the stalls last.
-        for _ in 0..20 {
+        for _ in 0..5 {
             c.step(1.0);
         }
         assert_eq!(c.rate(), 50);
-        // Calm intervals add a tenth of the ceiling each, up to it and no further.
-        assert_eq!(c.step(0.0), 150);
-        for _ in 0..20 {
+        // Calm intervals bring it back up to the ceiling and no further.
+        for _ in 0..18 {
             c.step(0.0);
         }
         assert_eq!(c.rate(), 1000);
+        // Every PROBE_EVERY intervals the next probe starts, and the rate resumes after it.
+        assert_eq!(c.tick, PROBE_EVERY - 1);
+        assert_eq!(c.step(0.0), 50);
+        assert_eq!(c.step(0.5), 50);
+        assert_eq!(c.step(0.01), 1000);
+        assert_eq!(c.baseline(), 0.01);
     }
 
     #[test]
