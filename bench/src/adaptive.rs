@@ -20,20 +20,16 @@ use stash_node_agent::budget::{IoBudget, Limits};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode};
 
 use crate::Outcome;
+use crate::agent::{MIB, evict, restic_bin, stock_backup, xorshift_fill};
 
 pub const SCENARIO: &str = "agent-adaptive";
 const PASSWORD: &str = "bench password";
-const MIB: u64 = 1 << 20;
 const FIXED: u64 = 50 * MIB;
 const CEILING: u64 = 200 * MIB;
 /// The competitor's file, and how often it reads.
 const COMPETITOR_FILE: u64 = 2 << 30;
 const EVERY: Duration = Duration::from_millis(5);
 const IDLE: Duration = Duration::from_secs(15);
-
-fn restic_bin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic")
-}
 
 /// The competing workload, run as `stash-bench --competitor FILE`: reads until its stdin
 /// closes, then prints each read's latency in microseconds, one per line.
@@ -135,6 +131,28 @@ fn leave_cgroup(cgroup: &Option<(PathBuf, PathBuf)>) {
     }
 }
 
+/// One backup (or the idle time) with the competitor running beside it.
+struct Run {
+    /// The competitor's read latencies, sorted (µs).
+    latencies: Vec<u64>,
+    seconds: f64,
+    /// Bytes the backup read.
+    bytes: u64,
+}
+
+impl Run {
+    fn p(&self, p: f64) -> f64 {
+        percentile(&self.latencies, p)
+    }
+}
+
+struct Runs {
+    idle: Run,
+    restic: Run,
+    fixed: Run,
+    adaptive: Run,
+}
+
 /// The competing workload's latencies during each kind of run, and each run's duration.
 pub async fn run(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
     let volume = crate::restore::dataset(data)?;
@@ -144,12 +162,7 @@ pub async fn run(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
         let mut chunk = vec![0u8; 8 << 20];
         let mut seed = 7u64;
         for _ in 0..COMPETITOR_FILE / chunk.len() as u64 {
-            for w in chunk.chunks_mut(8) {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                w.copy_from_slice(&seed.to_le_bytes());
-            }
+            xorshift_fill(&mut chunk, &mut seed);
             f.write_all(&chunk)?;
         }
         f.sync_all()?;
@@ -175,34 +188,33 @@ pub async fn run(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
     let result = measure(&restic, &repo_path, &volume, &target, root_procs).await;
     leave_cgroup(&cgroup);
     let _ = std::fs::remove_dir_all(scratch);
-    let (runs, rates) = result?;
+    let runs = result?;
 
-    let by = |name: &str| runs.iter().find(|r| r.0 == name);
-    let (idle, restic_run, adaptive) = match (by("idle"), by("restic"), by("fixed"), by("adaptive"))
-    {
-        (Some(a), Some(b), Some(_), Some(d)) => (a, b, d),
-        _ => anyhow::bail!("a run is missing"),
-    };
     let mut notes = Map::new();
     notes.insert(
         "ratio_meaning".into(),
         "the competing workload's p99 read latency during an adaptive-budget backup / its p99 on an idle node".into(),
     );
-    for (name, lat, secs) in &runs {
-        notes.insert(format!("{name}_p50_ms"), percentile(lat, 0.5).into());
-        notes.insert(format!("{name}_p99_ms"), percentile(lat, 0.99).into());
-        notes.insert(format!("{name}_reads"), lat.len().into());
-        if *name != "idle" {
-            notes.insert(format!("{name}_backup_seconds"), (*secs).into());
+    for (name, run) in [
+        ("idle", &runs.idle),
+        ("restic", &runs.restic),
+        ("fixed", &runs.fixed),
+        ("adaptive", &runs.adaptive),
+    ] {
+        notes.insert(format!("{name}_p50_ms"), run.p(0.5).into());
+        notes.insert(format!("{name}_p99_ms"), run.p(0.99).into());
+        notes.insert(format!("{name}_reads"), run.latencies.len().into());
+        if name != "idle" {
+            notes.insert(format!("{name}_backup_seconds"), run.seconds.into());
         }
     }
     notes.insert(
         "adaptive_slower_than_unthrottled_restic".into(),
-        (adaptive.2 / restic_run.2).into(),
+        (runs.adaptive.seconds / runs.restic.seconds).into(),
     );
     notes.insert(
-        "adaptive_mean_rate_mib_s".into(),
-        (rates.iter().sum::<f64>() / rates.len().max(1) as f64).into(),
+        "adaptive_mean_read_mib_s".into(),
+        (runs.adaptive.bytes as f64 / MIB as f64 / runs.adaptive.seconds).into(),
     );
     notes.insert("fixed_budget_mib_s".into(), (FIXED / MIB).into());
     notes.insert("adaptive_ceiling_mib_s".into(), (CEILING / MIB).into());
@@ -211,12 +223,13 @@ pub async fn run(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
         "workload".into(),
         "4 KiB O_DIRECT random reads of a 2 GiB file every 5 ms; backups of a 1.03 GiB volume read from disk (page cache dropped), repository in memory; one run each".into(),
     );
-    let ratio = percentile(&adaptive.1, 0.99) / percentile(&idle.1, 0.99).max(0.001);
+    let (ours, idle) = (runs.adaptive.p(0.99), runs.idle.p(0.99));
+    let ratio = ours / idle.max(0.001);
     Ok(vec![(
         "agent-adaptive-competitor-p99",
         Outcome {
-            ours: percentile(&adaptive.1, 0.99),
-            baseline: percentile(&idle.1, 0.99),
+            ours,
+            baseline: idle,
             ratio,
             unit: "ms (p99)",
             goal: "<= 1.2".into(),
@@ -226,7 +239,42 @@ pub async fn run(data: &Path) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
     )])
 }
 
-type Runs = Vec<(&'static str, Vec<u64>, f64)>;
+/// The agent's backup of `volume` in the default mode under `node`; the bytes it read.
+async fn agent_backup(
+    restic: &Restic,
+    volume: &Path,
+    name: &str,
+    node: &IoBudget,
+) -> anyhow::Result<u64> {
+    // A key of its own each, so no run has a parent.
+    let req = BackupRequest {
+        host: Some(name.into()),
+        key: Some(format!("bench/adaptive/{name}")),
+        budget: node.for_assignment(Limits::default()),
+        ..BackupRequest::new(volume, ReadMode::Direct)
+    };
+    Ok(engine::backup(restic, req).await?.bytes)
+}
+
+/// A backup of `volume`, from disk, with the competitor reading beside it from start to end.
+async fn beside(
+    volume: &Path,
+    target: &Path,
+    root_procs: Option<&Path>,
+    backup: impl Future<Output = anyhow::Result<u64>>,
+) -> anyhow::Result<Run> {
+    evict(volume)?;
+    let c = Competitor::start(target, root_procs)?;
+    let t = Instant::now();
+    let done = backup.await;
+    let seconds = t.elapsed().as_secs_f64();
+    let latencies = c.stop()?;
+    Ok(Run {
+        latencies,
+        seconds,
+        bytes: done?,
+    })
+}
 
 async fn measure(
     restic: &Restic,
@@ -234,82 +282,41 @@ async fn measure(
     volume: &Path,
     target: &Path,
     root_procs: Option<&Path>,
-) -> anyhow::Result<(Runs, Vec<f64>)> {
-    let mut runs = Vec::new();
-    // Idle.
+) -> anyhow::Result<Runs> {
     let c = Competitor::start(target, root_procs)?;
     tokio::time::sleep(IDLE).await;
-    runs.push(("idle", c.stop()?, IDLE.as_secs_f64()));
-
-    // Stock restic, unthrottled, no parent.
-    crate::agent::evict(volume)?;
-    let c = Competitor::start(target, root_procs)?;
-    let t = Instant::now();
-    let out = tokio::process::Command::new(restic_bin())
-        .args(["backup", "--no-cache", "--force", "--host", "stock"])
-        .arg(volume)
-        .env("RESTIC_REPOSITORY", repo)
-        .env("RESTIC_PASSWORD", PASSWORD)
-        .output()
-        .await?;
-    let secs = t.elapsed().as_secs_f64();
-    let lat = c.stop()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "restic backup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    runs.push(("restic", lat, secs));
-
-    // The agent, fixed and adaptive; a key of its own each, so neither has a parent.
-    let mut rates = Vec::new();
-    for (name, adaptive) in [("fixed", false), ("adaptive", true)] {
-        let ceiling = if adaptive { CEILING } else { FIXED };
-        let node = IoBudget::new(Limits {
-            bytes_per_second: Some(ceiling),
+    let idle = Run {
+        latencies: c.stop()?,
+        seconds: IDLE.as_secs_f64(),
+        bytes: 0,
+    };
+    let stock = async {
+        stock_backup(repo, volume, None).await?;
+        Ok(0)
+    };
+    let restic_run = beside(volume, target, root_procs, stock).await?;
+    let budget = |rate: u64| {
+        IoBudget::new(Limits {
+            bytes_per_second: Some(rate),
             iops: None,
-        });
-        crate::agent::evict(volume)?;
-        let c = Competitor::start(target, root_procs)?;
-        let adapting = adaptive.then(|| {
-            tokio::spawn(stash_node_agent::pressure::adapt(
-                node.clone(),
-                stash_node_agent::pressure::PressureFiles::of_this_process(),
-                ceiling,
-            ))
-        });
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sampler = {
-            let (node, seen) = (node.clone(), seen.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let rate = node.current().bytes_per_second.unwrap_or(0) as f64 / MIB as f64;
-                    if let Ok(mut seen) = seen.lock() {
-                        seen.push(rate);
-                    }
-                }
-            })
-        };
-        let req = BackupRequest {
-            host: Some(name.into()),
-            key: Some(format!("bench/adaptive/{name}")),
-            budget: node.for_assignment(Limits::default()),
-            ..BackupRequest::new(volume, ReadMode::Direct)
-        };
-        let t = Instant::now();
-        let done = engine::backup(restic, req).await;
-        let secs = t.elapsed().as_secs_f64();
-        if let Some(task) = adapting {
-            task.abort();
-        }
-        sampler.abort();
-        if adaptive {
-            rates = seen.lock().map(|s| s.clone()).unwrap_or_default();
-        }
-        let lat = c.stop()?;
-        done?;
-        runs.push((name, lat, secs));
-    }
-    Ok((runs, rates))
+        })
+    };
+    let fixed_budget = budget(FIXED);
+    let fixed = agent_backup(restic, volume, "fixed", &fixed_budget);
+    let fixed = beside(volume, target, root_procs, fixed).await?;
+    let node = budget(CEILING);
+    let adapting = tokio::spawn(stash_node_agent::pressure::adapt(
+        node.clone(),
+        stash_node_agent::pressure::PressureFiles::of_this_process(),
+        CEILING,
+    ));
+    let adaptive = agent_backup(restic, volume, "adaptive", &node);
+    let adaptive = beside(volume, target, root_procs, adaptive).await;
+    adapting.abort();
+    Ok(Runs {
+        idle,
+        restic: restic_run,
+        fixed,
+        adaptive: adaptive?,
+    })
 }

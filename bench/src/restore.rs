@@ -14,38 +14,16 @@ use restic_wrapper::{Backend, Repository, Restic, Secrets};
 use serde_json::{Map, Value};
 use stash_node_agent::engine::{self, BackupRequest, ReadMode, RestoreRequest, RestoreResult};
 
+use crate::agent::{outcome, restic_bin, xorshift_fill};
 use crate::{Outcome, median};
 
 pub const SCENARIO: &str = "agent-restore";
 const PASSWORD: &str = "bench password";
 
-fn restic_bin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/restic")
-}
-
-fn fill(buf: &mut [u8], seed: &mut u64) {
-    for chunk in buf.chunks_mut(8) {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
-    }
-}
-
 /// The regular files of the volume, in a fixed order.
 fn files(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        for e in std::fs::read_dir(&dir)? {
-            let p = e?.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
+    crate::agent::files(root, &mut out)?;
     out.sort();
     Ok(out)
 }
@@ -69,7 +47,7 @@ pub(crate) fn dataset(data: &Path) -> anyhow::Result<PathBuf> {
         for i in 0..count {
             let d = root.join(format!("{name}/{:02}", i / per_dir));
             std::fs::create_dir_all(&d)?;
-            fill(&mut buf, &mut seed);
+            xorshift_fill(&mut buf, &mut seed);
             std::fs::write(d.join(format!("f{i}")), &buf)?;
         }
     }
@@ -94,7 +72,7 @@ fn ninety_percent_identical(volume: &Path, target: &Path) -> anyhow::Result<usiz
             continue;
         }
         let mut data = std::fs::read(f)?;
-        fill(&mut data, &mut seed);
+        xorshift_fill(&mut data, &mut seed);
         std::fs::write(f, &data)?;
         changed += 1;
     }
@@ -151,26 +129,6 @@ async fn ours(
     )
     .await?;
     Ok((t.elapsed(), r))
-}
-
-fn outcome(
-    ours: f64,
-    baseline: f64,
-    ratio: f64,
-    unit: &'static str,
-    goal: &str,
-    met: bool,
-    notes: Map<String, Value>,
-) -> Outcome {
-    Outcome {
-        ours,
-        baseline,
-        ratio,
-        unit,
-        goal: goal.to_owned(),
-        met,
-        notes,
-    }
 }
 
 /// The three restore scenarios.

@@ -2,7 +2,6 @@
 //! shared by every assignment running on the node. An assignment may bring its own, lower
 //! budget; a read then waits for both. Time comes from a clock that tests control.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,7 +47,7 @@ impl Bucket {
     /// A new rate from now on: what accrued so far at the old rate stays.
     fn set_rate(&mut self, rate: u64, now: Instant) {
         self.refill(now);
-        self.rate = rate.max(1) as f64;
+        self.rate = rate as f64;
         self.burst = (self.rate / 10.0).max(1.0);
         self.tokens = self.tokens.min(self.burst);
     }
@@ -132,8 +131,6 @@ pub struct IoBudget {
     clock: Arc<dyn Clock>,
     /// The configured limits: the ceiling an adaptive budget never exceeds.
     limits: Limits,
-    /// The byte rate now, when an adaptive budget has lowered it (0: the ceiling).
-    current: Arc<AtomicU64>,
 }
 
 impl IoBudget {
@@ -147,7 +144,6 @@ impl IoBudget {
             node: Arc::new(Mutex::new(Buckets::new(limits, now))),
             clock,
             limits,
-            current: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -159,12 +155,9 @@ impl IoBudget {
     /// The limits in force now: the configured ones, with the byte rate an adaptive budget
     /// set (see `pressure`).
     pub fn current(&self) -> Limits {
-        match self.current.load(Ordering::Relaxed) {
-            0 => self.limits,
-            rate => Limits {
-                bytes_per_second: Some(rate),
-                ..self.limits
-            },
+        Limits {
+            bytes_per_second: lock(&self.node).bytes.as_ref().map(|b| b.rate as u64),
+            ..self.limits
         }
     }
 
@@ -176,7 +169,6 @@ impl IoBudget {
             return;
         };
         let rate = rate.clamp(1, ceiling);
-        self.current.store(rate, Ordering::Relaxed);
         let now = self.clock.now();
         if let Some(bytes) = lock(&self.node).bytes.as_mut() {
             bytes.set_rate(rate, now);

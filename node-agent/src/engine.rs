@@ -20,6 +20,7 @@ use crate::extract::{ExtractOptions, ExtractReport, Extractor};
 use crate::pattern::Patterns;
 use crate::pipe::{ChannelReader, ChannelWriter, DEPTH};
 use crate::stream::{Progress, ReadReport, StreamError, VolumeReader};
+use crate::tree_source::{TreeSource, into_agent_error};
 use crate::walk::{Manifest, Volume, volume_paths};
 
 /// The file name of the tar stream inside a stream-mode snapshot.
@@ -971,12 +972,11 @@ async fn restore_native(
         .load_index()
         .await
         .map_err(AgentError::ReadSnapshot)?;
-    use crate::tree_source::into_agent_error;
     let (handle, tree) = (tokio::runtime::Handle::current(), snap.tree.clone());
     let (target, opts, budget) = (req.target.clone(), opts.clone(), req.budget.clone());
     tokio::task::spawn_blocking(move || -> Result<ExtractReport, AgentError> {
         let source = || {
-            crate::tree_source::TreeSource::new(
+            TreeSource::new(
                 handle.clone(),
                 reader.clone(),
                 index.clone(),
@@ -986,17 +986,12 @@ async fn restore_native(
             .map_err(|e| into_agent_error(StreamError::Decode(e)))
         };
         let mut ex = Extractor::new(&target, &opts)?;
-        let mut first = source()?;
-        ex.extract_from(&mut first).map_err(into_agent_error)?;
-        let mut fetched = first.fetched;
+        ex.extract_from(&mut source()?).map_err(into_agent_error)?;
         // Hard links whose first name was left out: a second walk, as a stream is read twice.
         if ex.needs_second_pass() {
-            let mut again = source()?;
-            ex.extract_links_from(&mut again)
+            ex.extract_links_from(&mut source()?)
                 .map_err(into_agent_error)?;
-            fetched += again.fetched;
         }
-        tracing::debug!(fetched, "direct restore read from the repository");
         Ok(ex.finish()?)
     })
     .await

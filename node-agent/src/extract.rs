@@ -755,7 +755,7 @@ impl Extractor {
 
     /// The first read of the stream: every selected entry.
     pub fn extract<R: Read>(&mut self, input: R) -> Result<(), StreamError> {
-        self.pass(input, None)
+        self.extract_from(&mut TarReader::new(input))
     }
 
     /// Whether hard links wait for a second read of the stream (their first name was not
@@ -767,14 +767,22 @@ impl Extractor {
     /// The second read: the data of each pending link's first name, restored under the
     /// link's names as a file of their own.
     pub fn extract_links<R: Read>(&mut self, input: R) -> Result<(), StreamError> {
-        let pending = std::mem::take(&mut self.pending);
-        self.pass(input, Some(&pending))?;
-        self.links_done(pending);
-        Ok(())
+        self.extract_links_from(&mut TarReader::new(input))
     }
 
-    /// Pending links the second read did not place become failures.
-    fn links_done(&mut self, pending: Pending) {
+    /// The first read of a snapshot's trees (or any other source): every selected entry.
+    pub fn extract_from<S: EntrySource>(&mut self, source: &mut S) -> Result<(), StreamError> {
+        self.pass(source, None)
+    }
+
+    /// The second read of a source, for hard links (see [`Extractor::extract_links`]).
+    pub fn extract_links_from<S: EntrySource>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<(), StreamError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pass(source, Some(&pending))?;
+        // Pending links the second read did not place become failures.
         for (first, names) in pending {
             for name in names {
                 let reported = self
@@ -793,29 +801,10 @@ impl Extractor {
                 }
             }
         }
-    }
-
-    /// The first read of a snapshot's trees (or any other source): every selected entry.
-    pub fn extract_from<S: EntrySource>(&mut self, source: &mut S) -> Result<(), StreamError> {
-        self.pass_from(source, None)
-    }
-
-    /// The second read of a source, for hard links (see [`Extractor::extract_links`]).
-    pub fn extract_links_from<S: EntrySource>(
-        &mut self,
-        source: &mut S,
-    ) -> Result<(), StreamError> {
-        let pending = std::mem::take(&mut self.pending);
-        self.pass_from(source, Some(&pending))?;
-        self.links_done(pending);
         Ok(())
     }
 
-    fn pass<R: Read>(&mut self, input: R, links: Option<&Pending>) -> Result<(), StreamError> {
-        self.pass_from(&mut TarReader::new(input), links)
-    }
-
-    fn pass_from<S: EntrySource>(
+    fn pass<S: EntrySource>(
         &mut self,
         reader: &mut S,
         links: Option<&Pending>,

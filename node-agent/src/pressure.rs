@@ -154,11 +154,6 @@ impl PressureFiles {
         }
     }
 
-    /// Whether the node has PSI at all (a kernel built without it, or booted `psi=0`, has not).
-    pub fn available(&self) -> bool {
-        self.read().is_some()
-    }
-
     /// The node's and the agent's stall totals, in microseconds.
     fn read(&self) -> Option<(u64, u64)> {
         let node = some_total(&std::fs::read_to_string(&self.node).ok()?)?;
@@ -259,6 +254,6 @@ mod tests {
             node: PathBuf::from("/nonexistent/pressure"),
             own: None,
         };
-        assert!(!files.available());
+        assert!(files.read().is_none());
     }
 }

@@ -50,15 +50,12 @@ pub struct TreeSource {
     /// The data blobs of the entry returned last, not fetched until read.
     content: Vec<BlobId>,
     data: Option<Data>,
-    /// Bytes fetched from the repository for file data.
-    pub fetched: u64,
 }
 
 impl std::fmt::Debug for TreeSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TreeSource")
             .field("depth", &self.stack.len())
-            .field("fetched", &self.fetched)
             .finish_non_exhaustive()
     }
 }
@@ -73,17 +70,10 @@ fn read_error(e: NativeError) -> io::Error {
 /// retryable as the repository says) rather than as a broken stream.
 pub fn into_agent_error(e: StreamError) -> AgentError {
     match e {
-        StreamError::Decode(io) if io.get_ref().is_some_and(|r| r.is::<NativeError>()) => {
-            match io.into_inner().map(|inner| inner.downcast::<NativeError>()) {
-                Some(Ok(native)) => AgentError::ReadSnapshot(*native),
-                Some(Err(other)) => {
-                    AgentError::Stream(StreamError::Decode(io::Error::other(other)))
-                }
-                None => AgentError::Stream(StreamError::Decode(io::Error::other(
-                    "failed to read the snapshot from the repository",
-                ))),
-            }
-        }
+        StreamError::Decode(io) => match io.downcast::<NativeError>() {
+            Ok(native) => AgentError::ReadSnapshot(native),
+            Err(io) => AgentError::Stream(StreamError::Decode(io)),
+        },
         e => AgentError::Stream(e),
     }
 }
@@ -108,7 +98,6 @@ impl TreeSource {
             first_names: HashMap::new(),
             content: Vec::new(),
             data: None,
-            fetched: 0,
         };
         source.enter(Vec::new(), &root)?;
         Ok(source)
@@ -242,7 +231,6 @@ impl EntrySource for TreeSource {
         while data.at == data.blob.len() {
             match data.blobs.blocking_recv() {
                 Some(Ok(blob)) => {
-                    self.fetched += blob.len() as u64;
                     data.blob = blob;
                     data.at = 0;
                 }

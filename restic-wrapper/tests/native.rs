@@ -88,6 +88,14 @@ fn run_restic(args: &[&str], env: &[(&str, String)]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// The environment stock restic needs for the repository `common::local` makes in `dir`.
+fn local_env(dir: &Path) -> [(&'static str, String); 2] {
+    [
+        ("RESTIC_REPOSITORY", dir.join("repo").display().to_string()),
+        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
+    ]
+}
+
 fn restic_snapshots_json(env: &[(&str, String)]) -> Result<Value> {
     Ok(serde_json::from_slice(&run_restic(
         &["snapshots", "--json", "--no-lock"],
@@ -105,13 +113,7 @@ async fn local_listing_equals_restic_field_by_field() -> Result {
     let restic = local(dir.path(), PASSWORD);
     restic.init().await?;
     populate(&restic, dir.path()).await?;
-    let env = [
-        (
-            "RESTIC_REPOSITORY",
-            dir.path().join("repo").display().to_string(),
-        ),
-        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
-    ];
+    let env = local_env(dir.path());
     rewrite_new_host(&env, "renamed")?;
 
     let repo = NativeRepository::open(restic.repository().backend(), restic.repository().secrets())
@@ -416,13 +418,7 @@ async fn a_killed_backups_lock_is_read_and_removed(
 async fn locks_are_read_and_removed_on_a_local_repository() -> Result {
     let dir = tempfile::tempdir()?;
     let restic = local(dir.path(), PASSWORD);
-    let env = [
-        (
-            "RESTIC_REPOSITORY",
-            dir.path().join("repo").display().to_string(),
-        ),
-        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
-    ];
+    let env = local_env(dir.path());
     a_killed_backups_lock_is_read_and_removed(restic, &env).await
 }
 
@@ -541,13 +537,7 @@ async fn trees_and_file_data_read_natively_equal_restic_ls_and_the_files() -> Re
     }
     ours.sort();
 
-    let env = [
-        (
-            "RESTIC_REPOSITORY",
-            dir.path().join("repo").display().to_string(),
-        ),
-        ("RESTIC_PASSWORD", PASSWORD.to_owned()),
-    ];
+    let env = local_env(dir.path());
     let listing = run_restic(&["ls", "--json", "--no-lock", &snap.id], &env)?;
     let mut theirs = Vec::new();
     for line in listing.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {

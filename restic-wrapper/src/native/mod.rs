@@ -128,14 +128,16 @@ const LOCAL_BATCH: usize = 64;
 /// Snapshots decoded per blocking task.
 const DECODE_BATCH: usize = 128;
 
+/// A repository file's object path below the repository's prefix.
+fn object_path(prefix: &ObjectPath, rel: &str) -> ObjectPath {
+    rel.split('/').fold(prefix.clone(), |p, part| p.child(part))
+}
+
 impl Source {
     fn describe(&self, rel: &str) -> String {
         match self {
             Source::Local(root) => root.join(rel).display().to_string(),
-            Source::Store { prefix, .. } => rel
-                .split('/')
-                .fold(prefix.clone(), |p, part| p.child(part))
-                .to_string(),
+            Source::Store { prefix, .. } => object_path(prefix, rel).to_string(),
         }
     }
 
@@ -193,7 +195,7 @@ impl Source {
                 }
             }
             Source::Store { store, prefix } => {
-                let path = rel.split('/').fold(prefix.clone(), |p, part| p.child(part));
+                let path = object_path(prefix, &rel);
                 let result = match store.get(&path).await {
                     Ok(r) => r.bytes().await,
                     Err(e) => Err(e),
@@ -211,6 +213,45 @@ impl Source {
         }
     }
 
+    /// `len` bytes of a file from `offset` (packs are immutable: a short read is corruption).
+    async fn get_range(&self, rel: String, offset: u64, len: u64) -> Result<Vec<u8>, NativeError> {
+        match self {
+            Source::Local(root) => {
+                let path = root.join(&rel);
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let file =
+                        std::fs::File::open(&path).map_err(|e| local_error("open", &path, e))?;
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, offset)
+                        .map_err(|e| local_error("read", &path, e))?;
+                    Ok(buf)
+                })
+                .await
+                .map_err(|e| NativeError::Store(format!("read task failed: {e}")))?
+            }
+            Source::Store { store, prefix } => {
+                let path = object_path(prefix, &rel);
+                let bytes =
+                    store
+                        .get_range(&path, offset..offset + len)
+                        .await
+                        .map_err(|source| NativeError::Object {
+                            action: "read",
+                            path: path.to_string(),
+                            source,
+                        })?;
+                if bytes.len() as u64 != len {
+                    return Err(NativeError::Format {
+                        what: "pack",
+                        reason: format!("{path}: {} bytes where the index has {len}", bytes.len()),
+                    });
+                }
+                Ok(bytes.to_vec())
+            }
+        }
+    }
+
     /// Deletes one file; one that is already gone is not an error.
     async fn delete(&self, rel: String) -> Result<(), NativeError> {
         match self {
@@ -223,7 +264,7 @@ impl Source {
                 }
             }
             Source::Store { store, prefix } => {
-                let path = rel.split('/').fold(prefix.clone(), |p, part| p.child(part));
+                let path = object_path(prefix, &rel);
                 match store.delete(&path).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                     Err(source) => Err(NativeError::Object {
@@ -247,7 +288,7 @@ impl Source {
                     .map_err(|e| local_error("write", &path, e))
             }
             Source::Store { store, prefix } => {
-                let path = rel.split('/').fold(prefix.clone(), |p, part| p.child(part));
+                let path = object_path(prefix, &rel);
                 store
                     .put(&path, bytes.into())
                     .await

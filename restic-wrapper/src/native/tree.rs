@@ -15,7 +15,7 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 use super::crypto::{MasterKey, Unpacker};
-use super::{FETCH_CONCURRENCY, NativeError, NativeRepository, Source};
+use super::{FETCH_CONCURRENCY, NativeError, NativeRepository};
 
 /// A blob's id: the SHA-256 of its plaintext.
 pub type BlobId = [u8; 32];
@@ -39,10 +39,6 @@ pub struct BlobIndex {
 }
 
 impl BlobIndex {
-    pub fn blobs(&self) -> usize {
-        self.trees.len() + self.data.len()
-    }
-
     fn find(&self, kind: BlobKind, id: &BlobId) -> Result<Location, NativeError> {
         let map = match kind {
             BlobKind::Tree => &self.trees,
@@ -526,47 +522,6 @@ impl NativeRepository {
         futures::stream::iter(ids)
             .map(move |id| async move { self.blob(index, BlobKind::Data, &id).await })
             .buffered(ahead.clamp(1, FETCH_CONCURRENCY))
-    }
-}
-
-impl Source {
-    /// `len` bytes of a file from `offset` (packs are immutable: a short read is corruption).
-    async fn get_range(&self, rel: String, offset: u64, len: u64) -> Result<Vec<u8>, NativeError> {
-        match self {
-            Source::Local(root) => {
-                let path = root.join(&rel);
-                tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let file = std::fs::File::open(&path)
-                        .map_err(|e| super::local_error("open", &path, e))?;
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset)
-                        .map_err(|e| super::local_error("read", &path, e))?;
-                    Ok(buf)
-                })
-                .await
-                .map_err(|e| NativeError::Store(format!("read task failed: {e}")))?
-            }
-            Source::Store { store, prefix } => {
-                let path = rel.split('/').fold(prefix.clone(), |p, part| p.child(part));
-                let bytes =
-                    store
-                        .get_range(&path, offset..offset + len)
-                        .await
-                        .map_err(|source| NativeError::Object {
-                            action: "read",
-                            path: path.to_string(),
-                            source,
-                        })?;
-                if bytes.len() as u64 != len {
-                    return Err(NativeError::Format {
-                        what: "pack",
-                        reason: format!("{path}: {} bytes where the index has {len}", bytes.len()),
-                    });
-                }
-                Ok(bytes.to_vec())
-            }
-        }
     }
 }
 
