@@ -83,6 +83,64 @@ where
     Ok(())
 }
 
+/// The statuses this process wrote, by object UID, until its cache shows them.
+///
+/// The operator is the one writer of its sessions' status, so what it last wrote is the
+/// status, whatever a cache still holds. A reconcile started a moment after a write (by a
+/// requeue, or an assignment's change) often found the cache without it and did the step
+/// again: planned a session twice, or ran its post-backup actions and pushed its metrics a
+/// second time, with a second, later duration. A record is dropped once the cache holds the
+/// same status, or after [`Written::PATIENCE`], when a cache would long have caught up
+/// (which bounds the memory of sessions deleted in between).
+pub struct Written<S> {
+    entries: Mutex<HashMap<String, (S, std::time::Instant)>>,
+}
+
+impl<S> Default for Written<S> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<S: Clone + PartialEq> Written<S> {
+    const PATIENCE: Duration = Duration::from_secs(600);
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (S, std::time::Instant)>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The object's status: the last one this process wrote, unless the cache (`cached`)
+    /// already shows it.
+    pub fn status(&self, uid: &str, cached: Option<&S>) -> Option<S> {
+        let mut entries = self.entries();
+        entries.retain(|_, (_, at)| at.elapsed() < Self::PATIENCE);
+        match entries.get(uid) {
+            Some((written, _)) if cached != Some(written) => Some(written.clone()),
+            Some(_) => {
+                entries.remove(uid);
+                cached.cloned()
+            }
+            None => cached.cloned(),
+        }
+    }
+
+    /// Records a status just written.
+    pub fn remember(&self, uid: &str, status: &S) {
+        self.entries()
+            .insert(uid.to_owned(), (status.clone(), std::time::Instant::now()));
+    }
+}
+
+impl<S> std::fmt::Debug for Written<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Written").finish_non_exhaustive()
+    }
+}
+
 /// Reconciles of one kind that run at once. Unbounded, the first pass over 1,000
 /// BackupConfigurations ran all 1,000 at once, their requests and responses in flight
 /// together, and left the process at 250 MiB resident when it was done (130 MiB with 16);
@@ -381,4 +439,24 @@ pub async fn run(args: Box<RunArgs>) -> Result<(), Error> {
         e.release().await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Written;
+
+    #[test]
+    fn a_written_status_wins_over_a_cache_that_does_not_show_it_yet() {
+        let written = Written::<u32>::default();
+        assert_eq!(written.status("a", Some(&1)), Some(1));
+        written.remember("a", &2);
+        // The cache still holds the status before the write, or no status at all.
+        assert_eq!(written.status("a", Some(&1)), Some(2));
+        assert_eq!(written.status("a", None), Some(2));
+        // Other objects are the cache's.
+        assert_eq!(written.status("b", Some(&7)), Some(7));
+        // Once the cache shows the write, the record goes and the cache is read again.
+        assert_eq!(written.status("a", Some(&2)), Some(2));
+        assert_eq!(written.status("a", Some(&3)), Some(3));
+    }
 }

@@ -43,38 +43,29 @@ pub struct SessionCtx {
     repositories: Store<Repository>,
     /// The Leases of the operator's namespace: the repositories' retention Leases.
     leases: Store<Lease>,
-    /// The status this process last wrote when it planned a session, by session UID, until
-    /// the cache shows it. A reconcile started by the session's new assignment often found
-    /// the cache without that write yet and planned the session again (one in seven of a
-    /// burst: its reads, a refused create and a second "BackupAssigned" event).
-    planned: std::sync::Mutex<std::collections::HashMap<String, BackupSessionStatus>>,
+    /// The statuses this process wrote that the cache may not show yet.
+    written: crate::context::Written<BackupSessionStatus>,
 }
 
 impl SessionCtx {
-    fn planned(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, BackupSessionStatus>> {
-        self.planned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The session's status: the cache's, or this process's planning write the cache does
-    /// not show yet.
+    /// The session's status: the cache's, or this process's last write the cache does not
+    /// show yet.
     fn status_of(&self, session: &BackupSession) -> BackupSessionStatus {
-        let uid = session.uid().unwrap_or_default();
-        let cached = session.status.clone().unwrap_or_default();
-        let mut planned = self.planned();
-        if cached.targets.is_some() {
-            planned.remove(&uid);
-            return cached;
-        }
-        planned.get(&uid).cloned().unwrap_or(cached)
+        self.written
+            .status(&session.uid().unwrap_or_default(), session.status.as_ref())
+            .unwrap_or_default()
     }
 
-    fn remember_planned(&self, session: &BackupSession, status: &BackupSessionStatus) {
-        self.planned()
-            .insert(session.uid().unwrap_or_default(), status.clone());
+    /// Writes a session's status and remembers it until the cache shows it.
+    async fn write(
+        &self,
+        session: &BackupSession,
+        status: &BackupSessionStatus,
+    ) -> Result<(), Error> {
+        write_status(self, session, status).await?;
+        self.written
+            .remember(&session.uid().unwrap_or_default(), status);
+        Ok(())
     }
 }
 
@@ -193,7 +184,7 @@ pub(crate) fn invoker_name(s: &BackupSession) -> Option<String> {
 }
 
 struct Step<'a> {
-    ctx: &'a Ctx,
+    ctx: &'a SessionCtx,
     session: &'a BackupSession,
     status: BackupSessionStatus,
     now: Time,
@@ -220,8 +211,8 @@ impl Step<'_> {
             self.status.conditions.as_deref().unwrap_or_default(),
             self.status.targets.as_deref().unwrap_or_default(),
         ));
-        if self.session.status.as_ref() != Some(&self.status) {
-            write_status(self.ctx, self.session, &self.status).await?;
+        if self.ctx.status_of(self.session) != self.status {
+            self.ctx.write(self.session, &self.status).await?;
         }
         Ok(())
     }
@@ -261,7 +252,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
     .await
     .map_err(Error::kube("read the BackupConfiguration"))?;
     if is_final(step.status.phase) {
-        return post::after_final(&ctx, &session, bc.as_ref()).await;
+        return post::after_final(&ctx, &session, step.status, bc.as_ref()).await;
     }
     let Some(bc) = bc else {
         step.set(
@@ -408,7 +399,6 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
                         ..BackupTargetStatus::default()
                     }]);
                     step.save().await?;
-                    ctx.remember_planned(&session, &step.status);
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
             }
@@ -513,7 +503,6 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
             ..BackupTargetStatus::default()
         }]);
         step.save().await?;
-        ctx.remember_planned(&session, &step.status);
         event(
             &ctx,
             &session,
@@ -653,7 +642,7 @@ pub async fn controller(ctx: Arc<Ctx>) {
         sessions: controller.store(),
         repositories,
         leases,
-        planned: std::sync::Mutex::default(),
+        written: Default::default(),
         ctx,
     });
     tokio::join!(

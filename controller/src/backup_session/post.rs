@@ -13,13 +13,15 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use restic_wrapper::{ForgetOptions, PruneOptions, SnapshotFilter, StatsMode};
 use stash_api::assignment::{AssignmentPhase, BackupAssignment, VolumePhase, VolumeProgress};
-use stash_api::backup_session::{BackupSessionPhase, BackupSessionSpec, HostPhase, TargetPhase};
+use stash_api::backup_session::{
+    BackupSessionPhase, BackupSessionSpec, BackupSessionStatus, HostPhase, TargetPhase,
+};
 use stash_api::common::ObjectRef;
 use stash_api::conditions::{reasons, types};
 use stash_api::repository::Repository;
 use stash_api::{BackupConfiguration, BackupSession, labels};
 
-use super::{Step, is_final, parse_duration, write_status};
+use super::{Step, is_final, parse_duration};
 use crate::context::Ctx;
 use crate::error::{Error, is_conflict, is_not_found};
 use crate::pushgateway;
@@ -529,14 +531,14 @@ async fn clean_history(
 /// A final session: retried after `retryConfig.delay` when it failed and has retries left;
 /// deleted when the history limit keeps no session at all.
 pub(super) async fn after_final(
-    ctx: &Ctx,
+    ctx: &super::SessionCtx,
     session: &BackupSession,
+    mut status: BackupSessionStatus,
     bc: Option<&BackupConfiguration>,
 ) -> Result<Action, Error> {
     let Some(bc) = bc else {
         return Ok(Action::await_change());
     };
-    let mut status = session.status.clone().unwrap_or_default();
     let failed = status.phase == Some(BackupSessionPhase::Failed);
     let retry_left = session.spec.retry_left.unwrap_or(0);
     if failed && retry_left > 0 && status.retried != Some(true) {
@@ -556,7 +558,7 @@ pub(super) async fn after_final(
                     )
                     .unwrap_or(now);
                 status.next_retry = Some(Time(at));
-                write_status(ctx, session, &status).await?;
+                ctx.write(session, &status).await?;
                 return Ok(Action::requeue(delay.max(Duration::from_secs(1))));
             }
             Some(at) if at.0 > now => {
@@ -576,7 +578,7 @@ pub(super) async fn after_final(
                     Err(e) => return Err(Error::kube("create the retry BackupSession")(e)),
                 }
                 status.retried = Some(true);
-                write_status(ctx, session, &status).await?;
+                ctx.write(session, &status).await?;
             }
         }
     }

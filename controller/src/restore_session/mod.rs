@@ -49,8 +49,29 @@ fn is_final(phase: Option<RestorePhase>) -> bool {
     )
 }
 
+/// The shared context, and the statuses this controller wrote that its cache may not show
+/// yet (see [`crate::context::Written`]): a reconcile on a stale cache pushed a finished
+/// session's metrics and recorded its Event a second time.
+pub struct RestoreCtx {
+    ctx: Arc<Ctx>,
+    written: crate::context::Written<RestoreSessionStatus>,
+}
+
+impl std::ops::Deref for RestoreCtx {
+    type Target = Ctx;
+    fn deref(&self) -> &Ctx {
+        &self.ctx
+    }
+}
+
+impl std::fmt::Debug for RestoreCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreCtx").finish_non_exhaustive()
+    }
+}
+
 struct Step<'a> {
-    ctx: &'a Ctx,
+    ctx: &'a RestoreCtx,
     session: &'a RestoreSession,
     status: RestoreSessionStatus,
     now: Time,
@@ -80,7 +101,9 @@ impl Step<'_> {
             self.status.stats.as_deref().unwrap_or_default(),
             self.total(),
         ));
-        if self.session.status.as_ref() != Some(&self.status) {
+        let uid = self.session.uid().unwrap_or_default();
+        let basis = self.ctx.written.status(&uid, self.session.status.as_ref());
+        if basis.as_ref() != Some(&self.status) {
             crate::context::apply_status(
                 &self.ctx.client,
                 self.session,
@@ -88,6 +111,7 @@ impl Step<'_> {
                 "write the RestoreSession status",
             )
             .await?;
+            self.ctx.written.remember(&uid, &self.status);
         }
         Ok(())
     }
@@ -341,7 +365,7 @@ async fn list_snapshots(
 }
 
 #[tracing::instrument(skip_all, fields(kind = "RestoreSession", ns = %rs.namespace().unwrap_or_default(), name = %rs.name_any()))]
-async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<RestoreCtx>) -> Result<Action, Error> {
     ctx.metrics
         .reconciles
         .get_or_create(&crate::metrics::KindLabels {
@@ -353,7 +377,10 @@ async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Ctx>) -> Result<Action, Err
     let mut step = Step {
         ctx: &ctx,
         session: &rs,
-        status: rs.status.clone().unwrap_or_default(),
+        status: ctx
+            .written
+            .status(&rs.uid().unwrap_or_default(), rs.status.as_ref())
+            .unwrap_or_default(),
         now: Time(now),
     };
     if is_final(step.status.phase) {
@@ -679,7 +706,7 @@ async fn start(
     Ok(Action::requeue(Duration::from_secs(10)))
 }
 
-fn error_policy(_: Arc<RestoreSession>, error: &Error, ctx: Arc<Ctx>) -> Action {
+fn error_policy(_: Arc<RestoreSession>, error: &Error, ctx: Arc<RestoreCtx>) -> Action {
     crate::context::after_error(&ctx, "RestoreSession", error, 3, 30)
 }
 
@@ -689,7 +716,14 @@ pub async fn controller(ctx: Arc<Ctx>) {
     Controller::new(api, watcher::Config::default())
         .with_config(crate::context::controller_config())
         .owns(assignments, watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(RestoreCtx {
+                ctx,
+                written: Default::default(),
+            }),
+        )
         .for_each(|_| async {})
         .await;
 }

@@ -11,6 +11,7 @@ use stash_e2e::scenario::WAIT;
 use stash_e2e::{BackupConfig, Kind, Scenario, Source, Volume, Workload, expect, scenario};
 use stash_test_support::{pseudo_random, until};
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 const PASSWORD: &str = "e2e correct horse battery staple";
 
@@ -597,6 +598,28 @@ async fn pushgateway_metrics(s: &Scenario<'_>) -> Result<()> {
     if value.parse::<f64>().ok() != Some(1.0) {
         bail!("the session is not reported a success: {line}");
     }
+    // The post-backup actions ran once: the reconciles that follow the final phase (a
+    // requeue a second later, the assignments' last updates) neither push again nor
+    // rewrite the status, whose duration once grew by the second push's delay.
+    let push_time = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("push_time_seconds{") && l.contains(&format!("job=\"{job}\"")))
+            .map(str::to_owned)
+    };
+    let final_status = s.json(&["get", "backupsession", &session]).await?["status"].clone();
+    let pushed = push_time(&s.env.pushgateway_metrics().await?);
+    ensure!(pushed.is_some(), "no push_time_seconds for job {job}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let later = s.json(&["get", "backupsession", &session]).await?["status"].clone();
+    ensure!(
+        later == final_status,
+        "the final status changed: {final_status} became {later}"
+    );
+    let pushed_later = push_time(&s.env.pushgateway_metrics().await?);
+    ensure!(
+        pushed_later == pushed,
+        "the metrics were pushed again: {pushed:?} then {pushed_later:?}"
+    );
     Ok(())
 }
 

@@ -6,6 +6,12 @@
 //! the workspace, so features resolve the same way: inside a test run it finds everything
 //! current and relinks nothing. A narrower build (`-p <crate>`) resolves other features and
 //! relinks `target/debug/<bin>` under the feet of other tests executing it.
+//!
+//! The environment matters as much: a test runs with the variables cargo sets for its own
+//! crate (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), and a build script that reads one of them
+//! (ring's does) is fingerprinted with its value, so a build inheriting them reruns ring and
+//! relinks every binary over TLS, differently from each test crate that builds. They are
+//! removed, which leaves the environment `cargo nextest run` built with.
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
@@ -14,7 +20,13 @@ use std::path::PathBuf;
 /// Builds the workspace's bins and tests; returns the executables of `bins` by name.
 pub fn build(bins: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let out = std::process::Command::new(cargo)
+    let mut command = std::process::Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_for_the_test_crate) {
+            command.env_remove(name);
+        }
+    }
+    let out = command
         .args([
             "build",
             "--locked",
@@ -31,10 +43,17 @@ pub fn build(bins: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
         bail!("cargo build of {bins:?} failed ({})", out.status);
     }
     let mut found = BTreeMap::new();
+    let mut rebuilt = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
+        if msg["reason"] == "compiler-artifact"
+            && msg["fresh"] == false
+            && let Some(name) = msg["target"]["name"].as_str()
+        {
+            rebuilt.push(name.to_owned());
+        }
         // A bin's unit-test harness has the bin's name too; only the bin itself counts.
         if msg["reason"] == "compiler-artifact"
             && msg["profile"]["test"] == false
@@ -45,10 +64,36 @@ pub fn build(bins: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
             found.insert(name.to_owned(), PathBuf::from(exe));
         }
     }
+    // Inside `cargo nextest run --workspace` everything is current: a rebuild here relinks
+    // binaries that other tests are running, so say which units it took.
+    if !rebuilt.is_empty() && std::env::var_os("NEXTEST").is_some() {
+        eprintln!(
+            "warning: the test's cargo build rebuilt {} unit(s) the test run had built: {}",
+            rebuilt.len(),
+            rebuilt.join(", ")
+        );
+    }
     for bin in bins {
         if !found.contains_key(*bin) {
             bail!("cargo build reported no executable for {bin}");
         }
     }
     Ok(found)
+}
+
+/// Variables cargo (or nextest) sets for the test's own crate, which no build should inherit.
+fn set_for_the_test_crate(name: &str) -> bool {
+    const EXACT: [&str; 7] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    EXACT.contains(&name)
+        || name == "OUT_DIR"
+        || name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
 }
