@@ -78,7 +78,58 @@ pub fn build(bins: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
             bail!("cargo build reported no executable for {bin}");
         }
     }
-    Ok(found)
+    found
+        .into_iter()
+        .map(|(name, exe)| Ok((name, pinned(&exe)?)))
+        .collect()
+}
+
+/// A name of the executable's file that no later build replaces: a hard link (a copy across
+/// filesystems) in `target/test-binaries`, named after the file's inode. A build while tests
+/// run (a developer's, or a test's own that found something stale) unlinks and relinks
+/// `target/debug/<bin>`; a process started from the old file that re-executes itself
+/// (`/proc/self/exe`, as the agent starts restic) then fails where the filesystem cannot
+/// reopen an unlinked file (CI saw `No such device`). Links of other builds older than a
+/// day go.
+fn pinned(exe: &std::path::Path) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(exe).with_context(|| format!("stat {}", exe.display()))?;
+    let name = exe
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("an executable without a name")?;
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap_or(std::path::Path::new("."))
+        .join("test-binaries");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let pin = dir.join(format!("{name}-{}-{}", meta.dev(), meta.ino()));
+    if !pin.exists() {
+        let tmp = dir.join(format!(".{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::hard_link(exe, &tmp).is_err() {
+            std::fs::copy(exe, &tmp).with_context(|| format!("copy {}", exe.display()))?;
+        }
+        std::fs::rename(&tmp, &pin).with_context(|| format!("rename to {}", pin.display()))?;
+    }
+    let day = std::time::Duration::from_secs(86_400);
+    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let path = old.path();
+        let stale = old
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+        let same_bin = old
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix(name))
+            .is_some_and(|rest| rest.starts_with('-'));
+        if stale && same_bin && path != pin {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    Ok(pin)
 }
 
 /// Variables cargo (or nextest) sets for the test's own crate, which no build should inherit.
