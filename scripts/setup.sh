@@ -362,6 +362,18 @@ step_kubectl() {
     local found
     # A working kubectl on PATH wins: it is what the user drives clusters with.
     if found=$(find_foreign kubectl) && "$found" version --client >/dev/null 2>&1; then
+        # Google Cloud SDK's kubectl is a dispatcher: for every command it asks the server for
+        # its version, then starts the matching kubectl.1.<minor> installed beside it, two
+        # processes and a request where kubectl is one. The newest of those is linked instead.
+        local real newest
+        real=$(readlink -f "$found")
+        if "$found" version --client 2>/dev/null | grep -q -- '-dispatcher'; then
+            newest=$(find "$(dirname "$real")" -maxdepth 1 -name 'kubectl.1.*' -perm -u+x \
+                | sort -V | tail -n 1)
+            if [[ -n $newest ]] && "$newest" version --client >/dev/null 2>&1; then
+                found=$newest
+            fi
+        fi
         ln -sfn "$found" "$BIN/kubectl"
         return 0
     fi

@@ -220,6 +220,21 @@ pub async fn run(restic_bin: &Path, data_dir: &Path, rounds: usize) -> anyhow::R
         server_ms.push(Duration::from_secs_f64(timing / 1000.0));
     }
     server.abort();
+    // kubectl's own cost, with no request at all: the floor under `ours`, so the ratio can
+    // be no better than the baseline over it.
+    let mut start = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let out = tokio::process::Command::new(&kubectl)
+            .args(["version", "--client"])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .await
+            .context("failed to run kubectl")?;
+        ensure!(out.status.success(), "kubectl version --client failed");
+        start.push(t.elapsed());
+    }
+    let kubectl_start_ms = median(&start).as_secs_f64() * 1000.0;
     let (ours_ms, base_ms) = (
         median(&a).as_secs_f64() * 1000.0,
         median(&b).as_secs_f64() * 1000.0,
@@ -230,6 +245,20 @@ pub async fn run(restic_bin: &Path, data_dir: &Path, rounds: usize) -> anyhow::R
     notes.insert("server_list_ms".into(), json!(server_median));
     notes.insert("server_goal_ms".into(), json!(SERVER_GOAL_MS));
     notes.insert("snapshots".into(), json!(want));
+    notes.insert("kubectl_start_ms".into(), json!(kubectl_start_ms));
+    notes.insert(
+        "ratio_bound_by_kubectl_start".into(),
+        json!(base_ms / kubectl_start_ms.max(f64::EPSILON)),
+    );
+    notes.insert(
+        "kubectl".into(),
+        json!(
+            std::fs::canonicalize(&kubectl)
+                .unwrap_or(kubectl.clone())
+                .display()
+                .to_string()
+        ),
+    );
     notes.insert(
         "ours".into(),
         json!("kubectl get snapshots -A (aggregated, from the index)"),

@@ -172,6 +172,7 @@ impl Index {
                     repository_labels: labels.clone(),
                     snapshot,
                     resource_version: 0,
+                    rendered: Default::default(),
                 };
                 (s.name(), s)
             })
@@ -350,7 +351,7 @@ fn select(st: &State, namespace: Option<&str>, opts: &ListOptions) -> Vec<Arc<In
 }
 
 fn sorted(mut items: Vec<Arc<IndexedSnapshot>>) -> Vec<Arc<IndexedSnapshot>> {
-    items.sort_by_cached_key(|s| s.key());
+    items.sort_by(|a, b| a.key().cmp(b.key()));
     items
 }
 
@@ -442,7 +443,8 @@ mod tests {
         );
         index.replace("other", "s", BTreeMap::new(), vec![snap("c", "host-1")]);
         let host1 = ListOptions::parse("labelSelector=hostname%3Dhost-1").unwrap();
-        let names = |v: Vec<Arc<IndexedSnapshot>>| v.iter().map(|s| s.key()).collect::<Vec<_>>();
+        let names =
+            |v: Vec<Arc<IndexedSnapshot>>| v.iter().map(|s| s.key().to_owned()).collect::<Vec<_>>();
         assert_eq!(
             names(index.list(None, &host1).1),
             ["demo/r-bbbbbbbb", "other/s-cccccccc"]

@@ -29,6 +29,36 @@ pub struct IndexedSnapshot {
     pub snapshot: restic_wrapper::Snapshot,
     /// The index's resourceVersion when this snapshot appeared (or went).
     pub resource_version: u64,
+    /// What requests read of it, computed once: `kubectl get snapshots -A` pages through the
+    /// whole index 500 at a time, and each page sorted and rendered every snapshot anew.
+    pub rendered: Rendered,
+}
+
+/// A snapshot's sort key and default Table row, filled in on first use. Not part of the
+/// snapshot's identity (equal whatever they hold), and not copied by a clone, whose
+/// resourceVersion may be about to change.
+#[derive(Default)]
+pub struct Rendered {
+    key: std::sync::OnceLock<String>,
+    row: std::sync::OnceLock<Vec<u8>>,
+}
+
+impl Clone for Rendered {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Rendered {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rendered").finish_non_exhaustive()
+    }
 }
 
 impl IndexedSnapshot {
@@ -45,8 +75,19 @@ impl IndexedSnapshot {
     }
 
     /// `namespace/name`: the order of lists and the position a continue token names.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name())
+    pub fn key(&self) -> &str {
+        self.rendered
+            .key
+            .get_or_init(|| format!("{}/{}", self.namespace, self.name()))
+    }
+
+    /// The JSON of its Table row with the object's metadata (what `kubectl get` asks for).
+    fn metadata_row(&self) -> &[u8] {
+        self.rendered.row.get_or_init(|| {
+            build_row(self, IncludeObject::Metadata)
+                .to_string()
+                .into_bytes()
+        })
     }
 }
 
@@ -248,6 +289,37 @@ pub fn build_table(
         "columnDefinitions": table_columns(),
         "rows": items.iter().map(|s| build_row(s, include)).collect::<Vec<_>>(),
     })
+}
+
+/// The Table of `items` as a response body, the same JSON as [`build_table`]'s: the rows
+/// with object metadata (the default) are each rendered once per snapshot and copied.
+pub fn table_body(
+    items: &[&IndexedSnapshot],
+    resource_version: u64,
+    cont: Option<String>,
+    include: IncludeObject,
+) -> Vec<u8> {
+    let mut head = build_table(&[], resource_version, cont, include);
+    let rows_len: usize = items.len() * 600;
+    let mut out = Vec::with_capacity(rows_len + 2048);
+    if let Some(map) = head.as_object_mut() {
+        map.remove("rows");
+    }
+    let head = head.to_string();
+    // The object without its closing brace, then the rows.
+    out.extend_from_slice(head.strip_suffix('}').unwrap_or(&head).as_bytes());
+    out.extend_from_slice(b",\"rows\":[");
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match include {
+            IncludeObject::Metadata => out.extend_from_slice(s.metadata_row()),
+            other => out.extend_from_slice(build_row(s, other).to_string().as_bytes()),
+        }
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 /// A watch event line (`{"type": …, "object": …}`), newline-terminated.
@@ -521,10 +593,43 @@ pub(crate) mod tests {
             repository_labels: [("team".to_owned(), "x".to_owned())].into(),
             snapshot,
             resource_version: 7,
+            rendered: Rendered::default(),
         }
     }
 
     const ID: &str = "0123abcd99999999999999999999999999999999999999999999999999999999";
+
+    #[test]
+    fn the_table_body_is_the_table() {
+        let a = snap("repo", ID, "host-0");
+        let b = snap("other", &"f".repeat(64), "host-1");
+        for include in [
+            IncludeObject::None,
+            IncludeObject::Metadata,
+            IncludeObject::Object,
+        ] {
+            for cont in [None, Some("token".to_owned())] {
+                for items in [vec![], vec![&a], vec![&a, &b]] {
+                    let want = build_table(&items, 9, cont.clone(), include);
+                    // Twice: the second from what the first rendered.
+                    for _ in 0..2 {
+                        let body = table_body(&items, 9, cont.clone(), include);
+                        let got: Value = serde_json::from_slice(&body).unwrap();
+                        assert_eq!(got, want);
+                    }
+                }
+            }
+        }
+        // A clone renders its own row: its resourceVersion may differ.
+        let mut c = a.clone();
+        c.resource_version = 10;
+        let body = table_body(&[&c], 10, None, IncludeObject::Metadata);
+        let got: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            got["rows"][0]["object"]["metadata"]["resourceVersion"],
+            "10"
+        );
+    }
 
     #[test]
     fn the_object_has_stashs_fields() {

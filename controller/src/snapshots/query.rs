@@ -227,7 +227,7 @@ pub fn page<'a>(
     resource_version: u64,
 ) -> (Vec<&'a IndexedSnapshot>, Option<String>) {
     let start = match &opts.after {
-        Some(after) => items.partition_point(|s| s.key().as_str() <= after.as_str()),
+        Some(after) => items.partition_point(|s| s.key() <= after.as_str()),
         None => 0,
     };
     let rest = &items[start.min(items.len())..];
@@ -236,7 +236,7 @@ pub fn page<'a>(
             let page = rest[..limit].to_vec();
             let token = page
                 .last()
-                .map(|s| encode_continue(&s.key(), resource_version));
+                .map(|s| encode_continue(s.key(), resource_version));
             (page, token)
         }
         _ => (rest.to_vec(), None),

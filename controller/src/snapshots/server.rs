@@ -137,7 +137,11 @@ pub async fn serve(
 }
 
 fn json_response(code: u16, v: &Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    body_response(code, v.to_string().into_bytes())
+}
+
+fn body_response(code: u16, json: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(json)).boxed());
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -312,7 +316,7 @@ async fn handle(
             let refs: Vec<&IndexedSnapshot> = items.iter().map(|s| &**s).collect();
             let (items, cont) = page(refs, &opts, rv);
             if table {
-                json_response(200, &object::build_table(&items, rv, cont, include))
+                body_response(200, object::table_body(&items, rv, cont, include))
             } else {
                 json_response(200, &object::build_list(&items, rv, cont))
             }
