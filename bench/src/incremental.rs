@@ -196,8 +196,18 @@ async fn volume_runs(
     names: [&'static str; 2],
 ) -> anyhow::Result<Vec<(&'static str, Outcome)>> {
     let scratch = scratch(data)?;
-    let stream = fresh_repo(&scratch, "incr-stream")?.with_program(restic_bin());
-    let direct = fresh_repo(&scratch, "incr-direct")?.with_program(restic_bin());
+    // A persistent restic cache for each, as the agent's worker keeps one (and stock restic
+    // has its own): without one, every incremental reads the parent's trees and the index
+    // from the repository again.
+    let cached = |name: &str| -> anyhow::Result<restic_wrapper::Restic> {
+        let cache = scratch.join(format!("{name}-cache"));
+        let _ = std::fs::remove_dir_all(&cache);
+        Ok(fresh_repo(&scratch, name)?
+            .with_program(restic_bin())
+            .with_cache(restic_wrapper::Cache::Dir(cache)))
+    };
+    let stream = cached("incr-stream")?;
+    let direct = cached("incr-direct")?;
     stream.init().await?;
     direct.init().await?;
     let stock_repo = scratch.join("incr-stock");
@@ -330,7 +340,9 @@ async fn volume_runs(
     }
     for name in [
         "incr-stream",
+        "incr-stream-cache",
         "incr-direct",
+        "incr-direct-cache",
         "incr-stock",
         "incr-stock-cache",
     ] {
