@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
+use restic_wrapper::Restic;
 use serde_json::{Map, Value};
 use stash_node_agent::budget::AssignmentBudget;
 use stash_node_agent::engine::{self, ReadMode};
@@ -140,6 +141,20 @@ impl Run {
     }
 }
 
+/// One agent backup of the volume in `mode`; returns what its reader counted (stream) or
+/// the kernel counted of restic's reads in its cgroup (direct).
+async fn agent(restic: &Restic, volume: &Path, mode: ReadMode) -> anyhow::Result<Option<u64>> {
+    let r = engine::backup(restic, request(volume, mode, AssignmentBudget::unlimited())).await?;
+    ensure!(!r.unchanged, "a changed volume was taken for unchanged");
+    match mode {
+        ReadMode::Stream => Ok(Some(r.bytes)),
+        _ => {
+            ensure!(r.mode == Some(mode), "read in {:?}", r.mode);
+            Ok(r.storage_read_bytes)
+        }
+    }
+}
+
 async fn measure<F, Fut>(volume: &Path, backup: F) -> anyhow::Result<Run>
 where
     F: FnOnce() -> Fut,
@@ -199,7 +214,7 @@ async fn volume_runs(
     // A persistent restic cache for each, as the agent's worker keeps one (and stock restic
     // has its own): without one, every incremental reads the parent's trees and the index
     // from the repository again.
-    let cached = |name: &str| -> anyhow::Result<restic_wrapper::Restic> {
+    let cached = |name: &str| -> anyhow::Result<Restic> {
         let cache = scratch.join(format!("{name}-cache"));
         let _ = std::fs::remove_dir_all(&cache);
         Ok(fresh_repo(&scratch, name)?
@@ -243,31 +258,8 @@ async fn volume_runs(
                         })
                         .await?
                     }
-                    1 => {
-                        measure(volume, || async {
-                            let r = engine::backup(
-                                &stream,
-                                request(volume, ReadMode::Stream, unlimited()),
-                            )
-                            .await?;
-                            ensure!(!r.unchanged, "a changed volume was taken for unchanged");
-                            Ok(Some(r.bytes))
-                        })
-                        .await?
-                    }
-                    _ => {
-                        measure(volume, || async {
-                            let r = engine::backup(
-                                &direct,
-                                request(volume, ReadMode::Direct, unlimited()),
-                            )
-                            .await?;
-                            ensure!(r.mode == Some(ReadMode::Direct), "read in {:?}", r.mode);
-                            // The kernel's count of restic's reads in its cgroup.
-                            Ok(r.storage_read_bytes)
-                        })
-                        .await?
-                    }
+                    1 => measure(volume, || agent(&stream, volume, ReadMode::Stream)).await?,
+                    _ => measure(volume, || agent(&direct, volume, ReadMode::Direct)).await?,
                 };
                 runs[way].push(run);
             }

@@ -117,9 +117,10 @@ impl<S: Clone + PartialEq> Written<S> {
     /// already shows it.
     pub fn status(&self, uid: &str, cached: Option<&S>) -> Option<S> {
         let mut entries = self.entries();
-        entries.retain(|_, (_, at)| at.elapsed() < Self::PATIENCE);
         match entries.get(uid) {
-            Some((written, _)) if cached != Some(written) => Some(written.clone()),
+            Some((written, at)) if cached != Some(written) && at.elapsed() < Self::PATIENCE => {
+                Some(written.clone())
+            }
             Some(_) => {
                 entries.remove(uid);
                 cached.cloned()
@@ -128,10 +129,39 @@ impl<S: Clone + PartialEq> Written<S> {
         }
     }
 
-    /// Records a status just written.
-    pub fn remember(&self, uid: &str, status: &S) {
-        self.entries()
-            .insert(uid.to_owned(), (status.clone(), std::time::Instant::now()));
+    /// Records a status just written; forgets those a cache has long caught up with.
+    fn remember(&self, uid: &str, status: &S) {
+        let mut entries = self.entries();
+        entries.retain(|_, (_, at)| at.elapsed() < Self::PATIENCE);
+        entries.insert(uid.to_owned(), (status.clone(), std::time::Instant::now()));
+    }
+}
+
+impl<S: Clone + PartialEq + serde::Serialize> Written<S> {
+    /// Writes `status` to `obj` (see [`apply_status`]) unless it is its status already
+    /// (`cached`, as the cache holds it, or this process's last write), and remembers it
+    /// until the cache shows it.
+    pub async fn save<K>(
+        &self,
+        client: &Client,
+        obj: &K,
+        cached: Option<&S>,
+        status: &S,
+        action: &'static str,
+    ) -> Result<(), Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        if self.status(&uid, cached).as_ref() == Some(status) {
+            return Ok(());
+        }
+        apply_status(client, obj, status, action).await?;
+        self.remember(&uid, status);
+        Ok(())
     }
 }
 

@@ -56,16 +56,22 @@ impl SessionCtx {
             .unwrap_or_default()
     }
 
-    /// Writes a session's status and remembers it until the cache shows it.
+    /// Writes a session's status unless it is the status already, and remembers it until
+    /// the cache shows it.
     async fn write(
         &self,
         session: &BackupSession,
         status: &BackupSessionStatus,
     ) -> Result<(), Error> {
-        write_status(self, session, status).await?;
         self.written
-            .remember(&session.uid().unwrap_or_default(), status);
-        Ok(())
+            .save(
+                &self.client,
+                session,
+                session.status.as_ref(),
+                status,
+                "write the BackupSession status",
+            )
+            .await
     }
 }
 
@@ -147,14 +153,6 @@ fn is_final(phase: Option<BackupSessionPhase>) -> bool {
     )
 }
 
-pub async fn write_status(
-    ctx: &Ctx,
-    s: &BackupSession,
-    status: &BackupSessionStatus,
-) -> Result<(), Error> {
-    crate::context::apply_status(&ctx.client, s, status, "write the BackupSession status").await
-}
-
 pub async fn event(ctx: &Ctx, s: &BackupSession, warning: bool, reason: &str, note: String) {
     let ev = Event {
         type_: if warning {
@@ -211,10 +209,7 @@ impl Step<'_> {
             self.status.conditions.as_deref().unwrap_or_default(),
             self.status.targets.as_deref().unwrap_or_default(),
         ));
-        if self.ctx.status_of(self.session) != self.status {
-            self.ctx.write(self.session, &self.status).await?;
-        }
-        Ok(())
+        self.ctx.write(self.session, &self.status).await
     }
 }
 

@@ -101,19 +101,16 @@ impl Step<'_> {
             self.status.stats.as_deref().unwrap_or_default(),
             self.total(),
         ));
-        let uid = self.session.uid().unwrap_or_default();
-        let basis = self.ctx.written.status(&uid, self.session.status.as_ref());
-        if basis.as_ref() != Some(&self.status) {
-            crate::context::apply_status(
+        self.ctx
+            .written
+            .save(
                 &self.ctx.client,
                 self.session,
+                self.session.status.as_ref(),
                 &self.status,
                 "write the RestoreSession status",
             )
-            .await?;
-            self.ctx.written.remember(&uid, &self.status);
-        }
-        Ok(())
+            .await
     }
 
     async fn event(&self, warning: bool, reason: &str, note: String) {

@@ -300,14 +300,12 @@ pub fn table_body(
     include: IncludeObject,
 ) -> Vec<u8> {
     let mut head = build_table(&[], resource_version, cont, include);
-    let rows_len: usize = items.len() * 600;
-    let mut out = Vec::with_capacity(rows_len + 2048);
     if let Some(map) = head.as_object_mut() {
         map.remove("rows");
     }
     let head = head.to_string();
     // The object without its closing brace, then the rows.
-    out.extend_from_slice(head.strip_suffix('}').unwrap_or(&head).as_bytes());
+    let mut out = head.strip_suffix('}').unwrap_or(&head).as_bytes().to_vec();
     out.extend_from_slice(b",\"rows\":[");
     for (i, s) in items.iter().enumerate() {
         if i > 0 {
