@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
@@ -211,7 +212,8 @@ pub fn controller_config() -> kube::runtime::controller::Config {
 pub struct Ctx {
     pub client: Client,
     pub args: RunArgs,
-    pub recorder: Recorder,
+    /// Who the operator's Events say reported them.
+    reporter: Reporter,
     pub metrics: Arc<Metrics>,
     /// The node agents' pods, kept by a watch: every session checks for a Ready agent on its
     /// nodes, and listing hundreds of agent pods per session cost the API server more than
@@ -258,21 +260,32 @@ impl Ctx {
         configs: Store<BackupConfiguration>,
         repo_locks: RepoLocks,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "stash-operator".into(),
-                instance: Some(args.pod_name.clone()),
-            },
-        );
+        let reporter = Reporter {
+            controller: "stash-operator".into(),
+            instance: Some(args.pod_name.clone()),
+        };
         Self {
             client,
             args,
-            recorder,
+            reporter,
             metrics,
             agents,
             configs,
             repo_locks,
+        }
+    }
+
+    /// Records an Event about `regarding`; a failure to record is logged, never fatal.
+    ///
+    /// Each Event is its own: kube's `Recorder` folds Events that share a reason (its key
+    /// leaves the note out) into one series that keeps the first note, so three hosts'
+    /// `HostBackupSucceeded` showed as host-1's, three times, and a second host's failure
+    /// would have shown the first host's error. The operator records an Event once per
+    /// change of state, so there are no repeats to fold.
+    pub async fn event(&self, ev: &kube::runtime::events::Event, regarding: &ObjectReference) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(error) = recorder.publish(ev, regarding).await {
+            tracing::debug!(%error, reason = %ev.reason, "cannot record an event");
         }
     }
 

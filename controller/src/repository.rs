@@ -355,7 +355,7 @@ async fn finalize(ctx: &Ctx, repo: &Repository) -> Result<Option<Action>, Error>
                     action: "WipeOut".into(),
                     secondary: None,
                 };
-                let _ = ctx.recorder.publish(&ev, &repo.object_ref(&())).await;
+                ctx.event(&ev, &repo.object_ref(&())).await;
             }
             Err(OpenError::Failed(e)) => return Err(e),
         }

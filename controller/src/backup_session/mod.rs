@@ -165,9 +165,7 @@ pub async fn event(ctx: &Ctx, s: &BackupSession, warning: bool, reason: &str, no
         action: "Backup".into(),
         secondary: None,
     };
-    if let Err(error) = ctx.recorder.publish(&ev, &s.object_ref(&())).await {
-        tracing::debug!(%error, "cannot record an event");
-    }
+    ctx.event(&ev, &s.object_ref(&())).await;
 }
 
 /// The invoker of a session: `spec.invoker`, or Stash's labels on older sessions.

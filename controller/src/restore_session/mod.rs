@@ -125,14 +125,7 @@ impl Step<'_> {
             action: "Restore".into(),
             secondary: None,
         };
-        if let Err(error) = self
-            .ctx
-            .recorder
-            .publish(&ev, &self.session.object_ref(&()))
-            .await
-        {
-            tracing::debug!(%error, "cannot record an event");
-        }
+        self.ctx.event(&ev, &self.session.object_ref(&())).await;
     }
 
     fn age(&self) -> Duration {

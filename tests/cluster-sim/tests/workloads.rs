@@ -179,6 +179,23 @@ async fn statefulset_pods_have_stable_names_and_their_own_bound_claims() -> Resu
         out.contains("partitioned roll out complete") || out.contains("roll out complete"),
         "{out}"
     );
+    // A new set has one revision, and its pods were never replaced: the status write that
+    // follows the first pass must not change the template's hash.
+    let revs = sim.json(&["get", "controllerrevisions"]).await?;
+    let names: Vec<&str> = revs["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        names.len(),
+        1,
+        "revisions of a set never updated: {names:?}"
+    );
+    let set = sim.json(&["get", "sts", "db"]).await?;
+    assert_eq!(set["status"]["updateRevision"], names[0]);
+    assert_eq!(set["status"]["currentRevision"], names[0]);
     for ord in 0..2 {
         let pod = sim.json(&["get", "pod", &format!("db-{ord}")]).await?;
         let labels = &pod["metadata"]["labels"];

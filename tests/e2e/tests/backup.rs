@@ -226,6 +226,22 @@ async fn statefulset_backup(s: &Scenario<'_>) -> Result<()> {
         hostnames == want,
         "restic --host of the snapshots: {hostnames:?}"
     );
+    // `kubectl get events` names each host that succeeded, not one host three times.
+    let events = s.json(&["get", "events"]).await?;
+    let notes: BTreeSet<String> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["involvedObject"]["name"] == session.as_str())
+        .filter(|e| e["reason"] == "HostBackupSucceeded")
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        want.iter()
+            .all(|h| notes.iter().any(|n| n.contains(&format!("host {h} "))))
+            && notes.len() == want.len(),
+        "HostBackupSucceeded events: {notes:?}"
+    );
     // One assignment per node, never one per pod.
     let assignments = s.assignments(&session).await?;
     let per_node: BTreeSet<&str> = assignments

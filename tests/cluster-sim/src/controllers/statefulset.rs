@@ -148,7 +148,16 @@ async fn sync(
         .and_then(|u| u.rolling_update.as_ref())
         .and_then(|r| r.partition)
         .unwrap_or(0);
-    let collision = set.status.as_ref().and_then(|s| s.collision_count);
+    // `getStatefulSetRevisions` hashes with a collision count that is never nil (0 until a
+    // collision): hashing without one before the first status write, and with `0` after it,
+    // made two revisions of one template and recreated the first pod a moment after it
+    // started.
+    let collision = Some(
+        set.status
+            .as_ref()
+            .and_then(|s| s.collision_count)
+            .unwrap_or(0),
+    );
     let (update_rev, _) = ensure_revision(client, set, &spec.template, collision, revs).await?;
     let current_rev = set
         .status
@@ -269,7 +278,7 @@ async fn sync(
         "updatedReplicas": updated,
         "currentRevision": current_revision,
         "updateRevision": update_rev,
-        "collisionCount": collision.unwrap_or(0),
+        "collisionCount": collision,
     });
     let cur = serde_json::to_value(&set.status).unwrap_or_default();
     let differs = util::status_differs(&cur, &status);
