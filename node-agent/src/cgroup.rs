@@ -284,7 +284,8 @@ pub struct ReadGroup {
     memory_dir: Option<PathBuf>,
     disk: Option<String>,
     paced: bool,
-    procs: Vec<Arc<OwnedFd>>,
+    /// Each directory restic joins, with its `cgroup.procs` open for writing.
+    procs: Mutex<Vec<(PathBuf, Arc<OwnedFd>)>>,
     done: AtomicBool,
 }
 
@@ -360,19 +361,24 @@ fn owner_gone(name: &str) -> bool {
     }
 }
 
-/// How long a run's cgroup of a process that is gone is left: a process in another PID
-/// namespace would see a live owner as gone, and a live run's cgroup is empty only for the
-/// moments before restic joins it.
+/// How long a run's cgroup is left before it is taken for one a killed agent left behind,
+/// when another process owns it: an agent of the same node (it may still be running: two
+/// run at once while a DaemonSet surges or a pod is replaced as the old one terminates, and
+/// agents of different clusters share one cgroup where containers get none of their own),
+/// or a process that looks gone (a process in another PID namespace would see a live owner
+/// as gone). A live run's cgroup is empty from its creation until restic joins it, while its
+/// agent lists the repository's snapshots: seconds, minutes with a slow backend.
 const OWNER_GONE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// A run's cgroup lives milliseconds without a process (between its creation and restic's
-/// start, and after restic's exit); one empty for this long was left by a killed agent.
+/// How long anyone's empty run cgroup is left: a run's cgroup is empty only before restic
+/// starts and after it exits.
 const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Directories that agents killed before they could remove them left: those of an earlier
-/// agent of this node (one agent runs per node), a standalone agent's once it is gone, and
-/// anyone's once empty for long. Another live agent's never are: a removal of a busy cgroup
-/// fails, and a young one of another owner is left alone.
+/// Directories that agents killed before they could remove them left: an agent of this
+/// node's, a standalone agent's once it is gone, and anyone's once empty for long; none
+/// before it has stood for [`OWNER_GONE`], since its owner may be live and about to start
+/// restic in it. A removal of a busy cgroup fails, so a cgroup with restic in it stays.
+/// Whatever is removed too early, [`ReadGroup::procs`] makes again.
 fn sweep(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
@@ -391,7 +397,7 @@ fn sweep(parent: &Path) {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .unwrap_or_default();
-        if predecessor || age > LEFT_BEHIND || (age > OWNER_GONE && owner_gone(&name)) {
+        if age > LEFT_BEHIND || (age > OWNER_GONE && (predecessor || owner_gone(&name))) {
             // Busy (a restic still in it) or already gone: both fine.
             let _ = std::fs::remove_dir(e.path());
         }
@@ -551,20 +557,21 @@ impl ReadGroup {
             memory_dir: None,
             disk: whole_disk(dev),
             paced: false,
-            procs: Vec::new(),
+            procs: Mutex::new(Vec::new()),
             done: AtomicBool::new(false),
         };
+        let mut procs = Vec::new();
         match layout {
             Layout::V1 { blkio, memory } => {
                 if let Some(parent) = blkio {
                     let dir = make_dir(&parent, &name)?;
                     group.io_dir = Some(dir.clone());
-                    group.procs.push(open_procs(&dir)?);
+                    procs.push((dir.clone(), open_procs(&dir)?));
                 }
                 if let Some(parent) = memory {
                     let dir = make_dir(&parent, &name)?;
                     group.memory_dir = Some(dir.clone());
-                    group.procs.push(open_procs(&dir)?);
+                    procs.push((dir.clone(), open_procs(&dir)?));
                 }
             }
             Layout::V2 { own } => {
@@ -576,9 +583,10 @@ impl ReadGroup {
                 let has = |c: &str| controllers.split_whitespace().any(|a| a == c);
                 group.io_dir = has("io").then(|| dir.clone());
                 group.memory_dir = has("memory").then(|| dir.clone());
-                group.procs.push(open_procs(&dir)?);
+                procs.push((dir.clone(), open_procs(&dir)?));
             }
         }
+        group.procs = Mutex::new(procs);
         if let (Some(io_dir), Some(disk)) = (&group.io_dir, &group.disk) {
             let mut active = lock_active();
             active.push(Active {
@@ -610,9 +618,32 @@ impl ReadGroup {
         self.memory_dir.is_some()
     }
 
-    /// The `cgroup.procs` files restic joins.
-    pub fn procs(&self) -> Vec<Arc<OwnedFd>> {
-        self.procs.clone()
+    /// The `cgroup.procs` files restic joins: call just before restic starts. A directory
+    /// that is gone (removed by hand, or by another agent's sweep while this run listed its
+    /// snapshots) is made again, with its limit: a descriptor of a removed cgroup fails
+    /// restic's start (`ENODEV`), and restic must never run outside its group.
+    pub fn procs(&self) -> Result<Vec<Arc<OwnedFd>>, GroupError> {
+        let mut procs = self
+            .procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut remade = false;
+        for (dir, fd) in procs.iter_mut() {
+            if dir.is_dir() {
+                continue;
+            }
+            match std::fs::create_dir(&*dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error("make restic's cgroup again")(e)),
+            }
+            *fd = open_procs(dir)?;
+            remade = true;
+        }
+        if remade && self.paced {
+            rebalance(&lock_active())?;
+        }
+        Ok(procs.iter().map(|(_, fd)| fd.clone()).collect())
     }
 
     /// What the group has read from the volume's disk so far, where the kernel counts it.
@@ -782,24 +813,79 @@ mod tests {
     {
         let parent = tempfile::tempdir()?;
         let (owner, own) = names();
+        let old = std::time::SystemTime::now() - OWNER_GONE - std::time::Duration::from_secs(5);
+        let gone = format!("{PREFIX}pid4194399.7-0123456789ab-1");
+        // (name, stood for OWNER_GONE, kept)
         let dirs = [
-            (format!("{own}0"), true),
-            (format!("{owner}0123456789ab-3"), false),
-            (format!("{PREFIX}node-2-ba9876543210-0"), true),
-            ("kubepods".to_owned(), true),
+            (format!("{own}0"), true, true),
+            // Another agent of this node (or of a node of the same name): it may be live,
+            // between its cgroup's creation and restic's start.
+            (format!("{owner}0123456789ab-3"), false, true),
+            (format!("{owner}0123456789ab-4"), true, false),
+            (format!("{PREFIX}node-2-ba9876543210-0"), true, true),
+            (gone.clone(), false, true),
+            (format!("{gone}0"), true, false),
+            ("kubepods".to_owned(), true, true),
         ];
-        for (d, _) in &dirs {
-            std::fs::create_dir(parent.path().join(d))?;
+        for (d, aged, _) in &dirs {
+            let dir = parent.path().join(d);
+            std::fs::create_dir(&dir)?;
+            if *aged {
+                std::fs::File::open(&dir)?.set_modified(old)?;
+            }
         }
         sweep(parent.path());
         // Beyond the kernel's largest pid (2^22): no such process.
-        assert!(owner_gone(&format!("{PREFIX}pid4194399.7-0-1")));
+        assert!(owner_gone(&gone));
         let me = std::process::id();
         let live = format!("{PREFIX}pid{me}.{}-0-1", start_time(me).unwrap_or(0));
         assert!(!owner_gone(&live), "{live}");
-        for (d, kept) in &dirs {
+        for (d, _, kept) in &dirs {
             assert_eq!(parent.path().join(d).exists(), *kept, "{d}");
         }
+        Ok(())
+    }
+
+    /// What another agent's sweep does to a run between its cgroup's creation and restic's
+    /// start: restic must still start, and inside the group.
+    #[test]
+    fn a_run_cgroup_removed_before_restic_starts_is_made_again() -> std::io::Result<()> {
+        if !rustix::process::geteuid().is_root() || own_layout().is_err() {
+            eprintln!("skipped: needs root and a cgroup filesystem");
+            return Ok(());
+        }
+        let dev =
+            std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(env!("CARGO_MANIFEST_DIR"))?);
+        let group = ReadGroup::create(dev, Limits::default(), Limits::default())
+            .map_err(std::io::Error::other)?;
+        let dirs: Vec<PathBuf> = [&group.io_dir, &group.memory_dir]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for dir in &dirs {
+            // v2 has one directory for both.
+            let _ = std::fs::remove_dir(dir);
+        }
+        let procs = group.procs().map_err(std::io::Error::other)?;
+        let mut child = std::process::Command::new("sleep").arg("30").spawn()?;
+        let joined = procs
+            .iter()
+            .try_for_each(|fd| rustix::io::write(fd, child.id().to_string().as_bytes()).map(drop));
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id()));
+        child.kill()?;
+        child.wait()?;
+        joined?;
+        let name = dirs[0]
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let cgroups = cgroups?;
+        assert!(
+            name.is_some_and(|n| cgroups.contains(&n)),
+            "the child is in the remade group: {cgroups}"
+        );
+        group.finish();
+        assert!(dirs.iter().all(|d| !d.exists()), "{dirs:?} are removed");
         Ok(())
     }
 

@@ -360,7 +360,13 @@ pub async fn backup(restic: &Restic, req: BackupRequest) -> Result<BackupResult,
             let targets = direct_targets(&paths)?;
             let cwd = PathBuf::from(format!("/proc/self/fd/{}", volume.root_fd().as_raw_fd()));
             let opts = BackupOptions {
-                join_cgroups: group.as_ref().map(|g| g.procs()).unwrap_or_default(),
+                join_cgroups: match &group {
+                    Some(g) => g.procs().map_err(|e| AgentError::Other {
+                        action: "prepare restic's cgroups",
+                        reason: e.to_string(),
+                    })?,
+                    None => Vec::new(),
+                },
                 host: req.host.clone(),
                 tags,
                 excludes: excludes.beneath(volume.host_path())?,

@@ -87,10 +87,8 @@ pub fn build(bins: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
 /// A name of the executable's file that no later build replaces: a hard link (a copy across
 /// filesystems) in `target/test-binaries`, named after the file's inode. A build while tests
 /// run (a developer's, or a test's own that found something stale) unlinks and relinks
-/// `target/debug/<bin>`; a process started from the old file that re-executes itself
-/// (`/proc/self/exe`, as the agent starts restic) then fails where the filesystem cannot
-/// reopen an unlinked file (CI saw `No such device`). Links of other builds older than a
-/// day go.
+/// `target/debug/<bin>`, so a suite's later processes would run another build than its first
+/// ones (and a half-written file, mid-link). Links of other builds older than a day go.
 fn pinned(exe: &std::path::Path) -> Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(exe).with_context(|| format!("stat {}", exe.display()))?;
