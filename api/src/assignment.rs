@@ -2,7 +2,7 @@
 //! session on one node. Only the controller creates them; the agent on that node, which
 //! watches them by the `stash.appscode.com/node` label, writes their status.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -230,8 +230,11 @@ pub struct VolumeProgress {
     /// The error's fixed category (`wrong-password`, `locked`, `invalid-spec`, …), for
     /// alerts and the operator.
     pub reason: Option<String>,
-    pub start_time: Option<Time>,
-    pub completion_time: Option<Time>,
+    /// To the microsecond, as a Lease's times are: a volume's restore can take less than a
+    /// second, and the session's per-host `duration` is measured from these.
+    pub start_time: Option<MicroTime>,
+    /// When the volume ended, to the microsecond.
+    pub completion_time: Option<MicroTime>,
 }
 
 /// The condition types of an assignment's status.

@@ -154,6 +154,7 @@ pub mod reasons {
     pub const FAILED_TO_COMPLETE_WITHIN_DEADLINE: &str = "FailedToCompleteWithinDeadline";
     pub const SUCCESSFULLY_ENSURED_BACKUP_EXECUTOR: &str = "SuccessfullyEnsuredBackupExecutor";
     pub const FAILED_TO_ENSURE_BACKUP_EXECUTOR: &str = "FailedToEnsureBackupExecutor";
+    pub const FAILED_TO_ENSURE_RESTORE_EXECUTOR: &str = "FailedToEnsureRestoreExecutor";
     pub const SUCCESSFULLY_EXECUTED_HOOK: &str = "SuccessfullyExecutedHook";
     pub const FAILED_TO_EXECUTE_HOOK: &str = "FailedToExecuteHook";
     pub const ASSIGNED_TO_NODE_AGENT: &str = "AssignedToNodeAgent";

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use stash_api::assignment::{
     AssignedVolume, AssignmentPhase, AssignmentStatus, VolumePhase, VolumeProgress,
     condition_reasons as reasons, condition_types as types,
@@ -36,8 +36,8 @@ pub struct VolumeOutcome {
     pub error: Option<String>,
     /// The error's fixed category.
     pub reason: Option<&'static str>,
-    pub start_time: Option<Time>,
-    pub completion_time: Option<Time>,
+    pub start_time: Option<MicroTime>,
+    pub completion_time: Option<MicroTime>,
 }
 
 /// The progress counters of one volume read at one moment, and how long it has run.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -90,6 +90,11 @@ pub struct WorkerConfig {
 
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// A volume's start or end, to the microsecond.
+fn now_micro() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
 /// What the worker needs of either assignment kind.
@@ -670,7 +675,7 @@ fn failed(e: &AgentError, attempts: u32) -> VolumeOutcome {
         phase: Some(VolumePhase::Failed),
         error: Some(format!("{e}{tries}")),
         reason: Some(e.category()),
-        completion_time: Some(now()),
+        completion_time: Some(now_micro()),
         ..VolumeOutcome::default()
     }
 }
@@ -788,7 +793,7 @@ async fn process<K: Assignment>(
                     let progress = state.progress[i].clone();
                     lock(&state.outcomes)[i] = VolumeOutcome {
                         phase: Some(VolumePhase::Running),
-                        start_time: Some(now()),
+                        start_time: Some(now_micro()),
                         ..VolumeOutcome::default()
                     };
                     lock(&state.started)[i] = Some(Instant::now());
@@ -846,7 +851,7 @@ async fn process<K: Assignment>(
                     lock(&state.outcomes)[i] = match result {
                         Ok(outcome) => VolumeOutcome {
                             start_time,
-                            completion_time: Some(now()),
+                            completion_time: Some(now_micro()),
                             ..outcome
                         },
                         Err((e, attempts)) => VolumeOutcome {

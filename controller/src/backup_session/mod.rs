@@ -107,6 +107,42 @@ where
 
 /// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
 /// `retryConfig.delay` are written.
+/// The target's `BackupExecutorEnsured`: true once any node agent has work, false (and the
+/// target failed, as Stash fails it) when no host could be given to one.
+fn executor_condition(
+    assigned: usize,
+    problems: &[plan::HostProblem],
+    now: Timestamp,
+) -> Condition {
+    let mut c = match (assigned, problems.first()) {
+        (0, Some(p)) => Condition::new(
+            types::BACKUP_EXECUTOR_ENSURED,
+            false,
+            reasons::FAILED_TO_ENSURE_BACKUP_EXECUTOR,
+            format!(
+                "no host could be assigned to a node agent ({} failed; {}: {})",
+                problems.len(),
+                p.host,
+                p.error
+            ),
+        ),
+        _ => Condition::new(
+            types::BACKUP_EXECUTOR_ENSURED,
+            true,
+            reasons::ASSIGNED_TO_NODE_AGENT,
+            match problems.len() {
+                0 => format!("{assigned} BackupAssignment(s) for the node agents"),
+                n => format!(
+                    "{assigned} BackupAssignment(s) for the node agents; {n} host(s) could not \
+                     be assigned"
+                ),
+            },
+        ),
+    };
+    c.last_transition_time = Some(Time(now));
+    c
+}
+
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
@@ -429,6 +465,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
             return Ok(Action::requeue(Duration::from_secs(3)));
         }
         let mut problems = planned.problems.clone();
+        let mut assigned = 0;
         for a in &planned.assignments {
             if planned.waiting_for_agent.contains(&a.spec.node_name) {
                 let mut hosts: Vec<String> =
@@ -450,6 +487,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
                 Err(e) if is_conflict(&e) => {}
                 Err(e) => return Err(Error::kube("create a BackupAssignment")(e)),
             }
+            assigned += 1;
         }
         drop(held);
         let stats: Vec<HostBackupStats> = problems
@@ -479,19 +517,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
             total_hosts: Some(total),
             pre_backup_actions: Some(vec!["InitializeBackendRepository".into()]),
             post_backup_actions: Some(post_actions),
-            conditions: Some(vec![{
-                let mut c = Condition::new(
-                    types::BACKUP_EXECUTOR_ENSURED,
-                    true,
-                    reasons::ASSIGNED_TO_NODE_AGENT,
-                    format!(
-                        "{} BackupAssignment(s) for the node agents",
-                        planned.assignments.len()
-                    ),
-                );
-                c.last_transition_time = Some(Time(now));
-                c
-            }]),
+            conditions: Some(vec![executor_condition(assigned, &problems, now)]),
             stats: (!stats.is_empty()).then_some(stats),
             ..BackupTargetStatus::default()
         }]);
@@ -501,10 +527,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
             &session,
             false,
             "BackupAssigned",
-            format!(
-                "assigned to the node agents of {} node(s)",
-                planned.assignments.len()
-            ),
+            format!("assigned to the node agents of {assigned} node(s)"),
         )
         .await;
         return Ok(Action::requeue(Duration::from_secs(10)));
@@ -650,6 +673,34 @@ pub async fn controller(ctx: Arc<Ctx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_executor_is_ensured_only_when_an_agent_has_work() {
+        let now = Timestamp::UNIX_EPOCH;
+        let problem = plan::HostProblem {
+            host: "host-1".into(),
+            node: Some("node-2".into()),
+            error: "no Ready node agent on node node-2".into(),
+        };
+        let none = executor_condition(0, std::slice::from_ref(&problem), now);
+        let message = none.message.clone().unwrap_or_default();
+        assert!(!none.is_true());
+        assert_eq!(
+            none.reason.as_deref(),
+            Some(reasons::FAILED_TO_ENSURE_BACKUP_EXECUTOR)
+        );
+        assert!(message.contains("host-1: no Ready node agent"), "{message}");
+        let some = executor_condition(2, &[problem], now);
+        assert!(some.is_true());
+        assert_eq!(
+            some.message.as_deref(),
+            Some("2 BackupAssignment(s) for the node agents; 1 host(s) could not be assigned")
+        );
+        assert_eq!(
+            executor_condition(1, &[], now).message.as_deref(),
+            Some("1 BackupAssignment(s) for the node agents")
+        );
+    }
 
     #[test]
     fn go_durations() {

@@ -55,12 +55,15 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
-fn secs_between(a: &Option<Time>, b: &Option<Time>) -> Option<Duration> {
+/// From `a` to `b`, never negative. The agent's volume times are microseconds (`MicroTime`),
+/// an assignment's seconds (`Time`): both are instants.
+pub fn secs_between(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Duration> {
     let (Some(a), Some(b)) = (a, b) else {
         return None;
     };
-    let d = b.0.duration_since(a.0);
-    Some(Duration::from_secs_f64(d.as_secs_f64().max(0.0)))
+    Some(Duration::from_secs_f64(
+        b.duration_since(a).as_secs_f64().max(0.0),
+    ))
 }
 
 fn age(t: Option<&Time>, now: Timestamp) -> Duration {
@@ -157,7 +160,7 @@ pub fn host_stats(
         let mut errors = Vec::new();
         let mut snapshots = Vec::new();
         let mut all_final = true;
-        let (mut start, mut end): (Option<Time>, Option<Time>) = (None, None);
+        let (mut start, mut end): (Option<Timestamp>, Option<Timestamp>) = (None, None);
         for v in &vols {
             let p = progress_of(a, v);
             let phase = p.and_then(|p| p.phase);
@@ -180,18 +183,15 @@ pub fn host_stats(
                 _ => all_final = false,
             }
             if let Some(p) = p {
-                if start.is_none()
-                    || p.start_time
-                        .as_ref()
-                        .is_some_and(|s| Some(s) < start.as_ref())
-                {
-                    start = p.start_time.clone().or(start);
+                let (s, c) = (
+                    p.start_time.as_ref().map(|t| t.0),
+                    p.completion_time.as_ref().map(|t| t.0),
+                );
+                if s.is_some() && (start.is_none() || s < start) {
+                    start = s;
                 }
-                if p.completion_time
-                    .as_ref()
-                    .is_some_and(|c| Some(c) > end.as_ref())
-                {
-                    end = p.completion_time.clone();
+                if c > end {
+                    end = c;
                 }
                 if let Some(id) = &p.snapshot_id {
                     snapshots.push(SnapshotStats {
@@ -199,8 +199,7 @@ pub fn host_stats(
                         path: Some(snapshot_path(v, mounts)),
                         total_size: p.bytes_total.map(human_size),
                         uploaded: None,
-                        processing_time: secs_between(&p.start_time, &p.completion_time)
-                            .map(go_duration),
+                        processing_time: secs_between(s, c).map(go_duration),
                         file_stats: p.files_total.map(|t| FileStats {
                             total_files: Some(t),
                             ..FileStats::default()
@@ -216,8 +215,8 @@ pub fn host_stats(
             }
         }
         let duration = secs_between(
-            &start.or(status.start_time.clone()),
-            &end.or(status.completion_time.clone()),
+            start.or(status.start_time.as_ref().map(|t| t.0)),
+            end.or(status.completion_time.as_ref().map(|t| t.0)),
         );
         out.push(HostBackupStats {
             hostname: host.clone(),
@@ -364,8 +363,13 @@ pub fn unfinished(assignments: &[BackupAssignment]) -> Vec<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use stash_api::assignment::{AssignedVolume, AssignmentStatus, VolumeProgress};
     use stash_api::common::TargetRef;
+
+    fn micro(ms: i64) -> MicroTime {
+        MicroTime(Timestamp::from_millisecond(ms).unwrap())
+    }
 
     fn at(s: i64) -> Time {
         Time(Timestamp::from_second(s).unwrap())
@@ -398,8 +402,8 @@ mod tests {
                         snapshot_id: Some("0123456789abcdef".into()),
                         bytes_total: Some(2048),
                         error: Some("disk on fire".into()),
-                        start_time: Some(at(10)),
-                        completion_time: Some(at(75)),
+                        start_time: Some(micro(10_250)),
+                        completion_time: Some(micro(75_750)),
                         ..VolumeProgress::default()
                     })
                     .collect(),
@@ -419,7 +423,8 @@ mod tests {
         assert_eq!(stats.len(), 1);
         assert_eq!(stats[0].hostname, "host-0");
         assert_eq!(stats[0].phase, Some(HostPhase::Succeeded));
-        assert_eq!(stats[0].duration.as_deref(), Some("1m5s"));
+        // To the millisecond, from the agent's microsecond volume times.
+        assert_eq!(stats[0].duration.as_deref(), Some("1m5.5s"));
         let snap = &stats[0].snapshots.as_ref().unwrap()[0];
         assert_eq!(snap.name.as_deref(), Some("01234567"));
         assert_eq!(snap.total_size.as_deref(), Some("2.000 KiB"));

@@ -677,15 +677,25 @@ async fn start(
     }
     step.status.total_hosts = Some(i32::try_from(stats.len()).unwrap_or(i32::MAX));
     step.status.stats = Some(stats);
+    if created == 0 {
+        // Every host failed before any agent had work: the stats say why, host by host.
+        step.set(
+            types::RESTORE_EXECUTOR_ENSURED,
+            false,
+            reasons::FAILED_TO_ENSURE_RESTORE_EXECUTOR,
+            format!(
+                "no host could be assigned to a node agent ({} failed)",
+                step.status.stats.as_ref().map_or(0, Vec::len)
+            ),
+        );
+        return step.finish().await;
+    }
     step.set(
         types::RESTORE_EXECUTOR_ENSURED,
         true,
         reasons::ASSIGNED_TO_NODE_AGENT,
         format!("{created} RestoreAssignment(s) for the node agents"),
     );
-    if created == 0 {
-        return step.finish().await;
-    }
     step.save().await?;
     step.event(
         false,

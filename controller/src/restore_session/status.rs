@@ -1,20 +1,15 @@
 //! Pure aggregation: the RestoreAssignments' status becomes the session's per-host stats and
 //! its phase, by Stash's rules (STASH-API.md §3.4).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use stash_api::assignment::{AssignmentPhase, RestoreAssignment, VolumePhase};
 use stash_api::conditions::{Condition, find_condition, types};
 use stash_api::restore_session::{HostRestorePhase, HostRestoreStats, RestorePhase};
 
-use crate::backup_session::status::{Timeouts, go_duration, silent};
+use crate::backup_session::status::{Timeouts, go_duration, secs_between, silent};
 
-fn duration(start: Option<&Time>, end: Option<&Time>) -> Option<String> {
-    let (Some(a), Some(b)) = (start, end) else {
-        return None;
-    };
-    let secs = b.0.duration_since(a.0).as_secs_f64().max(0.0);
-    Some(go_duration(std::time::Duration::from_secs_f64(secs)))
+fn duration(start: Option<Timestamp>, end: Option<Timestamp>) -> Option<String> {
+    secs_between(start, end).map(go_duration)
 }
 
 /// The stats of every host an assignment covers; `interrupted` names why the assignment will
@@ -80,15 +75,15 @@ pub fn host_stats(
             let start = progress
                 .iter()
                 .flatten()
-                .filter_map(|p| p.start_time.as_ref())
-                .min_by_key(|t| t.0)
-                .or(status.start_time.as_ref());
+                .filter_map(|p| p.start_time.as_ref().map(|t| t.0))
+                .min()
+                .or(status.start_time.as_ref().map(|t| t.0));
             let end = progress
                 .iter()
                 .flatten()
-                .filter_map(|p| p.completion_time.as_ref())
-                .max_by_key(|t| t.0)
-                .or(status.completion_time.as_ref());
+                .filter_map(|p| p.completion_time.as_ref().map(|t| t.0))
+                .max()
+                .or(status.completion_time.as_ref().map(|t| t.0));
             let failed = |why: String| HostRestoreStats {
                 hostname: host.to_owned(),
                 phase: Some(HostRestorePhase::Failed),
@@ -194,8 +189,13 @@ pub fn session_phase(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
     use stash_api::assignment::{AssignedVolume, AssignmentStatus, VolumeProgress};
     use std::time::Duration;
+
+    fn micro(ms: i64) -> MicroTime {
+        MicroTime(Timestamp::from_millisecond(ms).unwrap())
+    }
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())
@@ -227,8 +227,10 @@ mod tests {
                         volume_name: "data".into(),
                         phase: *ph,
                         error: (*ph == Some(VolumePhase::Failed)).then(|| "disk full".into()),
-                        start_time: Some(at(1)),
-                        completion_time: ph.is_some_and(VolumePhase::is_final).then(|| at(4)),
+                        start_time: Some(micro(1_000)),
+                        completion_time: ph
+                            .is_some_and(VolumePhase::is_final)
+                            .then(|| micro(1_667)),
                         ..VolumeProgress::default()
                     })
                     .collect(),
@@ -252,7 +254,8 @@ mod tests {
         ]);
         let stats = host_stats(&a, Timestamp::from_second(110).unwrap(), LIMITS, false);
         assert_eq!(stats[0].phase, Some(HostRestorePhase::Succeeded));
-        assert_eq!(stats[0].duration.as_deref(), Some("3s"));
+        // A restore quicker than a second reads as one, not as `0s`.
+        assert_eq!(stats[0].duration.as_deref(), Some("0.667s"));
         assert_eq!(stats[1].phase, Some(HostRestorePhase::Failed));
         assert!(stats[1].error.as_deref().unwrap().contains("disk full"));
         assert_eq!(stats[2].phase, Some(HostRestorePhase::Running));

@@ -749,6 +749,16 @@ async fn local_repository(s: &Scenario<'_>) -> Result<()> {
         error.contains(&other_node) && error.contains(&op_node) && error.contains("every node"),
         "the reason does not name the nodes: {error}"
     );
+    // No agent was given work: the target says so, rather than "0 BackupAssignment(s)".
+    let executor = done["status"]["targets"][0]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "BackupExecutorEnsured"))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        executor["status"] == "False" && executor["reason"] == "FailedToEnsureBackupExecutor",
+        "BackupExecutorEnsured of a session no agent ran: {executor}"
+    );
     ensure!(
         !node_root(&other_node)?
             .join(format!("{}/app", dir.trim_start_matches('/')))
