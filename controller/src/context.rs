@@ -51,21 +51,52 @@ where
         .map(|_| ())
 }
 
+/// A namespaced kind the operator reads and writes through `Api<K>`.
+pub trait Namespaced:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+{
+}
+
+impl<K> Namespaced for K where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+{
+}
+
+/// A kind whose status is the operator's alone to write (see [`Written`]).
+pub trait OwnStatus: Namespaced {
+    type Status: Clone + PartialEq + Default + serde::Serialize;
+    /// The status as this copy of the object (the cache's) holds it.
+    fn cached_status(&self) -> Option<&Self::Status>;
+}
+
+impl OwnStatus for stash_api::BackupSession {
+    type Status = stash_api::backup_session::BackupSessionStatus;
+    fn cached_status(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
+    }
+}
+
+impl OwnStatus for stash_api::RestoreSession {
+    type Status = stash_api::restore_session::RestoreSessionStatus;
+    fn cached_status(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
+    }
+}
+
 /// Applies `status` to the status subresource of `obj`, under the operator's field manager:
 /// the one writer of its kinds' status.
-pub async fn apply_status<K, S>(
+pub async fn apply_status<K: Namespaced, S: serde::Serialize>(
     client: &Client,
     obj: &K,
     status: &S,
     action: &'static str,
-) -> Result<(), Error>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned,
-    S: serde::Serialize,
-{
+) -> Result<(), Error> {
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
@@ -116,7 +147,7 @@ impl<S: Clone + PartialEq> Written<S> {
 
     /// The object's status: the last one this process wrote, unless the cache (`cached`)
     /// already shows it.
-    pub fn status(&self, uid: &str, cached: Option<&S>) -> Option<S> {
+    fn status(&self, uid: &str, cached: Option<&S>) -> Option<S> {
         let mut entries = self.entries();
         match entries.get(uid) {
             Some((written, at)) if cached != Some(written) && at.elapsed() < Self::PATIENCE => {
@@ -138,26 +169,29 @@ impl<S: Clone + PartialEq> Written<S> {
     }
 }
 
-impl<S: Clone + PartialEq + serde::Serialize> Written<S> {
-    /// Writes `status` to `obj` (see [`apply_status`]) unless it is its status already
-    /// (`cached`, as the cache holds it, or this process's last write), and remembers it
-    /// until the cache shows it.
-    pub async fn save<K>(
+impl<S: Clone + PartialEq + Default + serde::Serialize> Written<S> {
+    /// The status of `obj`: this process's last write, unless the cache's copy already
+    /// shows it.
+    pub fn status_of<K: OwnStatus<Status = S>>(&self, obj: &K) -> S {
+        self.status(
+            &obj.meta().uid.clone().unwrap_or_default(),
+            obj.cached_status(),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Writes `status` to `obj` (see [`apply_status`]) unless it is its status already (as
+    /// the cache holds it, or as this process last wrote it), and remembers it until the
+    /// cache shows it.
+    pub async fn save<K: OwnStatus<Status = S>>(
         &self,
         client: &Client,
         obj: &K,
-        cached: Option<&S>,
         status: &S,
         action: &'static str,
-    ) -> Result<(), Error>
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + serde::de::DeserializeOwned,
-    {
+    ) -> Result<(), Error> {
         let uid = obj.meta().uid.clone().unwrap_or_default();
-        if self.status(&uid, cached).as_ref() == Some(status) {
+        if self.status(&uid, obj.cached_status()).as_ref() == Some(status) {
             return Ok(());
         }
         apply_status(client, obj, status, action).await?;
@@ -178,7 +212,6 @@ impl<S> std::fmt::Debug for Written<S> {
 /// the API server bounds the throughput either way.
 pub const MAX_CONCURRENT_RECONCILES: u16 = 16;
 
-/// The settings every controller of the operator runs with.
 /// What every controller does with a failed reconcile: counted by kind and category, logged,
 /// and tried again — soon when a retry can help, later when the object must change.
 pub fn after_error(
@@ -205,6 +238,7 @@ pub fn after_error(
     ))
 }
 
+/// The settings every controller of the operator runs with.
 pub fn controller_config() -> kube::runtime::controller::Config {
     kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES)
 }

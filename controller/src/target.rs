@@ -69,13 +69,11 @@ pub fn selector_string(sel: &LabelSelector) -> String {
     parts.join(",")
 }
 
-async fn get<K>(client: &Client, ns: &str, name: &str) -> Result<Option<K>, Error>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned,
-{
+async fn get<K: crate::context::Namespaced>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<K>, Error> {
     Api::<K>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await

@@ -48,14 +48,6 @@ pub struct SessionCtx {
 }
 
 impl SessionCtx {
-    /// The session's status: the cache's, or this process's last write the cache does not
-    /// show yet.
-    fn status_of(&self, session: &BackupSession) -> BackupSessionStatus {
-        self.written
-            .status(&session.uid().unwrap_or_default(), session.status.as_ref())
-            .unwrap_or_default()
-    }
-
     /// Writes a session's status unless it is the status already, and remembers it until
     /// the cache shows it.
     async fn write(
@@ -67,7 +59,6 @@ impl SessionCtx {
             .save(
                 &self.client,
                 session,
-                session.status.as_ref(),
                 status,
                 "write the BackupSession status",
             )
@@ -105,8 +96,6 @@ where
     }
 }
 
-/// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
-/// `retryConfig.delay` are written.
 /// The target's `BackupExecutorEnsured`: true once any node agent has work, false (and the
 /// target failed, as Stash fails it) when no host could be given to one.
 fn executor_condition(
@@ -143,6 +132,8 @@ fn executor_condition(
     c
 }
 
+/// A Go-style duration (`30m`, `1h30m`, `90s`, `1.5h`), as Stash's `timeOut` and
+/// `retryConfig.delay` are written.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
@@ -260,7 +251,7 @@ async fn reconcile(session: Arc<BackupSession>, ctx: Arc<SessionCtx>) -> Result<
     let mut step = Step {
         ctx: &ctx,
         session: &session,
-        status: ctx.status_of(&session),
+        status: ctx.written.status_of(&*session),
         now: Time(now),
     };
     let Some(bc_name) = invoker_name(&session) else {

@@ -106,7 +106,6 @@ impl Step<'_> {
             .save(
                 &self.ctx.client,
                 self.session,
-                self.session.status.as_ref(),
                 &self.status,
                 "write the RestoreSession status",
             )
@@ -367,10 +366,7 @@ async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<RestoreCtx>) -> Result<Acti
     let mut step = Step {
         ctx: &ctx,
         session: &rs,
-        status: ctx
-            .written
-            .status(&rs.uid().unwrap_or_default(), rs.status.as_ref())
-            .unwrap_or_default(),
+        status: ctx.written.status_of(&*rs),
         now: Time(now),
     };
     if is_final(step.status.phase) {
